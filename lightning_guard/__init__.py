@@ -1,0 +1,28 @@
+"""lightning_guard: guards for PyTorch Lightning training that report every intervention.
+
+The public API is re-exported here; the guide lives in ``docs/``.
+"""
+
+from lightning_guard.callbacks import GuardCallback, WarmupCosine
+from lightning_guard.errors import GradientExplosionError, GuardConfigError, GuardError, GuardRuntimeError
+from lightning_guard.events import GuardEvent, configure_events, emit, event_stream
+from lightning_guard.lr_scheduler import WarmupCosineLR
+from lightning_guard.mixin import GuardMixin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientExplosionError",
+    "GuardCallback",
+    "GuardConfigError",
+    "GuardError",
+    "GuardEvent",
+    "GuardMixin",
+    "GuardRuntimeError",
+    "WarmupCosine",
+    "WarmupCosineLR",
+    "__version__",
+    "configure_events",
+    "emit",
+    "event_stream",
+]

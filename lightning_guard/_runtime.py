@@ -1,0 +1,238 @@
+"""Per-trainer shared state of the guards: the event stream and the applied-step counter.
+
+The **applied-step counter** counts, per optimizer, the optimizer steps that really updated the weights. Lightning's
+``global_step`` counts every attempted step, including those the 16-mixed GradScaler skipped on inf/NaN gradients
+and those a guard skipped. The counter is driven by ``torch.optim.Optimizer.register_step_post_hook``: the hook runs
+only when ``optimizer.step()`` actually runs (the GradScaler does not call it when it skips), and a guard that skips
+a step marks it with :meth:`GuardRuntime.request_skip` before the step. A fused optimizer stepped through the
+GradScaler is handed ``found_inf`` and checked in the hook. No host sync is added on the ordinary path.
+
+Listeners (WarmupCosine, GradientGuard) are told after every step whether it was applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_guard.events import EventStream
+from lightning_guard.lr_scheduler import APPLIED_STEPS_ATTR
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+_ATTR = "_lightning_guard_runtime"
+CHECKPOINT_KEY = "lightning_guard"
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What happened to one optimizer step.
+
+    Attributes:
+        optimizer_idx: index of the optimizer in ``trainer.optimizers``.
+        applied: True if the step updated the weights.
+        reason: ``"applied"``, ``"guard_skip"`` or ``"amp_overflow"`` (the GradScaler found inf/NaN).
+        applied_steps: the optimizer's applied-step count after this step.
+        step: the trainer's global step of the attempt.
+    """
+
+    optimizer_idx: int
+    applied: bool
+    reason: str
+    applied_steps: int
+    step: int = 0
+
+
+Listener = Callable[[StepOutcome], None]
+
+
+class GuardRuntime:
+    """Shared state of all guards on one trainer. Obtain it with :func:`get_runtime`."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+        self.events = EventStream(trainer)
+        self.applied_steps: list[int] = []
+        self._listeners: list[Listener] = []
+        self._handles: list[Any] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._pending: dict[int, bool] = {}  # optimizer idx -> on_before_optimizer_step seen, step not yet resolved
+        self._skip_requested: set[int] = set()
+        self._attempt_step: dict[int, int] = {}
+        self._restored_steps: list[int] | None = None
+        self.lr_scales: list[dict[str, float]] = []
+        self._saved_lrs: dict[int, list[Any]] = {}
+
+    # ------------------------------------------------------------------ wiring
+    def add_listener(self, listener: Listener) -> None:
+        """Be told the outcome of every optimizer step."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def attach(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Hook the trainer's optimizers (called at train start, after checkpoint restore)."""
+        self.detach()
+        self._optimizers = list(optimizers)
+        restored = self._restored_steps or []
+        self.applied_steps = [restored[i] if i < len(restored) else 0 for i in range(len(optimizers))]
+        self.lr_scales = [{} for _ in optimizers]
+        for idx, opt in enumerate(self._optimizers):
+            setattr(opt, APPLIED_STEPS_ATTR, self.applied_steps[idx])
+            self._handles.append(opt.register_step_post_hook(self._make_post_hook(idx)))
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks."""
+        for opt in self._optimizers:
+            opt.__dict__.pop(APPLIED_STEPS_ATTR, None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def optimizer_index(self, optimizer: Any) -> int:
+        """Index of an optimizer (raw or LightningOptimizer) in ``trainer.optimizers``; -1 if unknown."""
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        for i, opt in enumerate(self._optimizers):
+            if opt is raw:
+                return i
+        return -1
+
+    # ------------------------------------------------------------------ step protocol
+    def request_skip(self, optimizer: Any) -> None:
+        """Mark the coming step of this optimizer as skipped by a guard (it will not count as applied)."""
+        idx = self.optimizer_index(optimizer)
+        if idx >= 0:
+            self._skip_requested.add(idx)
+
+    def before_optimizer_step(self, optimizer: Any) -> None:
+        """Called from ``on_before_optimizer_step``: a step of this optimizer is about to be attempted."""
+        idx = self.optimizer_index(optimizer)
+        if idx >= 0:
+            self._pending[idx] = True
+            self._attempt_step[idx] = int(self.trainer.global_step)
+            self._apply_lr_scale(idx)
+
+    def set_lr_scale(self, optimizer_idx: int, scale: float, source: str) -> None:
+        """Multiply the LR of every param group of an optimizer by ``scale`` during its steps only.
+
+        The scale is applied when a step is attempted (``on_before_optimizer_step``, or at once if that step is
+        already under way) and undone right after the step, before any listener (an LR schedule) sets the next LR, so
+        it composes with WarmupCosine and with ordinary torch schedulers. Note that under 32-true and bf16-mixed
+        Lightning runs ``on_before_optimizer_step`` inside ``optimizer.step()`` (in the closure), after its
+        pre-step hooks: that is why no pre-step hook is used here. Scales from different ``source`` names multiply
+        and persist until set back to 1.
+        """
+        if not 0 <= optimizer_idx < len(self.lr_scales):
+            return
+        if scale == 1.0:
+            self.lr_scales[optimizer_idx].pop(source, None)
+        else:
+            self.lr_scales[optimizer_idx][source] = float(scale)
+        if optimizer_idx in self._pending:
+            self._apply_lr_scale(optimizer_idx)
+
+    def lr_scale(self, optimizer_idx: int) -> float:
+        """The product of the active LR scales of an optimizer."""
+        scale = 1.0
+        if 0 <= optimizer_idx < len(self.lr_scales):
+            for value in self.lr_scales[optimizer_idx].values():
+                scale *= value
+        return scale
+
+    def _apply_lr_scale(self, idx: int) -> None:
+        """Set every group's LR to its unscaled value times the current scale.
+
+        The unscaled values are kept until the step ends, then restored.
+        """
+        optimizer = self._optimizers[idx]
+        scale = self.lr_scale(idx)
+        saved = self._saved_lrs.get(idx)
+        if saved is None:
+            if scale == 1.0:
+                return
+            saved = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+            self._saved_lrs[idx] = saved
+        for group, lr in zip(optimizer.param_groups, saved, strict=False):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(lr * scale)
+            else:
+                group["lr"] = lr * scale
+
+    def _restore_lrs(self, idx: int, optimizer: torch.optim.Optimizer) -> None:
+        saved = self._saved_lrs.pop(idx, None)
+        if saved is None:
+            return
+        for group, lr in zip(optimizer.param_groups, saved, strict=False):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(lr)
+            else:
+                group["lr"] = lr
+
+    def _make_post_hook(self, idx: int) -> Callable[..., None]:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._restore_lrs(idx, optimizer)
+            self._pending.pop(idx, None)
+            if idx in self._skip_requested:
+                self._skip_requested.discard(idx)
+                self._resolve(idx, applied=False, reason="guard_skip")
+                return
+            found_inf = getattr(optimizer, "found_inf", None)  # fused optimizer driven by a GradScaler
+            if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+                self._resolve(idx, applied=False, reason="amp_overflow")
+                return
+            self._resolve(idx, applied=True, reason="applied")
+
+        return hook
+
+    def after_batch(self) -> None:
+        """Called from ``on_train_batch_end``: a step that was attempted but never ran was skipped by the scaler."""
+        for idx in list(self._pending):
+            self._pending.pop(idx)
+            self._restore_lrs(idx, self._optimizers[idx])
+            reason = "guard_skip" if idx in self._skip_requested else "amp_overflow"
+            self._skip_requested.discard(idx)
+            self._resolve(idx, applied=False, reason=reason)
+
+    def _resolve(self, idx: int, *, applied: bool, reason: str) -> None:
+        if applied:
+            self.applied_steps[idx] += 1
+        if idx < len(self._optimizers):  # WarmupCosineLR follows this count
+            setattr(self._optimizers[idx], APPLIED_STEPS_ATTR, self.applied_steps[idx])
+        step = self._attempt_step.pop(idx, int(self.trainer.global_step))
+        outcome = StepOutcome(idx, applied, reason, self.applied_steps[idx], step)
+        for listener in list(self._listeners):
+            listener(outcome)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the event log, stored under ``checkpoint["lightning_guard"]``."""
+        return {"applied_steps": list(self.applied_steps), "events": self.events.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters (applied when the optimizers are attached) and the event log."""
+        self._restored_steps = [int(s) for s in state.get("applied_steps", [])]
+        if self._optimizers:
+            self.applied_steps = list(self._restored_steps) + [0] * (len(self._optimizers) - len(self._restored_steps))
+        self.events.load_state_dict(state.get("events", {}))
+
+
+def get_runtime(trainer: pl.Trainer) -> GuardRuntime:
+    """The guard runtime of a trainer, created on first use."""
+    runtime = trainer.__dict__.get(_ATTR)
+    if runtime is None:
+        runtime = GuardRuntime(trainer)
+        trainer.__dict__[_ATTR] = runtime
+    return runtime
+
+
+def reset_runtime(trainer: pl.Trainer) -> GuardRuntime:
+    """Start a fresh runtime (a new ``fit``), closing the old one's files and hooks."""
+    old = trainer.__dict__.get(_ATTR)
+    if old is not None:
+        old.detach()
+        old.events.close()
+    trainer.__dict__[_ATTR] = GuardRuntime(trainer)
+    return trainer.__dict__[_ATTR]

@@ -1,0 +1,102 @@
+"""Everything that touches Weights & Biases directly. No other module imports wandb.
+
+Gated like Lightning's own ``loggers/wandb.py``: without wandb installed, or without a ``WandbLogger`` attached,
+every function here is a no-op (the counter metrics still reach every logger through ``trainer.loggers``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_utilities.core.imports import RequirementCache
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_guard.events import GuardEvent
+
+_WANDB_AVAILABLE = RequirementCache("wandb")
+TABLE_KEY = "guard/events"
+TABLE_COLUMNS = ["step", "epoch", "guard", "kind", "severity", "ranks", "message", "data"]
+
+
+def wandb_logger(trainer: pl.Trainer) -> Any | None:
+    """The first ``WandbLogger`` among the trainer's loggers, or None."""
+    if not _WANDB_AVAILABLE:
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger
+    return None
+
+
+def _run(trainer: pl.Trainer) -> Any | None:
+    logger = wandb_logger(trainer)
+    if logger is None or int(getattr(trainer, "global_rank", 0)) != 0:
+        return None
+    run = logger.experiment
+    # On ranks > 0 Lightning hands out a dummy experiment; a real run has a `dir`.
+    return run if hasattr(run, "summary") and hasattr(run, "dir") else None
+
+
+def run_dir(trainer: pl.Trainer) -> str | None:
+    """The W&B run's files directory (synced with the run), or None without a WandbLogger."""
+    run = _run(trainer)
+    if run is None:
+        return None
+    files = Path(run.dir)
+    # A run attached in a spawned worker (ddp_spawn) reports a files dir under the worker's cwd; the real run folder
+    # lives under the logger's save_dir, named "<run|offline-run>-<time>-<id>".
+    save_dir = getattr(wandb_logger(trainer), "save_dir", None)
+    if save_dir and not files.resolve().is_relative_to(Path(save_dir).resolve()):
+        matches = sorted(Path(save_dir).glob(f"wandb/*-{run.id}/files"))
+        if matches:
+            files = matches[-1]
+    return str(files)
+
+
+def on_event(trainer: pl.Trainer, event: GuardEvent, *, alerts: bool) -> None:
+    """Per-event W&B extras: the run summary counter, and ``run.alert`` for error events when enabled."""
+    run = _run(trainer)
+    if run is None:
+        return
+    import wandb
+
+    key = event.metric_name
+    run.summary[key] = int(run.summary.get(key, 0) or 0) + 1
+    if alerts and event.severity == "error":
+        try:
+            run.alert(
+                title=f"lightning_guard: {event.guard}/{event.kind}",
+                text=f"step {event.step}, ranks {list(event.ranks)}: {event.message}",
+                level=wandb.AlertLevel.ERROR,  # type: ignore[attr-defined]
+            )
+        except Exception as err:  # offline runs or a network hiccup must not stop training
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"lightning_guard could not send a W&B alert: {err}")
+
+
+def log_events_table(trainer: pl.Trainer, events: Sequence[GuardEvent], counts: Counter[tuple[str, str]]) -> None:
+    """Log the whole event list as the ``guard/events`` table (one new table version per call)."""
+    run = _run(trainer)
+    if run is None:
+        return
+    import json
+
+    import wandb
+
+    table = wandb.Table(columns=list[Any](TABLE_COLUMNS))
+    for e in events:
+        d = e.to_dict()
+        table.add_data(
+            e.step, e.epoch, e.guard, e.kind, e.severity, str(list(e.ranks)), e.message, json.dumps(d["data"])
+        )
+    run.log({TABLE_KEY: table, "trainer/global_step": int(trainer.global_step)})
+    for (guard, kind), n in counts.items():
+        run.summary[f"guard/{guard}/{kind}"] = n

@@ -1,0 +1,196 @@
+"""The guarded end-to-end demo: ``python -m lightning_guard.demo``.
+
+Trains an MLP on scikit-learn's bundled digits data set (real 8x8 handwritten digits), made long-tailed (class 0 keeps
+every sample, class 9 about 1 in 20), on CPU, with every guard that exists so far. Faults are injected on purpose
+and labelled ``INJECTED`` in the events. Logs to Weights & Biases in offline mode unless wandb is configured
+(``WANDB_MODE``, ``WANDB_API_KEY`` or a netrc login), prints the summary of guard interventions and says where the
+JSONL event log and the wandb run directory are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_guard import GuardMixin, WarmupCosine, event_stream
+from lightning_guard.testing import InjectNaN, LRSpike
+
+__all__ = ["DemoNet", "long_tailed_digits", "main"]
+
+
+def long_tailed_digits(
+    imbalance: float = 20.0, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset, TensorDataset, list[int]]:
+    """Digits split 60/20/20 into train/val/test; the train split is made long-tailed.
+
+    Class ``c`` keeps a fraction ``imbalance ** (-c / 9)`` of its training samples (validation and test stay
+    balanced, so they measure what the model does on rare classes).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_rest, y_tr, y_rest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=seed)
+    x_va, x_te, y_va, y_te = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=seed)
+    g = torch.Generator().manual_seed(seed)
+    keep: list[int] = []
+    counts = []
+    for c in range(10):
+        idx = [i for i in range(len(y_tr)) if y_tr[i] == c]
+        n = max(1, round(len(idx) * imbalance ** (-c / 9)))
+        chosen = torch.randperm(len(idx), generator=g)[:n].tolist()
+        keep += [idx[i] for i in chosen]
+        counts.append(n)
+
+    def ds(xs: Any, ys: Any) -> TensorDataset:
+        return TensorDataset(torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys, dtype=torch.long))
+
+    return ds(x_tr[keep], y_tr[keep]), ds(x_va, y_va), ds(x_te, y_te), counts
+
+
+class DemoNet(GuardMixin, pl.LightningModule):
+    """MLP 64-256-256-10 on digits, trained with ``balanced_loss``."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        )
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_bal_acc = MulticlassAccuracy(num_classes=10, average="macro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_bal_acc = MulticlassAccuracy(num_classes=10, average="macro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Balanced loss on one batch."""
+        x, y = batch
+        loss = self.balanced_loss(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Validation loss and balanced accuracy."""
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", self.balanced_loss(logits, y), prog_bar=True)
+        self.val_bal_acc(logits, y)
+        self.log("val_balanced_acc", self.val_bal_acc, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Test accuracy and balanced accuracy."""
+        x, y = batch
+        logits = self(x)
+        self.test_acc(logits, y)
+        self.test_bal_acc(logits, y)
+        self.log("test_acc", self.test_acc)
+        self.log("test_balanced_acc", self.test_bal_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; the LR schedule comes from the WarmupCosine callback."""
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
+
+
+def _wandb_configured() -> bool:
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the demo; returns the test metrics and where the outputs are."""
+    parser = argparse.ArgumentParser(prog="python -m lightning_guard.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    parser.add_argument(
+        "--out", default="lightning_guard_demo", help="output directory (default ./lightning_guard_demo)"
+    )
+    parser.add_argument("--fast", action="store_true", help="3 epochs, for smoke tests")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    args = parser.parse_args(argv)
+    epochs = 3 if args.fast else args.epochs
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pl.seed_everything(0, verbose=False)
+    train, val, test, counts = long_tailed_digits()
+    print(f"digits, long-tailed train split: class counts {counts} (imbalance {counts[0] / counts[-1]:.0f}x)")
+    loaders = {
+        "train": DataLoader(train, batch_size=32, shuffle=True),
+        "val": DataLoader(val, batch_size=256),
+        "test": DataLoader(test, batch_size=256),
+    }
+    steps_per_epoch = len(loaders["train"])
+
+    logger: Any = False
+    if not args.no_wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not _wandb_configured():
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_SILENT", "true")
+        logger = WandbLogger(project="lightning_guard_demo", save_dir=str(out), name="demo")
+
+    callbacks: list[pl.Callback] = [
+        WarmupCosine(warmup=0.1, min_lr_ratio=0.02),
+        # Faults injected on purpose (they appear as INJECTED events): a NaN batch and a one-step LR spike.
+        InjectNaN("batch", steps=[2 * steps_per_epoch + 3]),
+        LRSpike(factor=1000.0, steps=[steps_per_epoch + 5]),
+    ]
+    if not _has_gradient_guard():
+        callbacks = callbacks[:1]  # without a gradient guard the injected faults would wreck the run
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(out),
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    model = DemoNet()
+    trainer.fit(model, loaders["train"], loaders["val"])
+    stream = event_stream(trainer)
+    jsonl = stream.jsonl_path
+    (metrics,) = trainer.test(model, loaders["test"], verbose=False)
+    result: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+    result["events"] = len(stream.events)
+    result["jsonl"] = str(jsonl)
+    print(f"\ntest accuracy {result['test_acc']:.3f}, balanced accuracy {result['test_balanced_acc']:.3f}")
+    print(f"guard events ({result['events']}): {jsonl}")
+    if logger:
+        run = logger.experiment
+        result["wandb_dir"] = str(Path(run.dir).parent)
+        run.finish()
+        print(f"wandb run: {result['wandb_dir']}  (offline runs upload with `wandb sync <dir>`)")
+    print(f"demo finished in {time.time() - t0:.1f} s")
+    return result
+
+
+def _has_gradient_guard() -> bool:
+    import lightning_guard
+
+    return hasattr(lightning_guard, "GradientGuard")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Rank agreement and small collectives, all issued through ``trainer.strategy``.
+
+Every control-flow decision a guard takes (skip, stop, halve, roll back, restore) goes through :func:`agree`, so no
+rank ever acts alone. On one process every function here is a no-op that needs no process group.
+
+The agreement collective also carries the number of guard events waiting on each rank, so events raised on a
+non-zero rank reach rank 0 at the next decision instead of waiting for the epoch end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["Agreement", "agree", "all_reduce_max", "all_reduce_sum", "gather_json", "world_size"]
+
+
+def world_size(trainer: pl.Trainer) -> int:
+    """Number of processes taking part in training (1 without a process group)."""
+    return int(getattr(trainer, "world_size", 1) or 1)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The outcome of one rank-agreement collective.
+
+    Attributes:
+        flags: one boolean per rank, in rank order.
+    """
+
+    flags: tuple[bool, ...]
+
+    @property
+    def any(self) -> bool:
+        """True if at least one rank raised the flag."""
+        return any(self.flags)
+
+    @property
+    def all(self) -> bool:
+        """True if every rank raised the flag."""
+        return all(self.flags)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks that raised the flag."""
+        return tuple(i for i, f in enumerate(self.flags) if f)
+
+    def __bool__(self) -> bool:
+        return self.any
+
+
+def _device(trainer: pl.Trainer) -> torch.device:
+    return trainer.strategy.root_device
+
+
+def agree(trainer: pl.Trainer, flag: bool | torch.Tensor) -> Agreement:
+    """Agree on a boolean across all ranks: every rank learns which ranks raised it.
+
+    One small ``all_gather`` per call (the cost of an all-reduce); it also forwards pending guard events from
+    non-zero ranks to rank 0 when there are any. On one process no collective is issued.
+
+    Args:
+        trainer: the running trainer.
+        flag: this rank's vote (a Python bool or a 0-dim tensor, which may live on the device).
+
+    Returns:
+        An :class:`Agreement`; ``bool(agreement)`` is True when any rank raised the flag.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> agree(pl.Trainer(accelerator="cpu", logger=False), True).ranks
+        (0,)
+    """
+    if world_size(trainer) <= 1:
+        value = bool(flag.item()) if isinstance(flag, torch.Tensor) else bool(flag)
+        return Agreement((value,))
+    from lightning_guard.events import event_stream
+
+    stream = event_stream(trainer)
+    device = _device(trainer)
+    local = torch.zeros(2, dtype=torch.int32, device=device)
+    if isinstance(flag, torch.Tensor):
+        local[0] = flag.to(device=device, dtype=torch.int32).reshape(())
+    else:
+        local[0] = int(bool(flag))
+    local[1] = stream.pending()
+    gathered = trainer.strategy.all_gather(local).reshape(-1, 2).cpu()
+    flags = tuple(bool(v) for v in gathered[:, 0].tolist())
+    if int(gathered[:, 1].max()) > 0:
+        stream.exchange()
+    return Agreement(flags)
+
+
+def all_reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks through the strategy (returns the input on one process)."""
+    if world_size(trainer) <= 1:
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def all_reduce_max(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Take the elementwise maximum of a tensor over ranks (returns the input on one process)."""
+    if world_size(trainer) <= 1:
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op="max")
+
+
+def gather_json(trainer: pl.Trainer, obj: Any) -> list[Any]:
+    """Gather one JSON-serialisable object from every rank, on every rank, in rank order.
+
+    Objects travel as UTF-8 bytes in padded ``uint8`` tensors through ``trainer.strategy.all_gather`` (two
+    collectives), so it works on gloo and NCCL alike without pickling.
+    """
+    if world_size(trainer) <= 1:
+        return [obj]
+    device = _device(trainer)
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).to(device)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    sizes: Sequence[int] = trainer.strategy.all_gather(size).reshape(-1).tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    gathered = trainer.strategy.all_gather(padded).reshape(len(sizes), -1).cpu()
+    return [json.loads(bytes(gathered[i, :n].tolist()).decode("utf-8")) for i, n in enumerate(sizes)]

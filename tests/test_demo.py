@@ -1,0 +1,17 @@
+import pytest
+
+from lightning_guard import demo
+from tests.helpers import read_jsonl
+
+
+@pytest.mark.slow
+def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = demo.main(["--fast", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "what the guards did" in out
+    assert "wandb run:" in out
+    assert result["test_acc"] > 0.3  # 3 epochs on a long-tailed split; chance is 0.1
+    events = read_jsonl(result["jsonl"])
+    assert len(events) == result["events"] > 0
+    assert str(tmp_path) in result["wandb_dir"]
