@@ -1,9 +1,27 @@
 """Pure functions behind the guards (no Lightning imports): schedules, gradient statistics, ..."""
 
+from lightning_guard.functional.grad import (
+    EmaStats,
+    clip_grads_,
+    collect_grads,
+    global_grad_norm,
+    top_k_grad_norms,
+    zclip_threshold,
+)
 from lightning_guard.functional.schedule import (
     cosine_cycle_bounds,
     warmup_cosine,
     warmup_cosine_phase,
 )
 
-__all__ = ["cosine_cycle_bounds", "warmup_cosine", "warmup_cosine_phase"]
+__all__ = [
+    "EmaStats",
+    "clip_grads_",
+    "collect_grads",
+    "cosine_cycle_bounds",
+    "global_grad_norm",
+    "top_k_grad_norms",
+    "warmup_cosine",
+    "warmup_cosine_phase",
+    "zclip_threshold",
+]
