@@ -161,6 +161,17 @@ class GuardRuntime:
             else:
                 group["lr"] = lr * scale
 
+    def forget_step_lrs(self, optimizer_idx: int) -> None:
+        """Drop the LRs saved for this step (after a rollback loaded the optimizer's own param groups)."""
+        self._saved_lrs.pop(optimizer_idx, None)
+
+    def set_applied_steps(self, counts: list[int]) -> None:
+        """Overwrite the applied-step counts (a rollback restores them with the weights)."""
+        for idx, n in enumerate(counts[: len(self.applied_steps)]):
+            self.applied_steps[idx] = int(n)
+            if idx < len(self._optimizers):
+                setattr(self._optimizers[idx], APPLIED_STEPS_ATTR, int(n))
+
     def _restore_lrs(self, idx: int, optimizer: torch.optim.Optimizer) -> None:
         saved = self._saved_lrs.pop(idx, None)
         if saved is None:

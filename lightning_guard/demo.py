@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import GuardMixin, WarmupCosine, event_stream
+from lightning_guard import GradientGuard, GuardMixin, WarmupCosine, event_stream
 from lightning_guard.testing import InjectNaN, LRSpike
 
 __all__ = ["DemoNet", "long_tailed_digits", "main"]
@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     callbacks: list[pl.Callback] = [
         WarmupCosine(warmup=0.1, min_lr_ratio=0.02),
-        # Faults injected on purpose (they appear as INJECTED events): a NaN batch and a one-step LR spike.
-        InjectNaN("batch", steps=[2 * steps_per_epoch + 3]),
-        LRSpike(factor=1000.0, steps=[steps_per_epoch + 5]),
+        GradientGuard(snapshot_every=10),
+        # Faults injected on purpose (they appear as INJECTED events): a NaN batch, and a one-step LR x1000 spike
+        # placed after GradientGuard's 25-step statistics warm-up.
+        InjectNaN("batch", steps=[steps_per_epoch + 3]),
+        LRSpike(factor=1000.0, steps=[2 * steps_per_epoch + 5]),
     ]
-    if not _has_gradient_guard():
-        callbacks = callbacks[:1]  # without a gradient guard the injected faults would wreck the run
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -184,12 +184,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"wandb run: {result['wandb_dir']}  (offline runs upload with `wandb sync <dir>`)")
     print(f"demo finished in {time.time() - t0:.1f} s")
     return result
-
-
-def _has_gradient_guard() -> bool:
-    import lightning_guard
-
-    return hasattr(lightning_guard, "GradientGuard")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ class Agreement:
 
     Attributes:
         flags: one boolean per rank, in rank order.
+        values: per rank, the float payload it sent (empty tuples without a payload).
     """
 
     flags: tuple[bool, ...]
+    values: tuple[tuple[float, ...], ...] = ()
 
     @property
     def any(self) -> bool:
@@ -60,15 +62,18 @@ def _device(trainer: pl.Trainer) -> torch.device:
     return trainer.strategy.root_device
 
 
-def agree(trainer: pl.Trainer, flag: bool | torch.Tensor) -> Agreement:
-    """Agree on a boolean across all ranks: every rank learns which ranks raised it.
+def agree(trainer: pl.Trainer, flag: bool | torch.Tensor, payload: torch.Tensor | None = None) -> Agreement:
+    """Agree on a boolean across all ranks: every rank learns which ranks raised it (and their payloads).
 
-    One small ``all_gather`` per call (the cost of an all-reduce); it also forwards pending guard events from
-    non-zero ranks to rank 0 when there are any. On one process no collective is issued.
+    One small ``all_gather`` per call (the cost of an all-reduce) and one host sync; it also forwards pending guard
+    events from non-zero ranks to rank 0 when there are any. On one process no collective is issued (the one host
+    sync reads the flag and payload).
 
     Args:
         trainer: the running trainer.
         flag: this rank's vote (a Python bool or a 0-dim tensor, which may live on the device).
+        payload: optional 1-d float tensor of numbers to share (same length on every rank), e.g. a gradient norm;
+            sent in fp32.
 
     Returns:
         An :class:`Agreement`; ``bool(agreement)`` is True when any rank raised the flag.
@@ -78,24 +83,33 @@ def agree(trainer: pl.Trainer, flag: bool | torch.Tensor) -> Agreement:
         >>> agree(pl.Trainer(accelerator="cpu", logger=False), True).ranks
         (0,)
     """
+    n = 0 if payload is None else int(payload.numel())
     if world_size(trainer) <= 1:
-        value = bool(flag.item()) if isinstance(flag, torch.Tensor) else bool(flag)
-        return Agreement((value,))
+        if payload is None and not isinstance(flag, torch.Tensor):
+            return Agreement((bool(flag),), ((),))
+        parts = [flag.reshape(1).float() if isinstance(flag, torch.Tensor) else torch.tensor([float(bool(flag))])]
+        if payload is not None:
+            parts.append(payload.reshape(-1).float().to(parts[0].device))
+        row = torch.cat(parts).tolist()  # the one host sync
+        return Agreement((bool(row[0]),), (tuple(row[1:]),))
     from lightning_guard.events import event_stream
 
     stream = event_stream(trainer)
     device = _device(trainer)
-    local = torch.zeros(2, dtype=torch.int32, device=device)
+    local = torch.zeros(2 + n, dtype=torch.float32, device=device)
     if isinstance(flag, torch.Tensor):
-        local[0] = flag.to(device=device, dtype=torch.int32).reshape(())
+        local[0] = flag.to(device=device, dtype=torch.float32).reshape(())
     else:
-        local[0] = int(bool(flag))
-    local[1] = stream.pending()
-    gathered = trainer.strategy.all_gather(local).reshape(-1, 2).cpu()
+        local[0] = float(bool(flag))
+    local[1] = float(stream.pending())
+    if payload is not None:
+        local[2:] = payload.reshape(-1).to(device=device, dtype=torch.float32)
+    gathered = trainer.strategy.all_gather(local).reshape(-1, 2 + n).cpu()  # the one host sync
     flags = tuple(bool(v) for v in gathered[:, 0].tolist())
-    if int(gathered[:, 1].max()) > 0:
+    values = tuple(tuple(row) for row in gathered[:, 2:].tolist())
+    if float(gathered[:, 1].max()) > 0:
         stream.exchange()
-    return Agreement(flags)
+    return Agreement(flags, values)
 
 
 def all_reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:

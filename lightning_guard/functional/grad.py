@@ -60,7 +60,7 @@ def global_grad_norm(
         by_device[g.device].append(g)
     target = grads[0].device
     sq = torch.zeros((), dtype=torch.float32, device=target)
-    for device, gs in by_device.items():
+    for gs in by_device.values():
         norms = torch._foreach_norm(gs, 2.0, dtype=torch.float32)
         sq = sq + torch.stack(norms).square().sum().to(target)
     if reduce_sq is not None:
@@ -188,7 +188,9 @@ def top_k_grad_norms(named_params: Iterable[tuple[str, torch.Tensor]], k: int = 
     norms = [0.0] * len(named)
     for idx in by_device.values():
         values = torch.stack(torch._foreach_norm([named[i][1] for i in idx], 2.0, dtype=torch.float32)).tolist()
-        for i, v in zip(idx, values):
+        for i, v in zip(idx, values, strict=True):
             norms[i] = v
-    order = sorted(range(len(named)), key=lambda i: (math.isfinite(norms[i]), -norms[i] if math.isfinite(norms[i]) else 0))
+    order = sorted(
+        range(len(named)), key=lambda i: (math.isfinite(norms[i]), -norms[i] if math.isfinite(norms[i]) else 0)
+    )
     return [(named[i][0], norms[i]) for i in order[:k]]

@@ -281,6 +281,21 @@ class LRSpike(FaultInjector):
         if not runtime._optimizers:  # no guard callback attached the runtime: do it here
             runtime.attach(list(trainer.optimizers))
 
+    @staticmethod
+    def _without_guard(trainer: pl.Trainer) -> bool:
+        from lightning_guard.callbacks._base import GuardCallback
+
+        return not any(isinstance(c, GuardCallback) for c in trainer.callbacks)  # type: ignore[attr-defined]
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        from lightning_guard._runtime import get_runtime
+
+        if self._without_guard(trainer):
+            get_runtime(trainer).after_batch()  # no guard resolves the step: restore an LR the step never used
+
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -288,6 +303,8 @@ class LRSpike(FaultInjector):
         from lightning_guard._runtime import get_runtime
 
         runtime = get_runtime(trainer)
+        if self._without_guard(trainer):
+            runtime.before_optimizer_step(optimizer)  # otherwise the owning guard marks the step
         idx = runtime.optimizer_index(optimizer)
         if self._active(trainer):
             runtime.set_lr_scale(idx, self.factor, source="lr_spike")

@@ -1,0 +1,719 @@
+"""GradientGuard: keep training alive through exploding gradients, on every strategy and precision."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_guard._runtime import StepOutcome
+from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard.callbacks._snapshot import Snapshot
+from lightning_guard.distributed import agree, all_reduce_sum
+from lightning_guard.errors import GradientExplosionError, GuardConfigError
+from lightning_guard.events import GuardEvent, Severity, emit
+from lightning_guard.functional.grad import (
+    EmaStats,
+    clip_grads_,
+    collect_grads,
+    global_grad_norm,
+    top_k_grad_norms,
+    zclip_threshold,
+)
+
+__all__ = ["GradientGuard"]
+
+SpikeAction = Literal["clip", "skip", "warn"]
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        if high != math.inf:
+            bound += f" and <= {high}"
+        raise GuardConfigError(f"`{name}` must be a number {bound}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, *, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "an int" + (" or None" if optional else "")
+        raise GuardConfigError(f"`{name}` must be {kind} >= {low}, got {value!r}")
+
+
+class GradientGuard(GuardCallback):
+    r"""Keep training alive through exploding gradients: skip, clip adaptively, back off the LR, roll back.
+
+    Runs once per optimizer step in ``on_before_optimizer_step`` (after AMP unscaling, before the update), with one
+    host synchronisation per step (one small collective under DDP/FSDP that also carries every rank's verdict):
+
+    1. **Global gradient norm** of the optimizer's parameters in one fused pass, accumulated in fp32; under FSDP the
+       squared shard norms are summed over ranks, so every rank sees the same value.
+    2. **Non-finite gradients or loss → a true skip**: the gradients are set to ``None`` so neither weights nor
+       optimizer state change, and the step does not count as applied (the LR schedule holds). Under a 16-mixed
+       GradScaler a finite loss with overflowing gradients is an ``amp_overflow`` (info), not an explosion; the
+       skip is forced on every rank so the loss scale stays identical across ranks.
+    3. **Spikes**: the norm's z-score against NaN-safe EMA statistics (after ``warmup_steps``); above
+       ``z_threshold`` the ``spike_action`` applies: ``"clip"`` to a ZClip-style adaptive threshold
+       ``mean + (z_threshold**2 / z) * std``, ``"skip"``, or ``"warn"``. Optionally the loss is watched the same way
+       (``monitor_loss``). An optional fixed ``max_norm`` clip applies after the adaptive one.
+    4. **LR backoff**: ``backoff_after`` spikes within ``backoff_window`` steps scale the LR by ``backoff_factor``,
+       recovering linearly over ``backoff_recovery`` applied steps; it composes with WarmupCosine and with torch
+       schedulers (the scale is applied around the step only).
+    5. **Rollback**: after ``rollback_after`` consecutive bad steps (non-finite or skipped spikes), or when a spike
+       of the gradient norm or the loss with z above ``rollback_z`` is followed by another spike (the weights were
+       damaged, e.g. by one huge update, which no clipping can undo; a lone bad batch is only skipped), model,
+       optimizer and GradScaler state are restored from the last *validated* in-memory snapshot, the next
+       ``skip_after_rollback`` batches are skipped, and training goes on. Snapshots are host copies of each rank's
+       local tensors taken every ``snapshot_every`` applied steps (asynchronously on CUDA); a snapshot becomes the
+       rollback target only once the following step's gradients and loss were found healthy, so a snapshot taken
+       right after a damaging step is never restored. Two buffers are kept: host memory of twice the model and
+       optimizer state. Once ``max_rollbacks`` rollbacks are spent, the next one raises
+       :class:`~lightning_guard.errors.GradientExplosionError` naming the step, the recent norm history and the
+       layers with the largest gradient norms.
+
+    Every decision is agreed across ranks; no rank acts alone.
+
+    Args:
+        spike_action: what to do with a gradient-norm spike: ``"clip"`` (default), ``"skip"`` or ``"warn"``.
+        z_threshold: z-score above which a norm is a spike. Default ``2.5``.
+        warmup_steps: finite norms observed before spikes are detected. Default ``25``.
+        ema_alpha: EMA decay of the norm statistics, in ``(0, 1)``. Default ``0.97``.
+        max_norm: optional fixed clip of the global norm (applied after adaptive clipping). Default ``None``.
+        monitor_loss: also detect spikes of the training loss (same threshold; a loss spike is never "clipped": the
+            step is skipped). Default ``True``.
+        backoff_after: spikes within ``backoff_window`` steps that trigger an LR backoff; ``None`` disables it.
+            Default ``3``.
+        backoff_window: window, in optimizer steps, for counting spikes. Default ``50``.
+        backoff_factor: LR multiplier during a backoff, in ``(0, 1)``. Default ``0.5``.
+        backoff_recovery: applied steps over which the LR recovers linearly to its schedule. Default ``100``.
+        rollback_after: consecutive bad steps that trigger a rollback; ``None`` disables it. Default ``3``.
+        rollback_z: a gradient-norm or loss spike above this z-score is skipped and, if the next step spikes too
+            (the weights were damaged), triggers a rollback; ``None`` disables it. Default ``12.0``.
+        snapshot_every: applied steps between rollback snapshots. Default ``100``.
+        skip_after_rollback: batches skipped after a rollback (PaLM skipped 200-500). Default ``0``.
+        max_rollbacks: rollbacks allowed before giving up with ``GradientExplosionError``. Default ``3``.
+        log_every_n_steps: interval of the ``guard/grad_norm`` metrics; default: the Trainer's ``log_every_n_steps``.
+        diagnose_top_k: layers listed (by gradient norm) in an event's diagnosis. Default ``5``.
+
+    Events:
+        ``nonfinite_skip`` (warning), ``amp_overflow`` (info), ``spike_clip`` (info), ``spike_skip`` (warning),
+        ``spike_warn`` (warning), ``lr_backoff`` (warning), ``lr_recovered`` (info), ``rollback`` (warning),
+        ``gave_up`` (error); each carries the step, norm, threshold and z, and the top layers by gradient norm.
+
+    Raises:
+        GuardConfigError: a bad argument (at construction); Trainer clipping (``gradient_clip_val``) together with
+            this guard's own clipping (at fit start).
+        GradientExplosionError: training kept exploding after ``max_rollbacks`` rollbacks.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_guard import GradientGuard
+        >>> guard = GradientGuard(spike_action="clip", z_threshold=3.0, rollback_after=4, snapshot_every=50)
+        >>> trainer = pl.Trainer(callbacks=[guard], precision="bf16-mixed", logger=False)
+    """
+
+    guard_name = "gradient_guard"
+    SPIKE_ACTIONS: tuple[str, ...] = ("clip", "skip", "warn")
+
+    def __init__(
+        self,
+        spike_action: SpikeAction = "clip",
+        z_threshold: float = 2.5,
+        warmup_steps: int = 25,
+        ema_alpha: float = 0.97,
+        max_norm: float | None = None,
+        monitor_loss: bool = True,
+        backoff_after: int | None = 3,
+        backoff_window: int = 50,
+        backoff_factor: float = 0.5,
+        backoff_recovery: int = 100,
+        rollback_after: int | None = 3,
+        rollback_z: float | None = 12.0,
+        snapshot_every: int = 100,
+        skip_after_rollback: int = 0,
+        max_rollbacks: int = 3,
+        log_every_n_steps: int | None = None,
+        diagnose_top_k: int = 5,
+    ) -> None:
+        super().__init__()
+        if spike_action not in self.SPIKE_ACTIONS:
+            raise GuardConfigError(f"`spike_action` must be one of {self.SPIKE_ACTIONS}, got {spike_action!r}")
+        _check_number("z_threshold", z_threshold, low=0.0)
+        _check_int("warmup_steps", warmup_steps, low=1)
+        _check_number("ema_alpha", ema_alpha, low=0.0, high=1.0)
+        if ema_alpha == 1.0:
+            raise GuardConfigError(f"`ema_alpha` must be a number > 0.0 and < 1.0, got {ema_alpha!r}")
+        if max_norm is not None:
+            _check_number("max_norm", max_norm, low=0.0)
+        if not isinstance(monitor_loss, bool):
+            raise GuardConfigError(f"`monitor_loss` must be a bool, got {monitor_loss!r}")
+        _check_int("backoff_after", backoff_after, low=1, optional=True)
+        _check_int("backoff_window", backoff_window, low=1)
+        _check_number("backoff_factor", backoff_factor, low=0.0, high=1.0)
+        if backoff_factor == 1.0:
+            raise GuardConfigError(f"`backoff_factor` must be a number > 0.0 and < 1.0, got {backoff_factor!r}")
+        _check_int("backoff_recovery", backoff_recovery, low=1)
+        _check_int("rollback_after", rollback_after, low=1, optional=True)
+        if rollback_z is not None:
+            _check_number("rollback_z", rollback_z, low=0.0)
+            if rollback_z <= z_threshold:
+                raise GuardConfigError(
+                    f"`rollback_z` must be greater than `z_threshold` ({z_threshold}), got {rollback_z!r}"
+                )
+        _check_int("snapshot_every", snapshot_every, low=1)
+        _check_int("skip_after_rollback", skip_after_rollback, low=0)
+        _check_int("max_rollbacks", max_rollbacks, low=0)
+        _check_int("log_every_n_steps", log_every_n_steps, low=1, optional=True)
+        _check_int("diagnose_top_k", diagnose_top_k, low=0)
+        self.spike_action = spike_action
+        self.z_threshold = float(z_threshold)
+        self.warmup_steps = warmup_steps
+        self.ema_alpha = float(ema_alpha)
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.monitor_loss = monitor_loss
+        self.backoff_after = backoff_after
+        self.backoff_window = backoff_window
+        self.backoff_factor = float(backoff_factor)
+        self.backoff_recovery = backoff_recovery
+        self.rollback_after = rollback_after
+        self.rollback_z = None if rollback_z is None else float(rollback_z)
+        self.snapshot_every = snapshot_every
+        self.skip_after_rollback = skip_after_rollback
+        self.max_rollbacks = max_rollbacks
+        self.log_every_n_steps = log_every_n_steps
+        self.diagnose_top_k = diagnose_top_k
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._stats: list[EmaStats] = []
+        self._loss_stats = EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps)
+        self._consecutive_bad = 0
+        self._suspect_damage = False
+        self._rollbacks = 0
+        self._spike_steps: deque[int] = deque()
+        self._backoff_scale = 1.0
+        self._backoff_progress = 0
+        self._skip_remaining = 0
+        self._history: deque[float] = deque(maxlen=32)
+        self._counts: dict[str, int] = {}
+        self._loaded_snapshot_step = -1
+        self._snapshot = Snapshot()  # the validated rollback target
+        self._candidate = Snapshot()  # taken after a step, validated by the next step's verdict
+        self._loss_bad: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._trainer: pl.Trainer | None = None
+        self.last_norm: float = math.nan
+        self.last_post_clip_norm: float = math.nan
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(spike_action=self.spike_action, z_threshold=self.z_threshold)
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        if clip_val and (self.spike_action == "clip" or self.max_norm is not None):
+            what = "max_norm" if self.max_norm is not None else "spike_action='clip'"
+            raise GuardConfigError(
+                f"GradientGuard clips gradients itself ({what}) but the Trainer also has gradient_clip_val={clip_val}: "
+                "remove `gradient_clip_val` (use GradientGuard(max_norm=...) for a fixed clip), or set "
+                "spike_action='skip' or 'warn' and max_norm=None"
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._trainer = trainer
+        runtime = self.runtime(trainer)
+        runtime.add_listener(self._on_step)
+        n = len(trainer.optimizers)
+        while len(self._stats) < n:
+            self._stats.append(EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps))
+        for idx in range(n):
+            runtime.set_lr_scale(idx, self._backoff_scale, source=self.guard_name)
+        if self.rollback_after is not None or self.rollback_z is not None:
+            self._take_snapshot(trainer, pl_module, self._snapshot)  # the state training starts from is trusted
+
+    # ------------------------------------------------------------------ per step
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        detached = loss.detach().float()
+        bad = ~torch.isfinite(detached)
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+
+    def _scaler(self, trainer: pl.Trainer) -> Any:
+        return getattr(trainer.precision_plugin, "scaler", None)
+
+    def _reduce_sq(self, trainer: pl.Trainer) -> Any:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        sharded = (
+            isinstance(trainer.strategy, FSDPStrategy) or type(trainer.strategy).__name__ == "ModelParallelStrategy"
+        )
+        if not sharded or trainer.world_size <= 1:
+            return None
+        return lambda sq: all_reduce_sum(trainer, sq)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._deferred_skip: tuple[Any, ...] | None = None
+        try:
+            self._guard_step(trainer, pl_module, optimizer)
+        finally:
+            if self._deferred_skip is not None:
+                self._apply_skip(*self._deferred_skip)
+                self._deferred_skip = None
+
+    def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        runtime = self.runtime(trainer)
+        idx = max(runtime.optimizer_index(optimizer), 0)
+        self._candidate.wait()  # the weights are about to change: the async snapshot copy must be complete
+        self._snapshot.wait()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = collect_grads(params)
+        device = grads[0].device if grads else trainer.strategy.root_device
+        norm = global_grad_norm(grads, reduce_sq=self._reduce_sq(trainer)).to(device)
+        scaler = self._scaler(trainer)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            norm = norm / scaler._scale.to(device)  # fused optimizers unscale inside step(): grads are still scaled
+        loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.bool, device=device)
+        loss_val = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=device)
+        self._loss_bad = self._loss_sum = None
+        bad = ~torch.isfinite(norm) | loss_bad.to(device)
+        payload = torch.stack([norm.float(), loss_bad.to(device).float(), loss_val.to(device).float()])
+        verdict = agree(trainer, bad, payload)  # the step's one host sync / collective
+        norms = [v[0] for v in verdict.values]
+        any_loss_bad = any(v[1] > 0 for v in verdict.values)
+        loss_mean = sum(v[2] for v in verdict.values) / max(len(verdict.values), 1)
+        finite_norms = [n for n in norms if math.isfinite(n)]
+        norm_v = max(norms) if len(finite_norms) == len(norms) else math.nan
+        self.last_norm = norm_v
+        self._history.append(norm_v)
+        post = norm_v
+
+        healthy = not verdict.any and math.isfinite(norm_v)
+        if self._candidate.taken and idx == 0:
+            stats0 = self._stats[0]
+            z0 = stats0.z(norm_v) if healthy else math.inf
+            lz = self._loss_stats.z(loss_mean) if self.monitor_loss else 0.0
+            if (
+                healthy
+                and not (stats0.ready and z0 > self.z_threshold)
+                and not (self._loss_stats.ready and lz > self.z_threshold)
+            ):
+                self._snapshot, self._candidate = self._candidate, self._snapshot  # promote; reuse the old buffers
+            self._candidate.step = -1  # a candidate is judged once
+
+        if self._skip_remaining > 0:
+            self._skip_remaining -= 1
+            self._skip(trainer, optimizer, grads, scaler, bad_here=False)
+            self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
+            return
+
+        if verdict.any:
+            amp = scaler is not None and not any_loss_bad
+            self._skip(trainer, optimizer, grads, scaler, bad_here=bool(verdict.flags[trainer.global_rank]))
+            if amp:
+                self._event(
+                    trainer,
+                    "amp_overflow",
+                    "info",
+                    "GradScaler overflow: step skipped, loss scale lowered",
+                    norm_v,
+                    ranks=verdict.ranks,
+                    diagnose=False,
+                    scale=float(scaler._scale.item()),
+                )
+                self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
+                return
+            self._consecutive_bad += 1
+            what = "loss" if any_loss_bad else "gradients"
+            self._event(
+                trainer,
+                "nonfinite_skip",
+                "warning",
+                f"non-finite {what}: step skipped",
+                norm_v,
+                ranks=verdict.ranks,
+                loss=loss_mean,
+                pl_module=pl_module,
+            )
+            self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"non-finite {what}", z=math.inf)
+            self._log(trainer, pl_module, idx, norm_v, math.nan, math.inf)
+            return
+
+        stats = self._stats[idx]
+        z = stats.z(norm_v)
+        spike = stats.ready and z > self.z_threshold
+        loss_z = self._loss_stats.z(loss_mean) if self.monitor_loss else 0.0
+        loss_spike = self.monitor_loss and self._loss_stats.ready and loss_z > self.z_threshold
+        if self.monitor_loss:
+            self._loss_stats.update(loss_mean) if not loss_spike else None
+        if spike or loss_spike:
+            self._spike_steps.append(int(trainer.global_step))
+            zz = max(z if spike else 0.0, loss_z if loss_spike else 0.0)
+            hard = self.rollback_z is not None and zz > self.rollback_z
+            if hard or self._suspect_damage:
+                # A huge spike may be one bad batch or weights damaged by the previous update: skip it, and roll
+                # back only if the next step still spikes (damage persists); a lone bad batch costs one step.
+                self._skip(trainer, optimizer, grads, scaler, bad_here=False)
+                self._consecutive_bad += 1
+                why = "above rollback_z" if hard else "right after a huge spike"
+                self._event(
+                    trainer,
+                    "spike_skip",
+                    "warning",
+                    f"spike z={zz:.1f} {why}: step skipped",
+                    norm_v,
+                    z=zz,
+                    loss=loss_mean,
+                    pl_module=pl_module,
+                )
+                if self._suspect_damage:
+                    self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"spikes persist (z={zz:.1f})")
+                    self._suspect_damage = False
+                else:
+                    self._suspect_damage = True
+                    self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
+                self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
+                return
+            if self.spike_action == "clip" and spike and not loss_spike:
+                threshold = zclip_threshold(stats.mean, stats.std, z, self.z_threshold)
+                clip_grads_(grads, threshold / norm_v)
+                post = threshold
+                stats.update(threshold)
+                self._consecutive_bad = 0
+                self._event(
+                    trainer,
+                    "spike_clip",
+                    "info",
+                    f"norm {norm_v:.4g} clipped to {threshold:.4g}",
+                    norm_v,
+                    z=z,
+                    threshold=threshold,
+                    pl_module=pl_module,
+                )
+            elif self.spike_action == "skip" or (self.spike_action == "clip" and loss_spike):
+                self._skip(trainer, optimizer, grads, scaler, bad_here=False)
+                self._consecutive_bad += 1
+                self._event(
+                    trainer,
+                    "spike_skip",
+                    "warning",
+                    f"spike z={zz:.1f}: step skipped",
+                    norm_v,
+                    z=zz,
+                    loss=loss_mean,
+                    pl_module=pl_module,
+                )
+                self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
+                self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
+                self._maybe_backoff(trainer, idx)
+                return
+            else:
+                stats.update(norm_v)
+                self._consecutive_bad = 0
+                self._event(
+                    trainer,
+                    "spike_warn",
+                    "warning",
+                    f"spike z={zz:.1f} (no action)",
+                    norm_v,
+                    z=zz,
+                    loss=loss_mean,
+                    pl_module=pl_module,
+                )
+            self._maybe_backoff(trainer, idx)
+        else:
+            stats.update(norm_v)
+            self._consecutive_bad = 0
+            self._suspect_damage = False
+        if self.max_norm is not None and post > self.max_norm:
+            clip_grads_(grads, self.max_norm / post)
+            post = self.max_norm
+        self.last_post_clip_norm = post
+        self._log(trainer, pl_module, idx, norm_v, post, z)
+
+    # ------------------------------------------------------------------ actions
+    def _skip(
+        self,
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        grads: list[torch.Tensor],
+        scaler: Any,
+        *,
+        bad_here: bool,
+    ) -> None:
+        """Decide to skip this step; the gradients are dropped at the end of the hook (after events are reported)."""
+        self._deferred_skip = (trainer, optimizer, grads, scaler)
+
+    def _apply_skip(
+        self,
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        grads: list[torch.Tensor],
+        scaler: Any,
+    ) -> None:
+        """Skip this optimizer step on this rank, keeping every rank (and its loss scale) consistent."""
+        runtime = self.runtime(trainer)
+        if scaler is not None:
+            state = scaler._per_optimizer_states.get(id(optimizer), {})
+            found = state.get("found_inf_per_device") if isinstance(state, dict) else None
+            if found:
+                for t in found.values():
+                    t.fill_(1.0)  # the scaler skips and lowers the scale on every rank alike
+            elif grads:
+                grads[0].view(-1)[0] = math.inf  # fused optimizer: the scaler checks the grads inside step()
+                runtime.request_skip(optimizer)
+                return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        runtime.request_skip(optimizer)
+
+    def _maybe_rollback(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        idx: int,
+        *,
+        reason: str,
+        z: float,
+    ) -> None:
+        if self.rollback_after is not None and self._consecutive_bad >= self.rollback_after:
+            self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"{self._consecutive_bad} bad steps")
+
+    def _rollback_or_give_up(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        idx: int,
+        *,
+        reason: str,
+    ) -> None:
+        if self._rollbacks >= self.max_rollbacks or not self._snapshot.taken:
+            layers = top_k_grad_norms(pl_module.named_parameters(), max(self.diagnose_top_k, 1))
+            history = [round(h, 6) if math.isfinite(h) else h for h in self._history]
+            detail = (
+                f"GradientGuard gave up at step {trainer.global_step} ({reason}) after {self._rollbacks} rollback(s) "
+                f"(max_rollbacks={self.max_rollbacks}). Recent gradient norms: {history}. "
+                f"Largest gradient norms by layer: {layers}"
+            )
+            self._event(
+                trainer,
+                "gave_up",
+                "error",
+                detail,
+                self.last_norm,
+                diagnose=False,
+                rollbacks=self._rollbacks,
+                history=[float(h) for h in history],
+                layers=[f"{n}={v:.4g}" for n, v in layers],
+            )
+            stream = self.runtime(trainer).events
+            stream.close()
+            raise GradientExplosionError(detail)
+        runtime = self.runtime(trainer)
+        from_step = int(trainer.global_step)
+        self._snapshot.restore(pl_module, list(trainer.optimizers), self._scaler(trainer))
+        runtime.set_applied_steps(self._snapshot.applied_steps)
+        for i in range(len(trainer.optimizers)):
+            runtime.forget_step_lrs(i)
+        for group in optimizer.param_groups:  # the restored step must not apply this step's gradients
+            for p in group["params"]:
+                p.grad = None
+        self._rollbacks += 1
+        self._consecutive_bad = 0
+        self._skip_remaining = self.skip_after_rollback
+        self._event(
+            trainer,
+            "rollback",
+            "warning",
+            f"{reason}: restored the snapshot of step {self._snapshot.step} "
+            f"(rollback {self._rollbacks}/{self.max_rollbacks}); skipping {self.skip_after_rollback} batches",
+            self.last_norm,
+            diagnose=False,
+            from_step=from_step,
+            to_step=self._snapshot.step,
+            rollbacks=self._rollbacks,
+        )
+
+    def _maybe_backoff(self, trainer: pl.Trainer, idx: int) -> None:
+        if self.backoff_after is None:
+            return
+        step = int(trainer.global_step)
+        while self._spike_steps and self._spike_steps[0] <= step - self.backoff_window:
+            self._spike_steps.popleft()
+        if len(self._spike_steps) >= self.backoff_after and self._backoff_scale == 1.0:
+            self._backoff_scale = self.backoff_factor
+            self._backoff_progress = 0
+            self._spike_steps.clear()
+            for i in range(len(trainer.optimizers)):
+                self.runtime(trainer).set_lr_scale(i, self._backoff_scale, source=self.guard_name)
+            self._event(
+                trainer,
+                "lr_backoff",
+                "warning",
+                f"{self.backoff_after} spikes within {self.backoff_window} steps: LR x{self.backoff_factor}, "
+                f"recovering over {self.backoff_recovery} steps",
+                self.last_norm,
+                diagnose=False,
+                factor=self.backoff_factor,
+            )
+
+    def _on_step(self, outcome: StepOutcome) -> None:
+        trainer = self._trainer
+        if trainer is None or not outcome.applied or outcome.optimizer_idx != 0:
+            return
+        if self._backoff_scale < 1.0:
+            self._backoff_progress += 1
+            frac = min(self._backoff_progress / self.backoff_recovery, 1.0)
+            self._backoff_scale = self.backoff_factor + (1.0 - self.backoff_factor) * frac
+            if frac >= 1.0:
+                self._backoff_scale = 1.0
+                self._event(trainer, "lr_recovered", "info", "LR back on its schedule", self.last_norm, diagnose=False)
+            for i in range(len(trainer.optimizers)):
+                self.runtime(trainer).set_lr_scale(i, self._backoff_scale, source=self.guard_name)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.rollback_after is None and self.rollback_z is None:
+            return
+        applied = self.runtime(trainer).applied_steps
+        if (
+            applied
+            and self._consecutive_bad == 0
+            and applied[0] > 0
+            and applied[0] % self.snapshot_every == 0
+            and self._snapshot.applied_steps != list(applied)
+        ):
+            self._take_snapshot(trainer, pl_module, self._candidate)
+
+    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, into: Snapshot) -> None:
+        into.capture(
+            pl_module,
+            list(trainer.optimizers),
+            self._scaler(trainer),
+            list(self.runtime(trainer).applied_steps),
+            int(trainer.global_step),
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def _event(
+        self,
+        trainer: pl.Trainer,
+        kind: str,
+        severity: Severity,
+        message: str,
+        norm: float,
+        *,
+        ranks: tuple[int, ...] = (),
+        z: float = math.nan,
+        threshold: float = math.nan,
+        diagnose: bool = True,
+        pl_module: pl.LightningModule | None = None,
+        **extra: Any,
+    ) -> None:
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        if trainer.global_rank != 0:
+            return  # decisions are agreed: rank 0 reports them once, with the ranks that raised them
+        data: dict[str, Any] = {"norm": norm, "z": z, "threshold": threshold, **extra}
+        if diagnose and self.diagnose_top_k and pl_module is not None:
+            data["top_layers"] = [
+                f"{n}={v:.4g}" for n, v in top_k_grad_norms(pl_module.named_parameters(), self.diagnose_top_k)
+            ]
+        emit(
+            trainer,
+            GuardEvent.at(
+                trainer, self.guard_name, kind, severity=severity, message=message, data=data, ranks=ranks or (0,)
+            ),
+        )
+
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int, pre: float, post: float, z: float
+    ) -> None:
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 1) or 1
+        if not trainer.loggers or trainer.global_step % every:
+            return
+        suffix = f"/opt{idx}" if len(trainer.optimizers) > 1 else ""
+        metrics = {f"guard/grad_norm{suffix}": pre}
+        if math.isfinite(post):
+            metrics[f"guard/grad_norm_post_clip{suffix}"] = post
+        if math.isfinite(z):
+            metrics[f"guard/grad_norm_z{suffix}"] = z
+        if trainer.global_rank == 0:  # straight to the loggers: exact steps, none of self.log's bookkeeping
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=int(trainer.global_step))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many times each event kind happened (on every rank)."""
+        return dict(self._counts)
+
+    @property
+    def snapshot_step(self) -> int:
+        """Global step of the current rollback snapshot (-1 before the first)."""
+        return self._snapshot.step
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._trainer = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stats": [s.state_dict() for s in self._stats],
+            "loss_stats": self._loss_stats.state_dict(),
+            "consecutive_bad": self._consecutive_bad,
+            "suspect_damage": self._suspect_damage,
+            "rollbacks": self._rollbacks,
+            "spike_steps": list(self._spike_steps),
+            "backoff_scale": self._backoff_scale,
+            "backoff_progress": self._backoff_progress,
+            "skip_remaining": self._skip_remaining,
+            "history": list(self._history),
+            "counts": dict(self._counts),
+            "snapshot_step": self._snapshot.step if self._snapshot.taken else self._loaded_snapshot_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stats = []
+        for s in state_dict.get("stats", []):
+            stats = EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps)
+            stats.load_state_dict(s)
+            self._stats.append(stats)
+        self._loss_stats.load_state_dict(state_dict.get("loss_stats", {}))
+        self._consecutive_bad = int(state_dict.get("consecutive_bad", 0))
+        self._suspect_damage = bool(state_dict.get("suspect_damage", False))
+        self._rollbacks = int(state_dict.get("rollbacks", 0))
+        self._spike_steps = deque(int(s) for s in state_dict.get("spike_steps", []))
+        self._backoff_scale = float(state_dict.get("backoff_scale", 1.0))
+        self._backoff_progress = int(state_dict.get("backoff_progress", 0))
+        self._skip_remaining = int(state_dict.get("skip_remaining", 0))
+        self._history = deque((float(h) for h in state_dict.get("history", [])), maxlen=32)
+        self._counts = dict(state_dict.get("counts", {}))
+        self._loaded_snapshot_step = int(state_dict.get("snapshot_step", -1))
