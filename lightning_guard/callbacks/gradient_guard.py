@@ -208,8 +208,8 @@ class GradientGuard(GuardCallback):
         self._loaded_snapshot_step = -1
         self._snapshot = Snapshot()  # the validated rollback target
         self._candidate = Snapshot()  # taken after a step, validated by the next step's verdict
-        self._loss_bad: torch.Tensor | None = None
-        self._loss_sum: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._reduce: Any = None
         self._trainer: pl.Trainer | None = None
         self.last_norm: float = math.nan
         self.last_post_clip_norm: float = math.nan
@@ -238,6 +238,8 @@ class GradientGuard(GuardCallback):
         self._trainer = trainer
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
+        self._reduce = self._reduce_sq(trainer)
+        self._losses = []
         n = len(trainer.optimizers)
         while len(self._stats) < n:
             self._stats.append(EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps))
@@ -249,10 +251,7 @@ class GradientGuard(GuardCallback):
     # ------------------------------------------------------------------ per step
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        detached = loss.detach().float()
-        bad = ~torch.isfinite(detached)
-        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._losses.append(loss.detach())  # no tensor work here: judged with the norm, in the step's one sync
 
     def _scaler(self, trainer: pl.Trainer) -> Any:
         return getattr(trainer.precision_plugin, "scaler", None)
@@ -288,26 +287,31 @@ class GradientGuard(GuardCallback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = collect_grads(params)
         device = grads[0].device if grads else trainer.strategy.root_device
-        norm = global_grad_norm(grads, reduce_sq=self._reduce_sq(trainer)).to(device)
+        norm = global_grad_norm(grads, reduce_sq=self._reduce)
         scaler = self._scaler(trainer)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            norm = norm / scaler._scale.to(device)  # fused optimizers unscale inside step(): grads are still scaled
-        loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.bool, device=device)
-        loss_val = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=device)
-        self._loss_bad = self._loss_sum = None
-        bad = ~torch.isfinite(norm) | loss_bad.to(device)
-        payload = torch.stack([norm.float(), loss_bad.to(device).float(), loss_val.to(device).float()])
-        verdict = agree(trainer, bad, payload)  # the step's one host sync / collective
+            norm = norm / scaler._scale.to(norm.device)  # fused optimizers unscale inside step(): grads still scaled
+        losses, self._losses = self._losses, []
+        if not losses:
+            loss = torch.zeros((), device=norm.device)
+        elif len(losses) == 1:
+            loss = losses[0].float().to(norm.device)
+        else:  # gradient accumulation: Lightning already divided each micro-batch loss by the number of them
+            loss = torch.stack([x.float() for x in losses]).sum().to(norm.device)
+        # The step's one host sync (one small collective under DDP/FSDP); finiteness is judged on the host.
+        verdict = agree(trainer, False, torch.stack([norm.float(), loss]).to(device))
         norms = [v[0] for v in verdict.values]
-        any_loss_bad = any(v[1] > 0 for v in verdict.values)
-        loss_mean = sum(v[2] for v in verdict.values) / max(len(verdict.values), 1)
-        finite_norms = [n for n in norms if math.isfinite(n)]
-        norm_v = max(norms) if len(finite_norms) == len(norms) else math.nan
+        rank_losses = [v[1] for v in verdict.values]
+        loss_bad_ranks = tuple(r for r, v in enumerate(rank_losses) if not math.isfinite(v))
+        bad_ranks = tuple(r for r, n in enumerate(norms) if not math.isfinite(n) or r in loss_bad_ranks)
+        any_loss_bad = bool(loss_bad_ranks)
+        loss_mean = sum(rank_losses) / max(len(rank_losses), 1)
+        norm_v = max(norms) if not bad_ranks else math.nan
         self.last_norm = norm_v
         self._history.append(norm_v)
         post = norm_v
 
-        healthy = not verdict.any and math.isfinite(norm_v)
+        healthy = not bad_ranks
         if self._candidate.taken and idx == 0:
             stats0 = self._stats[0]
             z0 = stats0.z(norm_v) if healthy else math.inf
@@ -326,9 +330,9 @@ class GradientGuard(GuardCallback):
             self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
             return
 
-        if verdict.any:
+        if bad_ranks:
             amp = scaler is not None and not any_loss_bad
-            self._skip(trainer, optimizer, grads, scaler, bad_here=bool(verdict.flags[trainer.global_rank]))
+            self._skip(trainer, optimizer, grads, scaler, bad_here=trainer.global_rank in bad_ranks)
             if amp:
                 self._event(
                     trainer,
@@ -336,7 +340,7 @@ class GradientGuard(GuardCallback):
                     "info",
                     "GradScaler overflow: step skipped, loss scale lowered",
                     norm_v,
-                    ranks=verdict.ranks,
+                    ranks=bad_ranks,
                     diagnose=False,
                     scale=float(scaler._scale.item()),
                 )
@@ -350,7 +354,7 @@ class GradientGuard(GuardCallback):
                 "warning",
                 f"non-finite {what}: step skipped",
                 norm_v,
-                ranks=verdict.ranks,
+                ranks=bad_ranks,
                 loss=loss_mean,
                 pl_module=pl_module,
             )

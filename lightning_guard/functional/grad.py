@@ -59,13 +59,18 @@ def global_grad_norm(
     for g in grads:
         by_device[g.device].append(g)
     target = grads[0].device
-    sq = torch.zeros((), dtype=torch.float32, device=target)
-    for gs in by_device.values():
-        norms = torch._foreach_norm(gs, 2.0, dtype=torch.float32)
-        sq = sq + torch.stack(norms).square().sum().to(target)
+    per_device = [
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
+        for gs in by_device.values()
+    ]
+    norm = (
+        per_device[0]
+        if len(per_device) == 1
+        else torch.linalg.vector_norm(torch.stack([n.to(target) for n in per_device]))
+    )
     if reduce_sq is not None:
-        sq = reduce_sq(sq)
-    return sq.sqrt()
+        norm = reduce_sq(norm.square()).sqrt()
+    return norm
 
 
 def clip_grads_(grads: Sequence[torch.Tensor], coef: float | torch.Tensor) -> None:

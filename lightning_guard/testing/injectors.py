@@ -91,6 +91,12 @@ class FaultInjector(Callback):
         self.ranks = _int_set("ranks", ranks, allow_none=True)
         self.injected: list[int] = []  # global steps at which this rank injected
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # several injectors of one type may share a Trainer (e.g. NaN at one step, inf at another)
+        return self._generate_state_key(kind=self.kind, steps=sorted(self.steps), ranks=sorted(self.ranks or []))
+
     def _active(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking or trainer.global_step not in self.steps:
             return False

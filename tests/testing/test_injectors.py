@@ -159,3 +159,18 @@ def test_batch_injection_needs_a_float_tensor(tmp_path):
         GuardConfigError, match=r"InjectNaN\(target='batch'\) found no floating-point tensor in the batch"
     ):
         trainer(tmp_path, [InjectNaN("batch", steps=[0])]).fit(IntNet(), loader)
+
+
+def test_two_injectors_of_one_type_share_a_trainer_and_a_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tr, va = digits_loaders()
+    a, b = InjectNaN("loss", steps=[1]), InjectNaN("grad", steps=[2], value=float("inf"))
+    assert a.state_key != b.state_key
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck")
+    t = trainer(tmp_path, [WarmupCosine(warmup=0), a, b, ck], enable_checkpointing=True)
+    t.fit(DigitsNet(), tr, va)
+    (path,) = (tmp_path / "ck").glob("*.ckpt")
+    states = torch.load(path, weights_only=False)["callbacks"]
+    assert states[a.state_key] == {"injected": [1]}
+    assert states[b.state_key] == {"injected": [2]}

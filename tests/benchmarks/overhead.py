@@ -1,0 +1,247 @@
+"""Step-time overhead of gradient guarding, measured side by side in one process.
+
+Configurations (each a fresh model and Trainer, rounds interleaved in rotated order, the median of rounds reported):
+
+* ``bare``: Lightning, no callbacks;
+* ``floor``: a minimal callback that computes one fused gradient norm and checks it is finite (one host sync) -
+  the least any guard that looks at the gradients can cost;
+* ``lightning_clip``: ``Trainer(gradient_clip_val=1.0)``;
+* ``spike_detection``: Lightning's ``SpikeDetection`` (it only detects, then raises);
+* ``guard``: ``GradientGuard()`` with its defaults (adaptive clip, loss monitor, backoff, rollback snapshots every
+  100 applied steps);
+* ``guard_snap10``: ``GradientGuard(snapshot_every=10)``, so the snapshot cost falls inside the timed window;
+* ``guard_fused`` (CUDA only): ``GradientGuard()`` with a fused AdamW, which Lightning's clipping refuses under AMP.
+
+Per configuration the time of ``steps`` optimizer steps after ``warmup`` steps is taken between two device
+synchronisations, so each configuration's own host syncs are part of what is measured.
+
+Run on CPU through ``make bench``; on a GPU: ``python -m tests.benchmarks.overhead --device cuda --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_guard import GradientGuard
+from lightning_guard.functional import global_grad_norm
+
+
+class Floor(Callback):
+    """One fused fp32 norm of all gradients and a finiteness check: the cheapest gradient guard possible."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not torch.isfinite(global_grad_norm(grads)).item():
+            raise RuntimeError("non-finite gradients")
+
+
+class StepTimer(Callback):
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.elapsed = warmup, steps, math.nan
+        self._t0 = 0.0
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self._sync(pl_module)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.warmup + self.steps - 1:
+            self._sync(pl_module)
+            self.elapsed = time.perf_counter() - self._t0
+
+
+class _Random(Dataset):
+    def __init__(self, n: int, make: Any) -> None:
+        self.items = [make(i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+class MLP(pl.LightningModule):
+    """About 300k parameters (64-512-512-10)."""
+
+    def __init__(self, fused: bool = False) -> None:
+        super().__init__()
+        self.fused = fused
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 10),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused or None)
+
+
+class LM(pl.LightningModule):
+    """A GPT-style decoder: d=768, 12 layers, 12 heads, vocab 32000, untied head - about 134M parameters."""
+
+    def __init__(
+        self, fused: bool = False, d: int = 768, layers: int = 12, vocab: int = 32000, seq: int = 1024
+    ) -> None:
+        super().__init__()
+        self.fused = fused
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.zeros(seq, d))
+        layer = torch.nn.TransformerEncoderLayer(
+            d, d // 64, 4 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch
+        h = self.emb(tokens[:, :-1]) + self.pos[: tokens.shape[1] - 1]
+        n = h.shape[1]
+        h = self.blocks(h, mask=self.mask[:n, :n], is_causal=True)
+        logits = self.head(self.norm(h))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-4, fused=self.fused or None)
+
+
+CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "guard_fused"]
+
+
+def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> float:
+    from lightning.pytorch.callbacks import SpikeDetection
+
+    timer = StepTimer(warmup, steps)
+    callbacks: list[Callback] = [timer]
+    kwargs: dict[str, Any] = {}
+    fused = config == "guard_fused"
+    if config == "floor":
+        callbacks.append(Floor())
+    elif config == "lightning_clip":
+        kwargs["gradient_clip_val"] = 1.0
+    elif config == "spike_detection":
+        callbacks.append(SpikeDetection())
+    elif config in ("guard", "guard_fused"):
+        callbacks.append(GradientGuard())
+    elif config == "guard_snap10":
+        callbacks.append(GradientGuard(snapshot_every=10))
+    n = warmup + steps
+    if device == "cuda":
+        g = torch.Generator().manual_seed(0)
+        data = _Random(n * 16, lambda i: torch.randint(0, 32000, (1025,), generator=g))
+        loader = DataLoader(data, batch_size=16)
+        with torch.device("cuda"):
+            model: pl.LightningModule = LM(fused=fused)
+    else:
+        g = torch.Generator().manual_seed(0)
+        data = _Random(n * 256, lambda i: (torch.randn(64, generator=g), torch.randint(0, 10, (), generator=g)))
+        loader = DataLoader(data, batch_size=256)
+        model = MLP(fused=fused)
+    trainer = pl.Trainer(
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=n,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+    trainer.fit(model, loader)
+    return timer.elapsed / steps
+
+
+def measure(
+    device: str = "cpu",
+    rounds: int = 5,
+    warmup: int = 20,
+    steps: int = 200,
+    precision: str = "32-true",
+    configs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Interleaved rounds; returns per-config median step time (ms) and ratios to bare and floor."""
+    configs = configs or [c for c in CONFIGS if device == "cuda" or c != "guard_fused"]
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for r in range(rounds):
+        order = configs[r % len(configs) :] + configs[: r % len(configs)]
+        for c in order:
+            times[c].append(_run(c, device, warmup, steps, precision) * 1000)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    return {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "precision": precision,
+        "rounds": rounds,
+        "steps": steps,
+        "ms_per_step": med,
+        "all_ms": times,
+        "vs_bare_pct": {c: 100 * (med[c] / med["bare"] - 1) for c in configs},
+        "vs_floor_pct": {c: 100 * (med[c] / med["floor"] - 1) for c in configs if "floor" in med},
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"device: {result['device']}; torch {result['torch']}, Lightning {result['lightning']}, "
+        f"{result['precision']}, median of {result['rounds']} interleaved rounds of {result['steps']} steps",
+        "",
+        "| configuration | ms/step | vs bare | vs floor |",
+        "|---|---|---|---|",
+    ]
+    for c, ms in result["ms_per_step"].items():
+        lines.append(
+            f"| {c} | {ms:.3f} | {result['vs_bare_pct'][c]:+.2f}% | {result['vs_floor_pct'].get(c, 0):+.2f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--out", default="docs/benchmarks")
+    args = parser.parse_args(argv)
+    result = measure(args.device, args.rounds, args.warmup, args.steps, args.precision)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"gradient_guard_overhead_{args.device}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
