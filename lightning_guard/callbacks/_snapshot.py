@@ -1,8 +1,9 @@
 """In-memory snapshots of model, optimizer and GradScaler state for GradientGuard's rollback.
 
-Each rank copies its *local* tensors (so under FSDP every rank keeps only its own shards) into host memory. On CUDA
-the copies go to pinned buffers, allocated once and reused, on a side stream, so they overlap the next forward and
-backward; :meth:`Snapshot.wait` makes the current stream wait for them before the weights are modified again.
+Each rank copies its *local* tensors (so under FSDP every rank keeps only its own shards) into host memory: one flat
+buffer per snapshot (pinned on CUDA, allocated once and grown only when the state grows, e.g. when the optimizer
+creates its moments at the first step), with one fused ``_foreach_copy_`` on a side stream, so the copy overlaps the
+next forward and backward. :meth:`Snapshot.wait` makes the current stream wait for it before the weights change.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+_ALIGN = 64
 
 
 def _walk(obj: Any, fn: Any, path: str = "") -> Any:
@@ -25,10 +28,10 @@ def _walk(obj: Any, fn: Any, path: str = "") -> Any:
 
 
 class Snapshot:
-    """A reusable host-memory copy of the training state (one buffer; GradientGuard keeps two)."""
+    """A reusable host-memory copy of the training state (GradientGuard keeps two and alternates)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._flat: torch.Tensor | None = None
         self._event: Any = None
         self._stream: Any = None
         self.params: list[torch.Tensor] = []
@@ -44,14 +47,10 @@ class Snapshot:
         """True once a snapshot exists."""
         return self.step >= 0
 
-    def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        src = t.detach()
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=src.is_cuda)
-            self._buffers[key] = buf
-        buf.copy_(src, non_blocking=src.is_cuda)
-        return buf
+    def reserve(self, nbytes: int, pinned: bool) -> None:
+        """Make sure the flat buffer holds ``nbytes`` (allocating pinned host memory takes long: do it early)."""
+        if self._flat is None or self._flat.numel() < nbytes:
+            self._flat = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pinned)
 
     def capture(
         self,
@@ -62,30 +61,43 @@ class Snapshot:
         step: int,
     ) -> None:
         """Copy the local parameters, buffers, optimizer states and scaler state."""
-        cuda = any(p.is_cuda for p in module.parameters())
-        ctx: Any = None
+        sources: list[torch.Tensor] = []
+
+        def take(t: torch.Tensor) -> int:
+            sources.append(t.detach())
+            return len(sources) - 1
+
+        params = [take(p) for p in module.parameters()]
+        buffers = [take(b) for b in module.buffers()]
+        states = [_walk(opt.state_dict(), lambda path, t: ("__tensor__", take(t))) for opt in optimizers]
+        offsets, total = [], 0
+        for t in sources:
+            offsets.append(total)
+            total += (t.numel() * t.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+        cuda = any(t.is_cuda for t in sources)
+        self.reserve(total, pinned=cuda)
+        assert self._flat is not None
+        views = [
+            self._flat[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for o, t in zip(offsets, sources, strict=True)
+        ]
         if cuda:
             if self._stream is None:
                 self._stream = torch.cuda.Stream()
             self._stream.wait_stream(torch.cuda.current_stream())
-            ctx = torch.cuda.stream(self._stream)
-            ctx.__enter__()
-        try:
-            self.params = [self._copy(f"p{i}", p) for i, p in enumerate(module.parameters())]
-            self.buffers = [self._copy(f"b{i}", b) for i, b in enumerate(module.buffers())]
-            self.optimizers = [
-                _walk(opt.state_dict(), lambda path, t, i=i: self._copy(f"o{i}{path}", t))
-                for i, opt in enumerate(optimizers)
-            ]
-        finally:
-            if ctx is not None:
+            with torch.cuda.stream(self._stream):
+                torch._foreach_copy_(views, sources, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record(self._stream)
-                ctx.__exit__(None, None, None)
+        elif views:
+            torch._foreach_copy_(views, sources)
+        self.params = [views[i] for i in params]
+        self.buffers = [views[i] for i in buffers]
+        self.optimizers = [_resolve(s, views) for s in states]
         self.scaler = dict(scaler.state_dict()) if scaler is not None else None
         self.applied_steps = list(applied_steps)
         self.step = step
-        self.nbytes = sum(b.numel() * b.element_size() for b in self._buffers.values())
+        self.nbytes = total
 
     def wait(self) -> None:
         """Make the current CUDA stream wait until the copies are done (no-op on CPU)."""
@@ -107,3 +119,16 @@ class Snapshot:
             opt.load_state_dict(_walk(state, lambda path, t: t.clone()))
         if scaler is not None and self.scaler is not None:
             scaler.load_state_dict(self.scaler)
+
+
+def _resolve(obj: Any, views: list[torch.Tensor]) -> Any:
+    """Replace ``("__tensor__", i)`` markers with the i-th view."""
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__tensor__":
+        return views[obj[1]]
+    if isinstance(obj, dict):
+        return {k: _resolve(v, views) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(v, views) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_resolve(v, views) for v in obj)
+    return obj

@@ -622,6 +622,9 @@ class GradientGuard(GuardCallback):
             list(self.runtime(trainer).applied_steps),
             int(trainer.global_step),
         )
+        # The two buffers alternate: size the other one now, so no pinned allocation lands mid-training later.
+        other = self._candidate if into is self._snapshot else self._snapshot
+        other.reserve(into.nbytes, pinned=pl_module.device.type == "cuda")
 
     # ------------------------------------------------------------------ reporting
     def _event(

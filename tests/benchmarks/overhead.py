@@ -10,7 +10,8 @@ Configurations (each a fresh model and Trainer, rounds interleaved in rotated or
 * ``guard``: ``GradientGuard()`` with its defaults (adaptive clip, loss monitor, backoff, rollback snapshots every
   100 applied steps);
 * ``guard_snap10``: ``GradientGuard(snapshot_every=10)``, so the snapshot cost falls inside the timed window;
-* ``guard_fused`` (CUDA only): ``GradientGuard()`` with a fused AdamW, which Lightning's clipping refuses under AMP.
+* ``bare_fused`` and ``guard_fused`` (CUDA only): the same with a fused AdamW, which Lightning's clipping refuses
+  under AMP (compare ``guard_fused`` with ``bare_fused``).
 
 Per configuration the time of ``steps`` optimizer steps after ``warmup`` steps is taken between two device
 synchronisations, so each configuration's own host syncs are part of what is measured.
@@ -130,7 +131,7 @@ class LM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-4, fused=self.fused or None)
 
 
-CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "guard_fused"]
+CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "bare_fused", "guard_fused"]
 
 
 def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> float:
@@ -139,7 +140,7 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
     timer = StepTimer(warmup, steps)
     callbacks: list[Callback] = [timer]
     kwargs: dict[str, Any] = {}
-    fused = config == "guard_fused"
+    fused = config in ("bare_fused", "guard_fused")
     if config == "floor":
         callbacks.append(Floor())
     elif config == "lightning_clip":
@@ -188,7 +189,7 @@ def measure(
     configs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Interleaved rounds; returns per-config median step time (ms) and ratios to bare and floor."""
-    configs = configs or [c for c in CONFIGS if device == "cuda" or c != "guard_fused"]
+    configs = configs or [c for c in CONFIGS if device == "cuda" or "fused" not in c]
     times: dict[str, list[float]] = {c: [] for c in configs}
     for r in range(rounds):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
