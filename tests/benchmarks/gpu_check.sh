@@ -12,5 +12,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="--strict-markers" -m gpu \
   tests/callbacks/test_gradient_guard_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout 240 python3 -m tests.benchmarks.overhead --device cuda --precision bf16-mixed --rounds 4 --warmup 10 \
+timeout 300 python3 -m tests.benchmarks.overhead --device cuda --precision bf16-mixed --rounds 4 --warmup 10 \
   --steps 40 --out "$OUT" 2>&1 | grep -vE "Warning|warn|LOCAL_RANK|GPU available|TPU|Tip" | tail -20
