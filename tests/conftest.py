@@ -1,0 +1,16 @@
+"""Shared pytest configuration."""
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Rerun a `ddp` test only when a spawned worker died by a signal, never on an assertion.
+
+    On these CPU machines a ddp_spawn worker occasionally aborts at interpreter exit, after training finished
+    ("terminate called without an active exception" -> SIGABRT, about one full-suite run in four, never in isolation),
+    which torch reports as ProcessExitedException "... terminated with signal SIGABRT". That is the runtime's
+    shutdown, not the behaviour under test; any failed assertion still fails the test at once.
+    """
+    for item in items:
+        if item.get_closest_marker("ddp"):
+            item.add_marker(pytest.mark.flaky(reruns=2, only_rerun=["terminated with signal"]))
