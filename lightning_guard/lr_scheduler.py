@@ -8,7 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.functional.schedule import validate_schedule_args, warmup_cosine
+from lightning_guard.functional.schedule import validate_schedule_args, validate_warmup, warmup_cosine
 
 __all__ = ["APPLIED_STEPS_ATTR", "WarmupCosineLR"]
 
@@ -64,10 +64,7 @@ class WarmupCosineLR(LRScheduler):
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise GuardConfigError(f"`total_steps` must be a positive int, got {total_steps!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int | float):
-            raise GuardConfigError(f"`warmup` must be an int (steps) or a float in [0, 1) (fraction), got {warmup!r}")
-        if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
-            raise GuardConfigError(f"`warmup` as a fraction must be in [0, 1), got {warmup!r}")
+        validate_warmup(warmup, GuardConfigError)
         warmup_steps = round(warmup * total_steps) if isinstance(warmup, float) else warmup
         if not 0 <= warmup_steps < total_steps:
             raise GuardConfigError(

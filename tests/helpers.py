@@ -84,6 +84,17 @@ class DigitsNet(GuardMixin, pl.LightningModule):
         return opt
 
 
+class StopAfterEpoch(pl.Callback):
+    """Interrupts a run (configured exactly like the full run) at the end of an epoch, as a crash would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
 def precision_kwargs(precision: str) -> dict[str, Any]:
     """Trainer kwargs for a precision; real 16-mixed on CPU needs the GradScaler plugin (see DESIGN.md)."""
     if precision == "16-mixed":

@@ -49,6 +49,17 @@ def _check_int(name: str, value: Any, *, low: int, optional: bool = False) -> No
         raise GuardConfigError(f"`{name}` must be {kind} >= {low}, got {value!r}")
 
 
+def _drop_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Set every gradient of the optimizer's parameters to None: a true skip.
+
+    Torch optimizers leave a parameter without a gradient, and its state, untouched; zeroing the gradient is no skip
+    (momentum and weight decay still move the weights).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 class GradientGuard(GuardCallback):
     r"""Keep training alive through exploding gradients: skip, clip adaptively, back off the LR, roll back.
 
@@ -486,9 +497,7 @@ class GradientGuard(GuardCallback):
                 grads[0].view(-1)[0] = math.inf  # fused optimizer: the scaler checks the grads inside step()
                 runtime.request_skip(optimizer)
                 return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        _drop_grads(optimizer)
         runtime.request_skip(optimizer)
 
     def _maybe_rollback(
@@ -541,9 +550,7 @@ class GradientGuard(GuardCallback):
         runtime.set_applied_steps(self._snapshot.applied_steps)
         for i in range(len(trainer.optimizers)):
             runtime.forget_step_lrs(i)
-        for group in optimizer.param_groups:  # the restored step must not apply this step's gradients
-            for p in group["params"]:
-                p.grad = None
+        _drop_grads(optimizer)  # the restored step must not apply this step's gradients
         self._rollbacks += 1
         self._consecutive_bad = 0
         self._skip_remaining = self.skip_after_rollback

@@ -13,7 +13,12 @@ from lightning_guard._runtime import StepOutcome
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, emit
-from lightning_guard.functional.schedule import validate_schedule_args, warmup_cosine, warmup_cosine_phase
+from lightning_guard.functional.schedule import (
+    validate_schedule_args,
+    validate_warmup,
+    warmup_cosine,
+    warmup_cosine_phase,
+)
 
 __all__ = ["WarmupCosine"]
 
@@ -73,12 +78,7 @@ class WarmupCosine(GuardCallback):
         log_lr: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(warmup, bool) or not isinstance(warmup, int | float):
-            raise GuardConfigError(f"`warmup` must be an int (steps) or a float in [0, 1) (fraction), got {warmup!r}")
-        if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
-            raise GuardConfigError(f"`warmup` as a fraction must be in [0, 1), got {warmup!r}")
-        if isinstance(warmup, int) and warmup < 0:
-            raise GuardConfigError(f"`warmup` as a number of steps must be >= 0, got {warmup!r}")
+        validate_warmup(warmup, GuardConfigError)
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):

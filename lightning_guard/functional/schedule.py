@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-__all__ = ["cosine_cycle_bounds", "validate_schedule_args", "warmup_cosine", "warmup_cosine_phase"]
+__all__ = [
+    "cosine_cycle_bounds",
+    "validate_schedule_args",
+    "validate_warmup",
+    "warmup_cosine",
+    "warmup_cosine_phase",
+]
 
 Phase = Literal["warmup", "decay", "floor"]
 
@@ -30,6 +36,16 @@ def validate_schedule_args(
         raise error(f"`cycle_mult` must be a number > 0, got {cycle_mult!r}")
     if isinstance(peak_decay, bool) or not isinstance(peak_decay, int | float) or not 0 < peak_decay <= 1:
         raise error(f"`peak_decay` must be in (0, 1], got {peak_decay!r}")
+
+
+def validate_warmup(warmup: object, error: type[Exception] = ValueError) -> None:
+    """Check a warmup length: an ``int`` number of steps >= 0, or a ``float`` fraction in ``[0, 1)``."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int | float):
+        raise error(f"`warmup` must be an int (steps) or a float in [0, 1) (fraction), got {warmup!r}")
+    if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
+        raise error(f"`warmup` as a fraction must be in [0, 1), got {warmup!r}")
+    if isinstance(warmup, int) and warmup < 0:
+        raise error(f"`warmup` as a number of steps must be >= 0, got {warmup!r}")
 
 
 def cosine_cycle_bounds(decay_steps: int, cycles: int, cycle_mult: float) -> list[tuple[int, int]]:

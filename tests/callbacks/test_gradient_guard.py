@@ -12,7 +12,7 @@ from lightning_guard import GradientExplosionError, GradientGuard, GuardConfigEr
 from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.functional import global_grad_norm
 from lightning_guard.testing import InjectNaN, LossSpike, LRSpike
-from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, precision_kwargs, read_jsonl, trainer
 
 
 class StepState(Callback):
@@ -232,15 +232,6 @@ def test_gives_up_with_a_diagnosis(tmp_path):
         t.fit(DigitsNet(), tr, va)
     kinds = [e["kind"] for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "gradient_guard"]
     assert kinds == ["nonfinite_skip", "nonfinite_skip", "rollback", "nonfinite_skip", "nonfinite_skip", "gave_up"]
-
-
-class StopAfterEpoch(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def test_resume_mid_run_equals_uninterrupted(tmp_path):

@@ -13,6 +13,7 @@ from lightning_guard.functional import warmup_cosine
 from lightning_guard.testing import InjectNaN
 from tests.helpers import (
     DigitsNet,
+    StopAfterEpoch,
     digits_loaders,
     precision_kwargs,
     read_jsonl,
@@ -95,17 +96,6 @@ def test_gradscaler_skip_holds_the_lr_and_is_reported(tmp_path):
     assert cb.runtime(t).applied_steps == [7]
     holds = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "hold"]
     assert [(h["step"], h["data"]["reason"]) for h in holds] == [(3, "amp_overflow")]
-
-
-class StopAfterEpoch(Callback):
-    """Interrupts a run (same configuration as the full run) at the end of an epoch."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def test_resume_trajectory_equals_uninterrupted(tmp_path):
