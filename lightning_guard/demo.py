@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import GradientGuard, GuardMixin, WarmupCosine, event_stream
+from lightning_guard import GradientGuard, GuardMixin, OverfitGuard, WarmupCosine, event_stream
 from lightning_guard.testing import InjectNaN, LRSpike
 
 __all__ = ["DemoNet", "long_tailed_digits", "main"]
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     callbacks: list[pl.Callback] = [
         WarmupCosine(warmup=0.1, min_lr_ratio=0.02),
         GradientGuard(snapshot_every=10),
+        OverfitGuard(monitor="val_loss", patience=4),
         # Faults injected on purpose (they appear as INJECTED events): a NaN batch, and a one-step LR x1000 spike
         # placed after GradientGuard's 25-step statistics warm-up.
         InjectNaN("batch", steps=[steps_per_epoch + 3]),

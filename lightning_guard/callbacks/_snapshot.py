@@ -99,6 +99,11 @@ class Snapshot:
         self.step = step
         self.nbytes = total
 
+    def load_tensors(self, params: list[torch.Tensor], buffers: list[torch.Tensor], step: int) -> None:
+        """Adopt saved host tensors (weights only), e.g. restored from a checkpoint."""
+        self.params, self.buffers, self.optimizers = list(params), list(buffers), []
+        self.scaler, self.step = None, step
+
     def wait(self) -> None:
         """Make the current CUDA stream wait until the copies are done (no-op on CPU)."""
         if self._event is not None:

@@ -8,6 +8,12 @@ from lightning_guard.functional.grad import (
     top_k_grad_norms,
     zclip_threshold,
 )
+from lightning_guard.functional.overfit import (
+    generalization_loss,
+    progress_quotient,
+    training_progress,
+    up_stops,
+)
 from lightning_guard.functional.schedule import (
     cosine_cycle_bounds,
     warmup_cosine,
@@ -19,8 +25,12 @@ __all__ = [
     "clip_grads_",
     "collect_grads",
     "cosine_cycle_bounds",
+    "generalization_loss",
     "global_grad_norm",
+    "progress_quotient",
     "top_k_grad_norms",
+    "training_progress",
+    "up_stops",
     "warmup_cosine",
     "warmup_cosine_phase",
     "zclip_threshold",

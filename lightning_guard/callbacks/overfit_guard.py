@@ -1,0 +1,537 @@
+"""OverfitGuard: detect overfitting and underfitting, stop early, hand back the best weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard.callbacks._snapshot import Snapshot
+from lightning_guard.distributed import gather_json
+from lightning_guard.errors import GuardConfigError
+from lightning_guard.events import GuardEvent, Severity, emit
+from lightning_guard.functional.overfit import generalization_loss, progress_quotient, training_progress, up_stops
+
+__all__ = ["OverfitGuard"]
+
+
+def _finite_number(name: str, value: Any, *, low: float = 0.0, allow_none: bool = False, strict: bool = True) -> None:
+    if allow_none and value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
+    if ok:
+        ok = value > low if strict else value >= low
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise GuardConfigError(f"`{name}` must be a number {bound}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _int(name: str, value: Any, *, low: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise GuardConfigError(f"`{name}` must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
+
+
+class OverfitGuard(GuardCallback):
+    r"""Detect overfitting, underfitting and divergence; stop early; restore the best weights at the end.
+
+    At every validation (wherever Lightning validates: ``val_check_interval``, ``check_val_every_n_epoch``) it reads the
+    validation metric ``monitor`` and the training metric (``train_monitor``, or by default the mean training loss
+    since the previous validation, taken from ``training_step``'s output without a host sync per step), agrees on them
+    across ranks (mean over ranks; a non-finite value on any rank is a divergence), and:
+
+    * tracks the best value with ``patience`` and ``min_delta`` (absolute or relative), keeping the best weights;
+    * computes Prechelt's criteria on a strip of ``strip_length`` evaluations: the generalization loss
+      :math:`GL = 100\,(E_{va}/E_{opt} - 1)`, the training progress :math:`P_k`, the progress quotient
+      :math:`PQ = GL / P_k` and :math:`UP_s` (validation rose at the end of ``up_strips`` successive strips);
+    * diagnoses ``overfitting`` (training improves while validation worsens and the gap grows), ``underfitting``
+      (training progress :math:`P_k` under 1 per mille, validation moved under 1% over the strip, and no gap -
+      raise capacity, the LR, or train longer), ``divergence`` (validation non-finite or ``divergence_factor`` times
+      the best) and ``distribution_shift_suspected`` (from the first evaluations validation never improves while
+      training falls, and ends up far worse than training);
+    * stops training (every rank alike) by its ``criterion``, or at once on divergence;
+    * at train end, whatever ended the run (its own stop, ``max_epochs``, another callback), puts back the best
+      weights - before any ``on_fit_end`` export - so the final model's validation metric is the best recorded.
+
+    The default criterion is ``"patience"``: with best-weight restore the exact stopping point costs only compute, and
+    patience is robust to the metric's scale, whereas GL and PQ thresholds depend on it (Prechelt found the slower
+    criteria give slightly better models at the price of longer training); choose ``"gl"``, ``"pq"`` or ``"up"`` for
+    his rules. GL, PQ and UP need a positive, lower-is-better metric (``mode="min"``).
+
+    Best weights are kept as a host copy of each rank's local tensors (its shards under FSDP; pinned and asynchronous
+    on CUDA): host memory of one copy of the weights, and the same again in checkpoints, so that a resumed run
+    restores the best weights seen before the interruption. With ``snapshot="checkpoint"`` no copy is kept: the best
+    file of a ``ModelCheckpoint`` monitoring the same metric is loaded instead.
+
+    Args:
+        monitor: validation metric. Default ``"val_loss"``.
+        train_monitor: training metric for the gap and the criteria; default: the mean training loss since the
+            previous validation.
+        mode: ``"min"`` or ``"max"``. Default ``"min"``.
+        patience: validations without improvement before stopping (``criterion="patience"``) and before the
+            underfitting diagnosis. Default ``5``.
+        min_delta: smallest change that counts as an improvement. Default ``0.0``.
+        min_delta_mode: ``"abs"`` or ``"rel"`` (a fraction of the best value). Default ``"abs"``.
+        criterion: ``"patience"``, ``"gl"``, ``"pq"`` or ``"up"``. Default ``"patience"``.
+        gl_alpha: GL threshold in percent. Default ``5.0``.
+        pq_alpha: PQ threshold. Default ``0.5``.
+        up_strips: strips for UP. Default ``3``.
+        strip_length: evaluations per strip (Prechelt's k). Default ``5``.
+        divergence_factor: ``mode="min"``: a value above this multiple of the best is a divergence; ``None`` only
+            treats non-finite values so. Default ``10.0``.
+        shift_ratio: a suspected distribution shift is flagged when, over the first ``shift_evaluations``
+            evaluations, validation never improves while training falls and validation ends up more than this
+            multiple of training; ``None`` disables it. Default ``3.0``.
+        shift_evaluations: evaluations checked for a distribution shift. Default ``3``.
+        min_evaluations: evaluations before any stop. Default ``1``.
+        stop: stop training on the criterion (``False``: diagnose and restore only). Default ``True``.
+        restore_best: restore the best weights at train end. Default ``True``.
+        snapshot: ``"memory"`` (default) or ``"checkpoint"``.
+
+    Raises:
+        GuardConfigError: a bad argument; at the first validation, a ``monitor``/``train_monitor`` that was never
+            logged (the message lists the available keys); ``snapshot="checkpoint"`` without a matching
+            ``ModelCheckpoint``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_guard import OverfitGuard
+        >>> guard = OverfitGuard(monitor="val_loss", patience=3, min_delta=0.01, min_delta_mode="rel")
+        >>> trainer = pl.Trainer(callbacks=[guard], max_epochs=50, logger=False)
+    """
+
+    guard_name = "overfit_guard"
+    MODES: tuple[str, ...] = ("min", "max")
+    DELTA_MODES: tuple[str, ...] = ("abs", "rel")
+    CRITERIA: tuple[str, ...] = ("patience", "gl", "pq", "up")
+    SNAPSHOTS: tuple[str, ...] = ("memory", "checkpoint")
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        train_monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        patience: int = 5,
+        min_delta: float = 0.0,
+        min_delta_mode: Literal["abs", "rel"] = "abs",
+        criterion: Literal["patience", "gl", "pq", "up"] = "patience",
+        gl_alpha: float = 5.0,
+        pq_alpha: float = 0.5,
+        up_strips: int = 3,
+        strip_length: int = 5,
+        divergence_factor: float | None = 10.0,
+        shift_ratio: float | None = 3.0,
+        shift_evaluations: int = 3,
+        min_evaluations: int = 1,
+        stop: bool = True,
+        restore_best: bool = True,
+        snapshot: Literal["memory", "checkpoint"] = "memory",
+    ) -> None:
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise GuardConfigError(f"`monitor` must be a non-empty metric name, got {monitor!r}")
+        if train_monitor is not None and (not isinstance(train_monitor, str) or not train_monitor):
+            raise GuardConfigError(f"`train_monitor` must be a metric name or None, got {train_monitor!r}")
+        if mode not in self.MODES:
+            raise GuardConfigError(f"`mode` must be one of {self.MODES}, got {mode!r}")
+        if min_delta_mode not in self.DELTA_MODES:
+            raise GuardConfigError(f"`min_delta_mode` must be one of {self.DELTA_MODES}, got {min_delta_mode!r}")
+        if criterion not in self.CRITERIA:
+            raise GuardConfigError(f"`criterion` must be one of {self.CRITERIA}, got {criterion!r}")
+        if criterion in ("gl", "pq", "up") and mode != "min":
+            raise GuardConfigError(
+                f"`criterion={criterion!r}` needs a positive, lower-is-better metric (mode='min'), got mode={mode!r}"
+            )
+        if snapshot not in self.SNAPSHOTS:
+            raise GuardConfigError(f"`snapshot` must be one of {self.SNAPSHOTS}, got {snapshot!r}")
+        _int("patience", patience, low=1)
+        _finite_number("min_delta", min_delta, strict=False)
+        _finite_number("gl_alpha", gl_alpha)
+        _finite_number("pq_alpha", pq_alpha)
+        _int("up_strips", up_strips, low=1)
+        _int("strip_length", strip_length, low=2)
+        _finite_number("divergence_factor", divergence_factor, low=1.0, allow_none=True)
+        _finite_number("shift_ratio", shift_ratio, low=1.0, allow_none=True)
+        _int("shift_evaluations", shift_evaluations, low=1)
+        _int("min_evaluations", min_evaluations, low=1)
+        for name, value in (("stop", stop), ("restore_best", restore_best)):
+            if not isinstance(value, bool):
+                raise GuardConfigError(f"`{name}` must be a bool, got {value!r}")
+        self.monitor, self.train_monitor, self.mode = monitor, train_monitor, mode
+        self.patience, self.min_delta, self.min_delta_mode = patience, float(min_delta), min_delta_mode
+        self.criterion, self.gl_alpha, self.pq_alpha = criterion, float(gl_alpha), float(pq_alpha)
+        self.up_strips, self.strip_length = up_strips, strip_length
+        self.divergence_factor = None if divergence_factor is None else float(divergence_factor)
+        self.shift_ratio = None if shift_ratio is None else float(shift_ratio)
+        self.shift_evaluations, self.min_evaluations = shift_evaluations, min_evaluations
+        self.stop, self.restore_best, self.snapshot = stop, restore_best, snapshot
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best: float = math.inf if self.mode == "min" else -math.inf
+        self.best_step = -1
+        self.best_epoch = -1
+        self.wait = 0
+        self.history: list[dict[str, float]] = []
+        self.stopped_reason: str | None = None
+        self.stopped_step = -1
+        self._flags: dict[str, bool] = {}
+        self._best_weights = Snapshot()
+        self._train_sum: torch.Tensor | None = None
+        self._train_count: torch.Tensor | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    # ------------------------------------------------------------------ training metric
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.train_monitor is not None or not isinstance(loss, torch.Tensor):
+            return
+        # Lightning hands over the loss divided by accumulate_grad_batches; no host sync here.
+        value = loss.detach().float().reshape(()) * trainer.accumulate_grad_batches
+        finite = torch.isfinite(value)
+        value = torch.where(finite, value, torch.zeros_like(value))
+        self._train_sum = value if self._train_sum is None else self._train_sum + value
+        count = finite.float()
+        self._train_count = count if self._train_count is None else self._train_count + count
+
+    # ------------------------------------------------------------------ validation
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return (
+            trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or bool(getattr(trainer, "fast_dev_run", False))
+        )
+
+    def _read(self, trainer: pl.Trainer, key: str, what: str) -> float:
+        metrics = trainer.callback_metrics
+        if key not in metrics:
+            available = sorted(metrics)
+            raise GuardConfigError(
+                f"OverfitGuard's `{what}` {key!r} was not logged; available metrics: {available}. Log it with "
+                f"self.log({key!r}, ...) or pass the name of one of these"
+            )
+        value = metrics[key]
+        return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+    def _improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if not math.isfinite(self.best):
+            return True
+        delta = self.min_delta * abs(self.best) if self.min_delta_mode == "rel" else self.min_delta
+        return value < self.best - delta if self.mode == "min" else value > self.best + delta
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip(trainer):
+            return
+        val = self._read(trainer, self.monitor, "monitor")
+        if self.train_monitor is not None:
+            train_sum, train_count = self._read(trainer, self.train_monitor, "train_monitor"), 1.0
+        else:
+            train_sum = float(self._train_sum.item()) if self._train_sum is not None else 0.0
+            train_count = float(self._train_count.item()) if self._train_count is not None else 0.0
+        self._train_sum = self._train_count = None
+        # One collective: every rank's view; every rank then decides from the same numbers.
+        views = gather_json(trainer, [val if math.isfinite(val) else str(val), train_sum, train_count])
+        vals = [float(v[0]) for v in views]
+        bad_ranks = tuple(r for r, v in enumerate(vals) if not math.isfinite(v))
+        val = math.nan if bad_ranks else sum(vals) / len(vals)
+        total = sum(v[2] for v in views)
+        if self.train_monitor is not None:
+            train = sum(v[1] for v in views) / len(views)
+        else:
+            train = sum(v[1] for v in views) / total if total > 0 else math.nan
+        self._evaluate(trainer, pl_module, val, train, bad_ranks)
+
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, val: float, train: float, bad_ranks: tuple[int, ...]
+    ) -> None:
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        improved = self._improved(val)
+        if improved:
+            self.best, self.best_step, self.best_epoch, self.wait = val, step, epoch, 0
+            if self.restore_best and self.snapshot == "memory":
+                self._best_weights.capture(pl_module, [], None, [], step)
+        elif math.isfinite(val):
+            self.wait += 1
+        gl = generalization_loss(val, self.best) if self.mode == "min" else math.nan
+        trains = [h["train"] for h in self.history[-(self.strip_length - 1) :]] + [train]
+        progress = training_progress(trains) if len(trains) >= self.strip_length else math.nan
+        pq = progress_quotient(gl, progress) if math.isfinite(progress) else math.nan
+        gap = val - train if self.mode == "min" else train - val
+        self.history.append(
+            {"step": step, "epoch": epoch, "val": val, "train": train, "gap": gap, "gl": gl, "pq": pq, "p_k": progress}
+        )
+        self._log(trainer, gap, gl, pq)
+        n = len(self.history)
+        data = {
+            "val": val,
+            "train": train,
+            "best": self.best,
+            "best_step": self.best_step,
+            "gap": gap,
+            "gl": gl,
+            "pq": pq,
+            "p_k": progress,
+            "wait": self.wait,
+            "patience": self.patience,
+        }
+
+        # divergence: stop at once
+        diverged = bool(bad_ranks) or (
+            self.mode == "min"
+            and self.divergence_factor is not None
+            and math.isfinite(self.best)
+            and self.best > 0
+            and val > self.divergence_factor * self.best
+        )
+        if diverged:
+            why = "non-finite" if bad_ranks or not math.isfinite(val) else f"{val:.4g} > {self.divergence_factor}x best"
+            self._event(
+                trainer, "divergence", "error", f"validation {self.monitor} diverged ({why})", data, ranks=bad_ranks
+            )
+            self._stop(trainer, "divergence", data)
+            return
+        if not improved:
+            self._event(
+                trainer,
+                "no_improvement",
+                "info",
+                f"{self.monitor}={val:.5g}, best {self.best:.5g} at step {self.best_step} "
+                f"({self.wait}/{self.patience})",
+                data,
+            )
+
+        # distribution shift: from the first evaluations validation never improves while training does, and ends up
+        # far worse than training (ordinary overfitting improves validation first, then loses it)
+        first = self.history[0]
+        if (
+            self.shift_ratio is not None
+            and 2 <= n <= self.shift_evaluations
+            and self.mode == "min"
+            and self.best_step == first["step"]
+            and math.isfinite(train)
+            and 0 < train < first["train"]
+            and val > self.shift_ratio * train
+            and not self._flags.get("shift")
+        ):
+            self._flags["shift"] = True
+            self._event(
+                trainer,
+                "distribution_shift_suspected",
+                "warning",
+                f"validation never improved ({first['val']:.4g} -> {val:.4g}) while training fell to {train:.4g} "
+                f"({val / train:.1f}x): check that the validation data come from the training distribution "
+                "(preprocessing, leakage, labels)",
+                data,
+            )
+
+        # overfitting: training improves while validation worsens and the gap grows
+        best_row = next((h for h in self.history if h["step"] == self.best_step), None)
+        overfitting = (
+            not improved
+            and best_row is not None
+            and math.isfinite(train)
+            and train < best_row["train"]
+            and gap > best_row["gap"]
+            and (gl > 0 if self.mode == "min" else val < self.best)
+        )
+        if overfitting and not self._flags.get("overfitting"):
+            self._event(
+                trainer,
+                "overfitting",
+                "warning",
+                f"training {train:.4g} keeps improving while validation {val:.4g} is worse than its best "
+                f"{self.best:.4g}; the gap grew from {best_row['gap'] if best_row else math.nan:.4g} to {gap:.4g}",
+                data,
+            )
+        self._flags["overfitting"] = bool(overfitting)
+
+        # underfitting: training has stalled, validation barely moves, and there is no real gap
+        strip = self.history[-self.strip_length :]
+        val_moved = (
+            abs(strip[0]["val"] - val) / abs(strip[0]["val"])
+            if len(strip) == self.strip_length and math.isfinite(strip[0]["val"]) and strip[0]["val"] != 0
+            else math.inf
+        )
+        underfitting = (
+            math.isfinite(progress)
+            and progress < 1.0
+            and val_moved < 0.01
+            and math.isfinite(train)
+            and train > 0
+            and abs(gap) < 0.1 * abs(train)
+        )
+        if underfitting and not self._flags.get("underfitting"):
+            self._flags["underfitting"] = True
+            self._event(
+                trainer,
+                "underfitting",
+                "warning",
+                f"training stalled at {train:.4g} (progress {progress:.3g} per mille over {self.strip_length} "
+                f"evaluations) and validation {val:.4g} moved {100 * val_moved:.2g}% with no gap: raise capacity or "
+                "the learning rate, or train longer",
+                data,
+            )
+
+        if n < self.min_evaluations or not self.stop:
+            return
+        reason = None
+        if self.criterion == "patience" and self.wait >= self.patience:
+            reason = "patience"
+        elif self.criterion == "gl" and gl > self.gl_alpha:
+            reason = "gl"
+        elif self.criterion == "pq" and math.isfinite(pq) and pq > self.pq_alpha:
+            reason = "pq"
+        elif self.criterion == "up" and n % self.strip_length == 0:
+            ends = [h["val"] for h in self.history[self.strip_length - 1 :: self.strip_length]]
+            if up_stops(ends, self.up_strips):
+                reason = "up"
+        if reason is not None:
+            self._stop(trainer, reason, data)
+
+    def _stop(self, trainer: pl.Trainer, reason: str, data: dict[str, Any]) -> None:
+        if not self.stop:
+            return
+        trainer.should_stop = True
+        if self.stopped_reason is None:
+            self.stopped_reason, self.stopped_step = reason, int(trainer.global_step)
+            self._event(
+                trainer,
+                "stop",
+                "warning" if reason == "divergence" else "info",
+                f"stopping ({reason}); best {self.monitor}={self.best:.5g} at step {self.best_step}",
+                data,
+                reason=reason,
+            )
+
+    # ------------------------------------------------------------------ restore
+    def _matching_checkpoint(self, trainer: pl.Trainer) -> Any:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.monitor == self.monitor and cb.mode == self.mode:
+                return cb
+        return None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.snapshot == "checkpoint" and self.restore_best and self._matching_checkpoint(trainer) is None:
+            raise GuardConfigError(
+                f"OverfitGuard(snapshot='checkpoint') needs a ModelCheckpoint with monitor={self.monitor!r} and "
+                f"mode={self.mode!r} to restore from; add one or use snapshot='memory'"
+            )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.restore_best or self.best_step < 0:
+            return
+        source = "memory"
+        if self.snapshot == "memory":
+            if not self._best_weights.taken:
+                return
+            self._best_weights.restore(pl_module, [], None)
+        else:
+            ckpt = self._matching_checkpoint(trainer)
+            path = getattr(ckpt, "best_model_path", "")
+            if not path:
+                return
+            checkpoint = trainer.strategy.load_checkpoint(path)
+            pl_module.load_state_dict(checkpoint["state_dict"])
+            source = path
+        self._event(
+            trainer,
+            "restore_best",
+            "info",
+            f"restored the best weights: {self.monitor}={self.best:.6g} from step {self.best_step} "
+            f"(epoch {self.best_epoch})",
+            {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch, "source": source},
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def _event(
+        self,
+        trainer: pl.Trainer,
+        kind: str,
+        severity: Severity,
+        message: str,
+        data: dict[str, Any],
+        *,
+        ranks: tuple[int, ...] = (),
+        **extra: Any,
+    ) -> None:
+        if trainer.global_rank != 0:
+            return  # decided from agreed numbers: reported once, by rank 0
+        emit(
+            trainer,
+            GuardEvent.at(
+                trainer,
+                self.guard_name,
+                kind,
+                severity=severity,
+                message=message,
+                data={**data, **extra},
+                ranks=ranks or (0,),
+            ),
+        )
+
+    def _log(self, trainer: pl.Trainer, gap: float, gl: float, pq: float) -> None:
+        if trainer.global_rank != 0 or not trainer.loggers:
+            return
+        metrics = {
+            k: v
+            for k, v in (("guard/overfit/gap", gap), ("guard/overfit/gl", gl), ("guard/overfit/pq", pq))
+            if math.isfinite(v)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=int(trainer.global_step))
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "history": [dict(h) for h in self.history],
+            "stopped_reason": self.stopped_reason,
+            "stopped_step": self.stopped_step,
+            "flags": dict(self._flags),
+        }
+        if self._best_weights.taken:
+            state["best_weights"] = {
+                "params": [t.clone() for t in self._best_weights.params],
+                "buffers": [t.clone() for t in self._best_weights.buffers],
+            }
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict.get("best", self.best))
+        self.best_step = int(state_dict.get("best_step", -1))
+        self.best_epoch = int(state_dict.get("best_epoch", -1))
+        self.wait = int(state_dict.get("wait", 0))
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.stopped_reason = state_dict.get("stopped_reason")
+        self.stopped_step = int(state_dict.get("stopped_step", -1))
+        self._flags = dict(state_dict.get("flags", {}))
+        weights = state_dict.get("best_weights")
+        if weights:
+            self._best_weights.load_tensors(list(weights["params"]), list(weights["buffers"]), self.best_step)
