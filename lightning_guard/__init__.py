@@ -3,7 +3,7 @@
 The public API is re-exported here; the guide lives in ``docs/``.
 """
 
-from lightning_guard.callbacks import GradientGuard, GuardCallback, OverfitGuard, WarmupCosine
+from lightning_guard.callbacks import GradientGuard, GuardCallback, L1Penalty, OverfitGuard, WarmupCosine
 from lightning_guard.errors import GradientExplosionError, GuardConfigError, GuardError, GuardRuntimeError
 from lightning_guard.events import GuardEvent, configure_events, emit, event_stream
 from lightning_guard.lr_scheduler import WarmupCosineLR
@@ -20,6 +20,7 @@ __all__ = [
     "GuardEvent",
     "GuardMixin",
     "GuardRuntimeError",
+    "L1Penalty",
     "OverfitGuard",
     "WarmupCosine",
     "WarmupCosineLR",

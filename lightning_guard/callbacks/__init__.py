@@ -2,7 +2,8 @@
 
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks.gradient_guard import GradientGuard
+from lightning_guard.callbacks.l1_penalty import L1Penalty
 from lightning_guard.callbacks.overfit_guard import OverfitGuard
 from lightning_guard.callbacks.warmup_cosine import WarmupCosine
 
-__all__ = ["GradientGuard", "GuardCallback", "OverfitGuard", "WarmupCosine"]
+__all__ = ["GradientGuard", "GuardCallback", "L1Penalty", "OverfitGuard", "WarmupCosine"]

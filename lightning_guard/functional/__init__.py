@@ -8,6 +8,7 @@ from lightning_guard.functional.grad import (
     top_k_grad_norms,
     zclip_threshold,
 )
+from lightning_guard.functional.l1 import l1_norm, l1_proximal_, l1_subgradient_, zero_count
 from lightning_guard.functional.overfit import (
     generalization_loss,
     progress_quotient,
@@ -27,6 +28,9 @@ __all__ = [
     "cosine_cycle_bounds",
     "generalization_loss",
     "global_grad_norm",
+    "l1_norm",
+    "l1_proximal_",
+    "l1_subgradient_",
     "progress_quotient",
     "top_k_grad_norms",
     "training_progress",
@@ -34,4 +38,5 @@ __all__ = [
     "warmup_cosine",
     "warmup_cosine_phase",
     "zclip_threshold",
+    "zero_count",
 ]

@@ -1,0 +1,293 @@
+"""L1Penalty: L1 regularisation injected into the gradients, or applied as a proximal step."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_guard._runtime import StepOutcome
+from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard.distributed import all_reduce_sum
+from lightning_guard.errors import GuardConfigError
+from lightning_guard.events import GuardEvent, emit
+from lightning_guard.functional.l1 import l1_norm, l1_proximal_, l1_subgradient_, zero_count
+
+__all__ = ["L1Penalty"]
+
+_EXCLUDED_MODULES = (
+    torch.nn.Embedding,
+    torch.nn.EmbeddingBag,
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()),
+)
+
+
+class L1Penalty(GuardCallback):
+    r"""L1 regularisation ``strength * sum(|w|)`` without an extra autograd pass.
+
+    * ``mode="subgradient"``: ``grad += strength * sign(w)`` with fused foreach ops in ``on_before_optimizer_step``
+      (after AMP unscaling), once per optimizer step whatever the gradient accumulation - the same gradient as adding
+      the penalty to the loss, without its extra pass through autograd.
+    * ``mode="proximal"``: after each *applied* optimizer step, soft-threshold
+      ``w <- sign(w) * max(|w| - lr * strength, 0)`` with the LR that step used (decoupled L1, as AdamW decouples L2).
+      It produces exact zeros that pruning and export can use; a step skipped by the GradScaler or a guard is not
+      thresholded.
+
+    Parameters: by default every parameter with at least 2 dimensions outside normalisation and embedding modules
+    (so biases, norm weights and embeddings are excluded); ``include`` / ``exclude`` take name patterns
+    (``fnmatch``, e.g. ``"encoder.*.weight"``), ``group_strength`` multiplies the strength per name pattern (the first
+    matching pattern wins; 0 excludes).
+
+    Strength: constant, or ramped linearly from 0 over ``ramp_steps`` applied optimizer steps.
+
+    Logging: ``guard/l1/penalty`` (``strength * sum(|w|)`` in fp32, summed over ranks when parameters are sharded),
+    ``guard/l1/sparsity`` (fraction of exact zeros among the penalised parameters) and ``guard/l1/strength``, every
+    ``log_every_n_steps`` steps only (one host sync then, none otherwise).
+
+    Args:
+        strength: lambda, >= 0. Default ``1e-5``.
+        mode: ``"subgradient"`` or ``"proximal"``. Default ``"subgradient"``.
+        include: name patterns to penalise (default: the rule above).
+        exclude: name patterns never penalised.
+        exclude_1d: exclude parameters with fewer than 2 dimensions (biases, norm scales). Default ``True``.
+        group_strength: ``{pattern: multiplier}`` per name pattern.
+        ramp_steps: applied steps of the linear ramp; 0 for a constant strength. Default ``0``.
+        log_every_n_steps: logging interval; default the Trainer's ``log_every_n_steps``.
+
+    Events:
+        ``selected`` (info, at train start: how many tensors and elements are penalised, and which were excluded),
+        ``summary`` (info, at train end: penalty and sparsity).
+
+    Raises:
+        GuardConfigError: a bad argument; at train start, a selection that matches no parameter.
+
+    Example:
+        >>> from lightning_guard import L1Penalty
+        >>> l1 = L1Penalty(1e-4, mode="proximal", exclude=["head.*"], ramp_steps=1000)
+    """
+
+    guard_name = "l1_penalty"
+    MODES: tuple[str, ...] = ("subgradient", "proximal")
+
+    def __init__(
+        self,
+        strength: float = 1e-5,
+        mode: Literal["subgradient", "proximal"] = "subgradient",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        exclude_1d: bool = True,
+        group_strength: Mapping[str, float] | None = None,
+        ramp_steps: int = 0,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, int | float)
+            or not math.isfinite(strength)
+            or strength < 0
+        ):
+            raise GuardConfigError(f"`strength` must be a finite number >= 0, got {strength!r}")
+        if mode not in self.MODES:
+            raise GuardConfigError(f"`mode` must be one of {self.MODES}, got {mode!r}")
+        for name, patterns in (("include", include), ("exclude", exclude)):
+            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(x, str) for x in patterns)):
+                raise GuardConfigError(f"`{name}` must be a list of name patterns or None, got {patterns!r}")
+        if not isinstance(exclude_1d, bool):
+            raise GuardConfigError(f"`exclude_1d` must be a bool, got {exclude_1d!r}")
+        for pattern, mult in dict(group_strength or {}).items():
+            if not isinstance(pattern, str) or isinstance(mult, bool) or not isinstance(mult, int | float) or mult < 0:
+                raise GuardConfigError(
+                    f"`group_strength` must map name patterns to numbers >= 0, got {pattern!r}: {mult!r}"
+                )
+        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
+            raise GuardConfigError(f"`ramp_steps` must be an int >= 0, got {ramp_steps!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise GuardConfigError(f"`log_every_n_steps` must be an int >= 1 or None, got {log_every_n_steps!r}")
+        self.strength = float(strength)
+        self.mode = mode
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude or [])
+        self.exclude_1d = exclude_1d
+        self.group_strength = {str(k): float(v) for k, v in dict(group_strength or {}).items()}
+        self.ramp_steps = ramp_steps
+        self.log_every_n_steps = log_every_n_steps
+        self._groups: list[tuple[float, list[torch.Tensor]]] = []  # (multiplier, params)
+        self._selected_names: list[str] = []
+        self._numel = 0
+        self._step_lrs: dict[int, float] = {}
+        self._opt_params: list[set[int]] = []
+        self._trainer: pl.Trainer | None = None
+        self._reduce = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(strength=self.strength, mode=self.mode)
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        excluded_by_module: set[int] = set()
+        for module in pl_module.modules():
+            if isinstance(module, _EXCLUDED_MODULES):
+                excluded_by_module.update(id(p) for p in module.parameters(recurse=False))
+        groups: dict[float, list[torch.Tensor]] = {}
+        names, skipped = [], []
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.include is not None:
+                chosen = any(fnmatch.fnmatchcase(name, pat) for pat in self.include)
+            else:
+                chosen = id(p) not in excluded_by_module and not (self.exclude_1d and p.dim() < 2)
+            if chosen and any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude):
+                chosen = False
+            mult = next((m for pat, m in self.group_strength.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+            if not chosen or mult == 0:
+                skipped.append(name)
+                continue
+            groups.setdefault(mult, []).append(p)
+            names.append(name)
+        if not names:
+            raise GuardConfigError(
+                f"L1Penalty selected no parameter (include={self.include}, exclude={self.exclude}, "
+                f"exclude_1d={self.exclude_1d}); parameters: {[n for n, _ in pl_module.named_parameters()][:20]}"
+            )
+        self._groups = sorted(groups.items())
+        self._selected_names = names
+        self._numel = sum(p.numel() for _, ps in self._groups for p in ps)
+        self._skipped = skipped
+
+    def current_strength(self, applied_steps: int) -> float:
+        """Lambda at an applied-step count (after the ramp)."""
+        if self.ramp_steps <= 0:
+            return self.strength
+        return self.strength * min(1.0, applied_steps / self.ramp_steps)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._trainer = trainer
+        self._select(pl_module)
+        self._opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        self._reduce = trainer.world_size > 1 and (
+            isinstance(trainer.strategy, FSDPStrategy) or type(trainer.strategy).__name__ == "ModelParallelStrategy"
+        )
+        if self.mode == "proximal":
+            self.runtime(trainer).add_listener(self._on_step)
+        if trainer.global_rank == 0:
+            emit(
+                trainer,
+                GuardEvent.at(
+                    trainer,
+                    self.guard_name,
+                    "selected",
+                    message=f"{self.mode} L1 on {len(self._selected_names)} tensors ({self._numel} elements); "
+                    f"{len(self._skipped)} excluded",
+                    data={
+                        "mode": self.mode,
+                        "strength": self.strength,
+                        "tensors": len(self._selected_names),
+                        "elements": self._numel,
+                        "excluded": self._skipped[:50],
+                    },
+                ),
+            )
+
+    def _params_of(self, optimizer_idx: int) -> list[tuple[float, list[torch.Tensor]]]:
+        if optimizer_idx < 0 or optimizer_idx >= len(self._opt_params):
+            return self._groups
+        ids = self._opt_params[optimizer_idx]
+        return [(m, [p for p in ps if id(p) in ids]) for m, ps in self._groups]
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        runtime = self.runtime(trainer)
+        idx = runtime.optimizer_index(optimizer)
+        applied = runtime.applied_steps[idx] if 0 <= idx < len(runtime.applied_steps) else 0
+        lam = self.current_strength(applied)
+        if self.mode == "subgradient":
+            for mult, params in self._params_of(idx):
+                l1_subgradient_(params, lam * mult)
+        else:  # remember the LR this step uses (a schedule may change it before the proximal step runs)
+            self._step_lrs[idx] = float(optimizer.param_groups[0]["lr"]) * runtime.lr_scale(idx)
+        self._log(trainer, lam)
+
+    def _on_step(self, outcome: StepOutcome) -> None:
+        if not outcome.applied or self._trainer is None:
+            return
+        idx = outcome.optimizer_idx
+        lr = self._step_lrs.pop(idx, None)
+        if lr is None:
+            return
+        lam = self.current_strength(outcome.applied_steps - 1)
+        for mult, params in self._params_of(idx):
+            l1_proximal_(params, lr * lam * mult)
+
+    def _stats(self, trainer: pl.Trainer) -> tuple[float, float]:
+        params = [p for _, ps in self._groups for p in ps]
+        weighted = torch.stack([l1_norm(ps).to(params[0].device) * m for m, ps in self._groups]).sum()
+        stats = torch.stack(
+            [
+                weighted,
+                zero_count(params).to(weighted.device).float(),
+                torch.tensor(float(self._numel), device=weighted.device),
+            ]
+        )
+        if self._reduce:
+            stats = all_reduce_sum(trainer, stats)
+        penalty, zeros, numel = stats.tolist()  # the one host sync, only at the logging interval
+        return penalty, zeros / max(numel, 1.0)
+
+    def _log(self, trainer: pl.Trainer, lam: float) -> None:
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50
+        if not trainer.loggers or trainer.global_step % every:
+            return
+        penalty, sparsity = self._stats(trainer)
+        if trainer.global_rank == 0:
+            metrics = {"guard/l1/penalty": lam * penalty, "guard/l1/sparsity": sparsity, "guard/l1/strength": lam}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=int(trainer.global_step))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._groups:
+            return
+        penalty, sparsity = self._stats(trainer)
+        applied = self.runtime(trainer).applied_steps
+        lam = self.current_strength(applied[0] if applied else 0)
+        if trainer.global_rank == 0:
+            emit(
+                trainer,
+                GuardEvent.at(
+                    trainer,
+                    self.guard_name,
+                    "summary",
+                    message=(
+                        f"L1 {lam * penalty:.4g} ({self.mode}); {100 * sparsity:.2f}% of penalised weights exactly 0"
+                    ),
+                    data={"penalty": lam * penalty, "sparsity": sparsity, "strength": lam},
+                ),
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._trainer = None
+        self._groups = []
