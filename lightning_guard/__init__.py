@@ -3,7 +3,7 @@
 The public API is re-exported here; the guide lives in ``docs/``.
 """
 
-from lightning_guard.callbacks import GradientGuard, GuardCallback, L1Penalty, OverfitGuard, WarmupCosine
+from lightning_guard.callbacks import ClassBalance, GradientGuard, GuardCallback, L1Penalty, OverfitGuard, WarmupCosine
 from lightning_guard.errors import GradientExplosionError, GuardConfigError, GuardError, GuardRuntimeError
 from lightning_guard.events import GuardEvent, configure_events, emit, event_stream
 from lightning_guard.lr_scheduler import WarmupCosineLR
@@ -12,6 +12,7 @@ from lightning_guard.mixin import GuardMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassBalance",
     "GradientExplosionError",
     "GradientGuard",
     "GuardCallback",

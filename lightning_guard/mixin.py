@@ -8,16 +8,28 @@ import torch
 import torch.nn.functional as F
 
 from lightning_guard.events import GuardEvent, event_stream
+from lightning_guard.functional.class_balance import balanced_loss
 
 __all__ = ["GuardMixin"]
+
+#: buffers ClassBalance registers on the module; kept in fp32 whatever precision the module is cast to
+BALANCE_BUFFERS = ("guard_class_weights", "guard_class_log_prior", "guard_pos_weight")
 
 
 class GuardMixin:
     """Mix into a ``LightningModule`` (before it in the bases) to use the guards' module-side features.
 
-    * :meth:`balanced_loss` - the classification loss the guards can steer: plain cross-entropy (or BCE-with-logits
-      for float targets shaped like the logits) computed in fp32 whatever the autocast dtype.
+    * :meth:`balanced_loss` - the classification loss the guards can steer: with a ``ClassBalance`` callback,
+      class-weighted or logit-adjusted (or focal, or BCE with ``pos_weight``) as it configures; without one, plain
+      cross-entropy (or BCE-with-logits for float targets shaped like the logits). Always computed in fp32, whatever
+      the autocast dtype, and normalised by the number of samples so that micro-batches and ranks add up to the
+      whole batch.
+    * :meth:`track_classes` - per-class recall and balanced accuracy on validation (torchmetrics), logged by
+      ``ClassBalance``.
     * :attr:`guard_events` - the events the guards reported so far in this run.
+
+    The class weights and the log prior live in registered buffers that follow device moves but stay fp32 under
+    ``bf16-true``/``16-true`` (the module's other tensors are cast).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -39,13 +51,43 @@ class GuardMixin:
             target: ``(N,)`` integer class indices, or float targets shaped like ``logits``.
 
         Returns:
-            The mean loss as an fp32 scalar tensor.
+            The loss as an fp32 scalar tensor.
         """
-        logits32 = logits.float()
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            if target.is_floating_point() and target.shape == logits.shape:
-                return F.binary_cross_entropy_with_logits(logits32, target.float())
-            return F.cross_entropy(logits32, target)
+        cfg = self.__dict__.get("_guard_balance")
+        if cfg is None:
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                if target.is_floating_point() and target.shape == logits.shape:
+                    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+                return F.cross_entropy(logits.float(), target)
+        buffers: dict[str, torch.Tensor] = self._buffers  # type: ignore[attr-defined]
+        training = bool(getattr(self, "training", True))
+        return balanced_loss(
+            logits,
+            target,
+            weights=buffers.get("guard_class_weights") if cfg["weighted"] else None,
+            log_prior=buffers.get("guard_class_log_prior") if cfg["adjust"] and training else None,
+            tau=cfg["tau"],
+            gamma=cfg["gamma"],
+            pos_weight=buffers.get("guard_pos_weight"),
+        )
+
+    def track_classes(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Update the per-class recall and balanced accuracy (call it in ``validation_step``)."""
+        metrics = self.__dict__.get("_guard_class_metrics")
+        if metrics is None:
+            return
+        preds = logits.detach().float().argmax(-1) if logits.dim() > target.dim() else logits.detach().float()
+        for metric in metrics.values():
+            metric.update(preds, target)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        masters: dict[str, torch.Tensor] = self.__dict__.get("_guard_fp32_buffers", {})
+        buffers: dict[str, torch.Tensor] = self._buffers  # type: ignore[attr-defined]
+        for name, master in masters.items():
+            if name in buffers and buffers[name] is not None:
+                buffers[name] = master.to(buffers[name].device)
+        return out
 
     @property
     def guard_events(self) -> list[GuardEvent]:

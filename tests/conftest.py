@@ -9,7 +9,9 @@ def pytest_collection_modifyitems(config, items):
     On these CPU machines a ddp_spawn worker occasionally aborts at interpreter exit, after training finished
     ("terminate called without an active exception" -> SIGABRT, about one full-suite run in four, never in isolation),
     which torch reports as ProcessExitedException "... terminated with signal SIGABRT". That is the runtime's
-    shutdown, not the behaviour under test; any failed assertion still fails the test at once.
+    shutdown, not the behaviour under test; any failed assertion still fails the test at once. tests/helpers.trainer
+    also destroys the process group at teardown in the workers (ReleaseProcessGroup), which made the abort go away in
+    the runs measured (0 of 6 vs 1 of 4); the rerun stays as a backstop.
     """
     for item in items:
         if item.get_closest_marker("ddp"):

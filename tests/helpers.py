@@ -102,6 +102,18 @@ def precision_kwargs(precision: str) -> dict[str, Any]:
     return {"precision": precision}
 
 
+class ReleaseProcessGroup(pl.Callback):
+    """ddp_spawn workers: destroy the gloo process group at teardown, on the main thread, instead of at interpreter
+    exit (where a worker intermittently aborted: "terminate called without an active exception")."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def trainer(tmp_path: Path, callbacks: list[Any] | None = None, **kwargs: Any) -> pl.Trainer:
     defaults: dict[str, Any] = {
         "accelerator": "cpu",
@@ -116,7 +128,10 @@ def trainer(tmp_path: Path, callbacks: list[Any] | None = None, **kwargs: Any) -
         "log_every_n_steps": 1,
     }
     defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks or [], **defaults)
+    callbacks = list(callbacks or [])
+    if defaults.get("strategy") == "ddp_spawn":
+        callbacks.append(ReleaseProcessGroup())
+    return pl.Trainer(callbacks=callbacks, **defaults)
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Pure functions behind the guards (no Lightning imports): schedules, gradient statistics, ..."""
 
+from lightning_guard.functional.class_balance import balanced_loss, class_weights, log_prior
 from lightning_guard.functional.grad import (
     EmaStats,
     clip_grads_,
@@ -23,6 +24,8 @@ from lightning_guard.functional.schedule import (
 
 __all__ = [
     "EmaStats",
+    "balanced_loss",
+    "class_weights",
     "clip_grads_",
     "collect_grads",
     "cosine_cycle_bounds",
@@ -31,6 +34,7 @@ __all__ = [
     "l1_norm",
     "l1_proximal_",
     "l1_subgradient_",
+    "log_prior",
     "progress_quotient",
     "top_k_grad_norms",
     "training_progress",

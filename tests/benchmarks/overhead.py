@@ -10,6 +10,8 @@ Configurations (each a fresh model and Trainer, rounds interleaved in rotated or
 * ``guard``: ``GradientGuard()`` with its defaults (adaptive clip, loss monitor, backoff, rollback snapshots every
   100 applied steps);
 * ``guard_snap10``: ``GradientGuard(snapshot_every=10)``, so the snapshot cost falls inside the timed window;
+* L1 suite (``--suite l1``): ``l1_loss_term`` (the usual ``loss + lambda * sum|w|``), ``l1_subgradient`` and
+  ``l1_proximal`` (``L1Penalty``), on the same parameters;
 * ``bare_fused`` and ``guard_fused`` (CUDA only): the same with a fused AdamW, which Lightning's clipping refuses
   under AMP (compare ``guard_fused`` with ``bare_fused``).
 
@@ -35,8 +37,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_guard import GradientGuard
+from lightning_guard import GradientGuard, L1Penalty
 from lightning_guard.functional import global_grad_norm
+
+
+def _l1_term(module: torch.nn.Module) -> torch.Tensor | float:
+    """The usual idiom, loss + lambda * sum|w| over the same parameters L1Penalty selects (>= 2-d weights)."""
+    lam = getattr(module, "l1", 0.0)
+    if not lam:
+        return 0.0
+    return lam * sum(p.abs().sum() for p in module.parameters() if p.dim() >= 2)
 
 
 class Floor(Callback):
@@ -82,9 +92,9 @@ class _Random(Dataset):
 class MLP(pl.LightningModule):
     """About 300k parameters (64-512-512-10)."""
 
-    def __init__(self, fused: bool = False) -> None:
+    def __init__(self, fused: bool = False, l1: float = 0.0) -> None:
         super().__init__()
-        self.fused = fused
+        self.fused, self.l1 = fused, l1
         self.net = torch.nn.Sequential(
             torch.nn.Linear(64, 512),
             torch.nn.ReLU(),
@@ -95,7 +105,7 @@ class MLP(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
+        return torch.nn.functional.cross_entropy(self.net(x), y) + _l1_term(self)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused or None)
@@ -125,13 +135,14 @@ class LM(pl.LightningModule):
         n = h.shape[1]
         h = self.blocks(h, mask=self.mask[:n, :n], is_causal=True)
         logits = self.head(self.norm(h))
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + _l1_term(self)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=3e-4, fused=self.fused or None)
 
 
 CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "bare_fused", "guard_fused"]
+L1_CONFIGS = ["bare", "l1_loss_term", "l1_subgradient", "l1_proximal"]
 
 
 def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> float:
@@ -151,18 +162,23 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
         callbacks.append(GradientGuard())
     elif config == "guard_snap10":
         callbacks.append(GradientGuard(snapshot_every=10))
+    elif config == "l1_subgradient":
+        callbacks.append(L1Penalty(1e-6, mode="subgradient"))
+    elif config == "l1_proximal":
+        callbacks.append(L1Penalty(1e-6, mode="proximal"))
+    l1 = 1e-6 if config == "l1_loss_term" else 0.0
     n = warmup + steps
     if device == "cuda":
         g = torch.Generator().manual_seed(0)
         data = _Random(n * 16, lambda i: torch.randint(0, 32000, (1025,), generator=g))
         loader = DataLoader(data, batch_size=16)
         with torch.device("cuda"):
-            model: pl.LightningModule = LM(fused=fused)
+            model: pl.LightningModule = LM(fused=fused, l1=l1)
     else:
         g = torch.Generator().manual_seed(0)
         data = _Random(n * 256, lambda i: (torch.randn(64, generator=g), torch.randint(0, 10, (), generator=g)))
         loader = DataLoader(data, batch_size=256)
-        model = MLP(fused=fused)
+        model = MLP(fused=fused, l1=l1)
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
@@ -206,7 +222,7 @@ def measure(
         "ms_per_step": med,
         "all_ms": times,
         "vs_bare_pct": {c: 100 * (med[c] / med["bare"] - 1) for c in configs},
-        "vs_floor_pct": {c: 100 * (med[c] / med["floor"] - 1) for c in configs if "floor" in med},
+        "vs_floor_pct": {c: 100 * (med[c] / med["floor"] - 1) for c in configs} if "floor" in med else {},
     }
 
 
@@ -233,11 +249,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--suite", choices=["gradient_guard", "l1"], default="gradient_guard")
     args = parser.parse_args(argv)
-    result = measure(args.device, args.rounds, args.warmup, args.steps, args.precision)
+    configs = L1_CONFIGS if args.suite == "l1" else None
+    result = measure(args.device, args.rounds, args.warmup, args.steps, args.precision, configs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"gradient_guard_overhead_{args.device}"
+    name = f"{args.suite}_overhead_{args.device}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text(to_markdown(result))
     print(to_markdown(result))

@@ -1,0 +1,101 @@
+"""Class counts to weights and priors, and losses that do not depend on a batch's composition (no Lightning)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["balanced_loss", "class_weights", "log_prior"]
+
+Method = Literal["inverse", "sqrt_inverse", "effective_number", "logit_adjustment", "none"]
+
+
+def class_weights(counts: torch.Tensor, method: Method = "inverse", *, beta: float = 0.999) -> torch.Tensor:
+    """Per-class loss weights from class counts, normalised so the data-weighted mean weight is 1.
+
+    ``inverse``: 1/n_c; ``sqrt_inverse``: 1/sqrt(n_c); ``effective_number`` (Cui et al. 2019):
+    (1 - beta) / (1 - beta**n_c); ``logit_adjustment`` and ``none``: all ones (logit adjustment acts on the logits).
+    A class with no sample gets the largest weight among the present classes (stated policy: it is treated as the
+    rarest). Normalising by sum_c (n_c / N) w_c = 1 keeps the loss on the scale of plain cross-entropy.
+
+    Example:
+        >>> class_weights(torch.tensor([90.0, 10.0]), "inverse")
+        tensor([0.5556, 5.0000])
+    """
+    n = counts.double()
+    present = n > 0
+    if method in ("logit_adjustment", "none"):
+        return torch.ones_like(n, dtype=torch.float32)
+    if method == "inverse":
+        w = torch.where(present, 1.0 / n.clamp_min(1.0), torch.zeros_like(n))
+    elif method == "sqrt_inverse":
+        w = torch.where(present, 1.0 / n.clamp_min(1.0).sqrt(), torch.zeros_like(n))
+    elif method == "effective_number":
+        effective = 1.0 - torch.pow(torch.tensor(beta, dtype=n.dtype), n)
+        w = torch.where(present, (1.0 - beta) / effective.clamp_min(1e-12), torch.zeros_like(n))
+    else:
+        raise ValueError(
+            f"`method` must be one of inverse, sqrt_inverse, effective_number, logit_adjustment, none, got {method!r}"
+        )
+    if bool(present.any()):
+        w = torch.where(present, w, w[present].max())
+    frac = n / n.sum().clamp_min(1.0)
+    return (w / (frac * w).sum().clamp_min(1e-12)).float()
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """Log of each class's share of the data; a class with no sample counts as half a sample (finite, the rarest).
+
+    Example:
+        >>> log_prior(torch.tensor([75.0, 25.0])).exp()
+        tensor([0.7500, 0.2500])
+    """
+    n = counts.double()
+    n = torch.where(n > 0, n, torch.full_like(n, 0.5))
+    return (n / n.sum()).log().float()
+
+
+def balanced_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
+    tau: float = 1.0,
+    gamma: float = 0.0,
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Classification loss in fp32 whose value does not depend on how a batch is split.
+
+    Multiclass (``target`` of class indices): cross-entropy of ``logits + tau * log_prior`` (logit adjustment, Menon
+    et al. 2021, when ``log_prior`` is given), focal modulation ``(1 - p_t) ** gamma`` when ``gamma > 0``, each sample
+    weighted by ``weights[target]``; the sum is divided by the number of samples - not by the sum of weights as
+    PyTorch's weighted ``CrossEntropyLoss(reduction="mean")`` does - so the mean over equal-size pieces of a batch
+    (micro-batches, ranks) equals the loss of the whole batch. Binary/multilabel (float ``target`` shaped like
+    ``logits``): BCE-with-logits with ``pos_weight``, mean over elements.
+
+    Example:
+        >>> logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+        >>> w = torch.tensor([0.5, 1.0, 3.0])
+        >>> whole = balanced_loss(logits, y, weights=w)
+        >>> halves = (balanced_loss(logits[:4], y[:4], weights=w) + balanced_loss(logits[4:], y[4:], weights=w)) / 2
+        >>> bool(torch.isclose(whole, halves))
+        True
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        z = logits.float()
+        if target.is_floating_point() and target.shape == z.shape:
+            pw = pos_weight.float().to(z.device) if pos_weight is not None else None
+            return F.binary_cross_entropy_with_logits(z, target.float(), pos_weight=pw)
+        if log_prior is not None:
+            z = z + tau * log_prior.float().to(z.device)
+        logp = F.log_softmax(z, dim=-1)
+        logp_t = logp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+        loss = -logp_t
+        if gamma > 0:
+            loss = loss * (1.0 - logp_t.exp()).clamp_min(0.0).pow(gamma)
+        if weights is not None:
+            loss = loss * weights.float().to(z.device)[target.long()]
+        return loss.sum() / max(int(target.numel()), 1)
