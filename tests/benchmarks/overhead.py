@@ -115,10 +115,10 @@ class LM(pl.LightningModule):
     """A GPT-style decoder: d=768, 12 layers, 12 heads, vocab 32000, untied head - about 134M parameters."""
 
     def __init__(
-        self, fused: bool = False, d: int = 768, layers: int = 12, vocab: int = 32000, seq: int = 1024
+        self, fused: bool = False, d: int = 768, layers: int = 12, vocab: int = 32000, seq: int = 1024, l1: float = 0.0
     ) -> None:
         super().__init__()
-        self.fused = fused
+        self.fused, self.l1 = fused, l1
         self.emb = torch.nn.Embedding(vocab, d)
         self.pos = torch.nn.Parameter(torch.zeros(seq, d))
         layer = torch.nn.TransformerEncoderLayer(
