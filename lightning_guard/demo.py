@@ -19,7 +19,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import GradientGuard, GuardMixin, OverfitGuard, WarmupCosine, event_stream
+from lightning_guard import (
+    ClassBalance,
+    GradientGuard,
+    GuardMixin,
+    L1Penalty,
+    OverfitGuard,
+    WarmupCosine,
+    event_stream,
+)
 from lightning_guard.testing import InjectNaN, LRSpike
 
 __all__ = ["DemoNet", "long_tailed_digits", "main"]
@@ -92,6 +100,7 @@ class DemoNet(GuardMixin, pl.LightningModule):
         self.log("val_loss", self.balanced_loss(logits, y), prog_bar=True)
         self.val_bal_acc(logits, y)
         self.log("val_balanced_acc", self.val_bal_acc, prog_bar=True)
+        self.track_classes(logits, y)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Test accuracy and balanced accuracy."""
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         WarmupCosine(warmup=0.1, min_lr_ratio=0.02),
         GradientGuard(snapshot_every=10),
         OverfitGuard(monitor="val_loss", patience=4),
+        ClassBalance(),  # logit adjustment for the long tail
+        L1Penalty(1e-5),
         # Faults injected on purpose (they appear as INJECTED events): a NaN batch, and a one-step LR x1000 spike
         # placed after GradientGuard's 25-step statistics warm-up.
         InjectNaN("batch", steps=[steps_per_epoch + 3]),

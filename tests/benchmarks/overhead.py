@@ -227,17 +227,19 @@ def measure(
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    floor = bool(result.get("vs_floor_pct"))
     lines = [
         f"device: {result['device']}; torch {result['torch']}, Lightning {result['lightning']}, "
         f"{result['precision']}, median of {result['rounds']} interleaved rounds of {result['steps']} steps",
         "",
-        "| configuration | ms/step | vs bare | vs floor |",
-        "|---|---|---|---|",
+        "| configuration | ms/step | vs bare |" + (" vs floor |" if floor else ""),
+        "|---|---|---|" + ("---|" if floor else ""),
     ]
     for c, ms in result["ms_per_step"].items():
-        lines.append(
-            f"| {c} | {ms:.3f} | {result['vs_bare_pct'][c]:+.2f}% | {result['vs_floor_pct'].get(c, 0):+.2f}% |"
-        )
+        row = f"| {c} | {ms:.3f} | {result['vs_bare_pct'][c]:+.2f}% |"
+        if floor:
+            row += f" {result['vs_floor_pct'][c]:+.2f}% |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
