@@ -8,10 +8,8 @@ test split, mean over seeds. ``python -m tests.benchmarks.class_balance_benchmar
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_guard import ClassBalance, GuardMixin
 from lightning_guard.demo import long_tailed_digits
+from tests.benchmarks.report import save
 
 METHODS: dict[str, dict[str, Any] | None] = {
     "plain_ce": None,
@@ -103,12 +102,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(out: str = "docs/benchmarks") -> dict[str, Any]:
     result = measure()
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "class_balance.json").write_text(json.dumps(result, indent=2))
-    (path / "class_balance.md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    return result
+    return save(out, "class_balance", result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ and epochs used, mean over seeds. Both stoppers run on validation loss and on va
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_guard import OverfitGuard
+from tests.benchmarks.report import save
 from tests.helpers import DigitsNet, digits
 
 METHODS = (
@@ -90,12 +89,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(out: str = "docs/benchmarks") -> dict[str, Any]:
     result = measure()
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "overfit.json").write_text(json.dumps(result, indent=2))
-    (path / "overfit.md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    return result
+    return save(out, "overfit", result, to_markdown(result))
 
 
 if __name__ == "__main__":

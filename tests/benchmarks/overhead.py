@@ -24,12 +24,10 @@ Run on CPU through ``make bench``; on a GPU: ``python -m tests.benchmarks.overhe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_guard import GradientGuard, L1Penalty
 from lightning_guard.functional import global_grad_norm
+from tests.benchmarks.report import save
 
 
 def _l1_term(module: torch.nn.Module) -> torch.Tensor | float:
@@ -255,13 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     configs = L1_CONFIGS if args.suite == "l1" else None
     result = measure(args.device, args.rounds, args.warmup, args.steps, args.precision, configs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.suite}_overhead_{args.device}"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    return result
+    return save(args.out, f"{args.suite}_overhead_{args.device}", result, to_markdown(result))
 
 
 if __name__ == "__main__":

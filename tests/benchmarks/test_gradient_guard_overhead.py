@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.benchmarks.overhead import measure, to_markdown
+from tests.benchmarks.report import save
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 
 
 @pytest.mark.benchmark
 def test_gradient_guard_overhead_cpu():
-    import json
-
     result = measure("cpu", rounds=5, warmup=20, steps=150)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "gradient_guard_overhead_cpu.json").write_text(json.dumps(result, indent=2))
-    (DOCS / "gradient_guard_overhead_cpu.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    save(DOCS, "gradient_guard_overhead_cpu", result, to_markdown(result))
     assert result["vs_floor_pct"]["guard"] <= 5.0
