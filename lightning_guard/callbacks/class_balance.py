@@ -161,11 +161,19 @@ class ClassBalance(GuardCallback):
         labels = _dataset_labels(dataset) if dataset is not None and self.label_fn is None else None
         if labels is not None:
             return labels, True
+        from rich.progress import track
+
         rank, world = trainer.global_rank, trainer.world_size
+        quiet = rank != 0 or not trainer.progress_bar_callback
         if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
-            items = [self._extract(dataset[i]) for i in range(rank, len(dataset), world)]
+            indices = range(rank, len(dataset), world)
+            items = [
+                self._extract(dataset[i])
+                for i in track(indices, description="ClassBalance: counting labels", disable=quiet)
+            ]
         else:
-            items = [self._extract(batch) for batch in loader]  # type: ignore[union-attr]
+            batches = track(loader, description="ClassBalance: counting labels", disable=quiet)  # type: ignore[arg-type]
+            items = [self._extract(batch) for batch in batches]
         if not items:
             return torch.zeros(0, dtype=torch.long), False
         return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in items]), False
