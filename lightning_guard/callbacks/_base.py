@@ -27,6 +27,10 @@ class GuardCallback(Callback):
     #: short name used in events and metric names (``guard/<name>/<kind>``)
     guard_name: str = "guard"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: pl.Trainer | None = None  # the trainer being fitted, for runtime listeners (None outside fit)
+
     def _is_owner(self, trainer: pl.Trainer) -> bool:
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(cb, GuardCallback):
@@ -50,6 +54,7 @@ class GuardCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
         if self._is_owner(trainer):
             self.runtime(trainer).attach(list(trainer.optimizers))
 
@@ -87,6 +92,7 @@ class GuardCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
         if self._is_owner(trainer):
             runtime = self.runtime(trainer)
             runtime.detach()

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_guard._checks import check_int, check_number
 from lightning_guard._runtime import StepOutcome
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot
@@ -28,25 +29,6 @@ from lightning_guard.functional.grad import (
 __all__ = ["GradientGuard"]
 
 SpikeAction = Literal["clip", "skip", "warn"]
-
-
-def _check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
-        if high != math.inf:
-            bound += f" and <= {high}"
-        raise GuardConfigError(f"`{name}` must be a number {bound}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, *, low: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "an int" + (" or None" if optional else "")
-        raise GuardConfigError(f"`{name}` must be {kind} >= {low}, got {value!r}")
 
 
 def _drop_grads(optimizer: torch.optim.Optimizer) -> None:
@@ -158,33 +140,33 @@ class GradientGuard(GuardCallback):
         super().__init__()
         if spike_action not in self.SPIKE_ACTIONS:
             raise GuardConfigError(f"`spike_action` must be one of {self.SPIKE_ACTIONS}, got {spike_action!r}")
-        _check_number("z_threshold", z_threshold, low=0.0)
-        _check_int("warmup_steps", warmup_steps, low=1)
-        _check_number("ema_alpha", ema_alpha, low=0.0, high=1.0)
+        check_number("z_threshold", z_threshold, low=0.0)
+        check_int("warmup_steps", warmup_steps, low=1)
+        check_number("ema_alpha", ema_alpha, low=0.0, high=1.0)
         if ema_alpha == 1.0:
             raise GuardConfigError(f"`ema_alpha` must be a number > 0.0 and < 1.0, got {ema_alpha!r}")
         if max_norm is not None:
-            _check_number("max_norm", max_norm, low=0.0)
+            check_number("max_norm", max_norm, low=0.0)
         if not isinstance(monitor_loss, bool):
             raise GuardConfigError(f"`monitor_loss` must be a bool, got {monitor_loss!r}")
-        _check_int("backoff_after", backoff_after, low=1, optional=True)
-        _check_int("backoff_window", backoff_window, low=1)
-        _check_number("backoff_factor", backoff_factor, low=0.0, high=1.0)
+        check_int("backoff_after", backoff_after, low=1, optional=True, none_first=True)
+        check_int("backoff_window", backoff_window, low=1)
+        check_number("backoff_factor", backoff_factor, low=0.0, high=1.0)
         if backoff_factor == 1.0:
             raise GuardConfigError(f"`backoff_factor` must be a number > 0.0 and < 1.0, got {backoff_factor!r}")
-        _check_int("backoff_recovery", backoff_recovery, low=1)
-        _check_int("rollback_after", rollback_after, low=1, optional=True)
+        check_int("backoff_recovery", backoff_recovery, low=1)
+        check_int("rollback_after", rollback_after, low=1, optional=True, none_first=True)
         if rollback_z is not None:
-            _check_number("rollback_z", rollback_z, low=0.0)
+            check_number("rollback_z", rollback_z, low=0.0)
             if rollback_z <= z_threshold:
                 raise GuardConfigError(
                     f"`rollback_z` must be greater than `z_threshold` ({z_threshold}), got {rollback_z!r}"
                 )
-        _check_int("snapshot_every", snapshot_every, low=1)
-        _check_int("skip_after_rollback", skip_after_rollback, low=0)
-        _check_int("max_rollbacks", max_rollbacks, low=0)
-        _check_int("log_every_n_steps", log_every_n_steps, low=1, optional=True)
-        _check_int("diagnose_top_k", diagnose_top_k, low=0)
+        check_int("snapshot_every", snapshot_every, low=1)
+        check_int("skip_after_rollback", skip_after_rollback, low=0)
+        check_int("max_rollbacks", max_rollbacks, low=0)
+        check_int("log_every_n_steps", log_every_n_steps, low=1, optional=True, none_first=True)
+        check_int("diagnose_top_k", diagnose_top_k, low=0)
         self.spike_action = spike_action
         self.z_threshold = float(z_threshold)
         self.warmup_steps = warmup_steps
@@ -221,7 +203,6 @@ class GradientGuard(GuardCallback):
         self._candidate = Snapshot()  # taken after a step, validated by the next step's verdict
         self._losses: list[torch.Tensor] = []
         self._reduce: Any = None
-        self._trainer: pl.Trainer | None = None
         self.last_norm: float = math.nan
         self.last_post_clip_norm: float = math.nan
 
@@ -246,7 +227,6 @@ class GradientGuard(GuardCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._trainer = trainer
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
         self._reduce = self._reduce_sq(trainer)
@@ -690,11 +670,6 @@ class GradientGuard(GuardCallback):
     def snapshot_step(self) -> int:
         """Global step of the current rollback snapshot (-1 before the first)."""
         return self._snapshot.step
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._trainer = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_guard._checks import check_int
 from lightning_guard._runtime import StepOutcome
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_sum
@@ -108,12 +109,8 @@ class L1Penalty(GuardCallback):
                 raise GuardConfigError(
                     f"`group_strength` must map name patterns to numbers >= 0, got {pattern!r}: {mult!r}"
                 )
-        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
-            raise GuardConfigError(f"`ramp_steps` must be an int >= 0, got {ramp_steps!r}")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise GuardConfigError(f"`log_every_n_steps` must be an int >= 1 or None, got {log_every_n_steps!r}")
+        check_int("ramp_steps", ramp_steps, low=0)
+        check_int("log_every_n_steps", log_every_n_steps, low=1, optional=True)
         self.strength = float(strength)
         self.mode = mode
         self.include = list(include) if include is not None else None
@@ -127,7 +124,6 @@ class L1Penalty(GuardCallback):
         self._numel = 0
         self._step_lrs: dict[int, float] = {}
         self._opt_params: list[set[int]] = []
-        self._trainer: pl.Trainer | None = None
         self._reduce = False
 
     @property
@@ -178,7 +174,6 @@ class L1Penalty(GuardCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._trainer = trainer
         self._select(pl_module)
         self._opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
         from lightning.pytorch.strategies import FSDPStrategy
@@ -289,5 +284,4 @@ class L1Penalty(GuardCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._trainer = None
         self._groups = []

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_guard._checks import check_int, check_number
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.distributed import gather_json
@@ -17,24 +18,6 @@ from lightning_guard.events import GuardEvent, Severity, emit
 from lightning_guard.functional.overfit import generalization_loss, progress_quotient, training_progress, up_stops
 
 __all__ = ["OverfitGuard"]
-
-
-def _finite_number(name: str, value: Any, *, low: float = 0.0, allow_none: bool = False, strict: bool = True) -> None:
-    if allow_none and value is None:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
-    if ok:
-        ok = value > low if strict else value >= low
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        raise GuardConfigError(f"`{name}` must be a number {bound}{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _int(name: str, value: Any, *, low: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise GuardConfigError(f"`{name}` must be an int >= {low}{' or None' if allow_none else ''}, got {value!r}")
 
 
 class OverfitGuard(GuardCallback):
@@ -149,16 +132,16 @@ class OverfitGuard(GuardCallback):
             )
         if snapshot not in self.SNAPSHOTS:
             raise GuardConfigError(f"`snapshot` must be one of {self.SNAPSHOTS}, got {snapshot!r}")
-        _int("patience", patience, low=1)
-        _finite_number("min_delta", min_delta, strict=False)
-        _finite_number("gl_alpha", gl_alpha)
-        _finite_number("pq_alpha", pq_alpha)
-        _int("up_strips", up_strips, low=1)
-        _int("strip_length", strip_length, low=2)
-        _finite_number("divergence_factor", divergence_factor, low=1.0, allow_none=True)
-        _finite_number("shift_ratio", shift_ratio, low=1.0, allow_none=True)
-        _int("shift_evaluations", shift_evaluations, low=1)
-        _int("min_evaluations", min_evaluations, low=1)
+        check_int("patience", patience, low=1)
+        check_number("min_delta", min_delta, strict=False)
+        check_number("gl_alpha", gl_alpha)
+        check_number("pq_alpha", pq_alpha)
+        check_int("up_strips", up_strips, low=1)
+        check_int("strip_length", strip_length, low=2)
+        check_number("divergence_factor", divergence_factor, low=1.0, optional=True)
+        check_number("shift_ratio", shift_ratio, low=1.0, optional=True)
+        check_int("shift_evaluations", shift_evaluations, low=1)
+        check_int("min_evaluations", min_evaluations, low=1)
         for name, value in (("stop", stop), ("restore_best", restore_best)):
             if not isinstance(value, bool):
                 raise GuardConfigError(f"`{name}` must be a bool, got {value!r}")
@@ -182,8 +165,8 @@ class OverfitGuard(GuardCallback):
         self.stopped_step = -1
         self._flags: dict[str, bool] = {}
         self._best_weights = Snapshot()
-        self._train_sum: torch.Tensor | None = None
-        self._train_count: torch.Tensor | None = None
+        self._train_losses: list[torch.Tensor] = []
+        self._train_scale = 1.0
 
     @property
     @override
@@ -199,13 +182,10 @@ class OverfitGuard(GuardCallback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.train_monitor is not None or not isinstance(loss, torch.Tensor):
             return
-        # Lightning hands over the loss divided by accumulate_grad_batches; no host sync here.
-        value = loss.detach().float().reshape(()) * trainer.accumulate_grad_batches
-        finite = torch.isfinite(value)
-        value = torch.where(finite, value, torch.zeros_like(value))
-        self._train_sum = value if self._train_sum is None else self._train_sum + value
-        count = finite.float()
-        self._train_count = count if self._train_count is None else self._train_count + count
+        # Lightning hands over the loss divided by accumulate_grad_batches; keep it, reduce at validation (no work
+        # and no host sync on the step path).
+        self._train_losses.append(loss.detach().reshape(()))
+        self._train_scale = float(trainer.accumulate_grad_batches)
 
     # ------------------------------------------------------------------ validation
     def _should_skip(self, trainer: pl.Trainer) -> bool:
@@ -228,6 +208,16 @@ class OverfitGuard(GuardCallback):
         value = metrics[key]
         return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
+    def _reduce_train_losses(self) -> tuple[float, float]:
+        """Sum and count of the finite training losses since the previous validation (one host sync)."""
+        losses, self._train_losses = self._train_losses, []
+        if not losses:
+            return 0.0, 0.0
+        values = torch.stack([x.float() for x in losses]) * self._train_scale
+        finite = torch.isfinite(values)
+        total, count = torch.stack([torch.where(finite, values, 0.0).sum(), finite.sum().float()]).tolist()
+        return float(total), float(count)
+
     def _improved(self, value: float) -> bool:
         if not math.isfinite(value):
             return False
@@ -244,9 +234,7 @@ class OverfitGuard(GuardCallback):
         if self.train_monitor is not None:
             train_sum, train_count = self._read(trainer, self.train_monitor, "train_monitor"), 1.0
         else:
-            train_sum = float(self._train_sum.item()) if self._train_sum is not None else 0.0
-            train_count = float(self._train_count.item()) if self._train_count is not None else 0.0
-        self._train_sum = self._train_count = None
+            train_sum, train_count = self._reduce_train_losses()
         # One collective: every rank's view; every rank then decides from the same numbers.
         views = gather_json(trainer, [val if math.isfinite(val) else str(val), train_sum, train_count])
         vals = [float(v[0]) for v in views]

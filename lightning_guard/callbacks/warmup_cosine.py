@@ -107,7 +107,6 @@ class WarmupCosine(GuardCallback):
         self._resolved_warmup: int | None = None
         self._phases: list[str] = []
         self._restored = False
-        self._trainer: pl.Trainer | None = None
 
     @property
     @override
@@ -176,7 +175,6 @@ class WarmupCosine(GuardCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._trainer = trainer
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
         if self._base_lrs is None or not self._restored:
@@ -275,7 +273,6 @@ class WarmupCosine(GuardCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._trainer = None
         self._restored = False
 
     # ------------------------------------------------------------------ state
