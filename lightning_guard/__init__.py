@@ -3,8 +3,22 @@
 The public API is re-exported here; the guide lives in ``docs/``.
 """
 
-from lightning_guard.callbacks import ClassBalance, GradientGuard, GuardCallback, L1Penalty, OverfitGuard, WarmupCosine
-from lightning_guard.errors import GradientExplosionError, GuardConfigError, GuardError, GuardRuntimeError
+from lightning_guard.callbacks import (
+    ClassBalance,
+    GradientGuard,
+    GuardCallback,
+    L1Penalty,
+    OOMGuard,
+    OverfitGuard,
+    WarmupCosine,
+)
+from lightning_guard.errors import (
+    GradientExplosionError,
+    GuardConfigError,
+    GuardError,
+    GuardRuntimeError,
+    OOMGuardError,
+)
 from lightning_guard.events import GuardEvent, configure_events, emit, event_stream
 from lightning_guard.lr_scheduler import WarmupCosineLR
 from lightning_guard.mixin import GuardMixin
@@ -22,6 +36,8 @@ __all__ = [
     "GuardMixin",
     "GuardRuntimeError",
     "L1Penalty",
+    "OOMGuard",
+    "OOMGuardError",
     "OverfitGuard",
     "WarmupCosine",
     "WarmupCosineLR",

@@ -7,7 +7,7 @@ those keeps working.
 
 from __future__ import annotations
 
-__all__ = ["GradientExplosionError", "GuardConfigError", "GuardError", "GuardRuntimeError"]
+__all__ = ["GradientExplosionError", "GuardConfigError", "GuardError", "GuardRuntimeError", "OOMGuardError"]
 
 
 class GuardError(Exception):
@@ -24,3 +24,24 @@ class GuardRuntimeError(GuardError, RuntimeError):
 
 class GradientExplosionError(GuardRuntimeError):
     """GradientGuard gave up: training kept exploding after the allowed number of rollbacks."""
+
+
+class OOMGuardError(GuardRuntimeError):
+    """OOMGuard gave up: the device ran out of memory even at a micro-batch of one sample.
+
+    Attributes:
+        micro_batch_size: the micro-batch size that failed (1).
+        ranks: the ranks that ran out of memory.
+        memory: per failing rank, its allocated / reserved / peak memory in MiB (empty off CUDA).
+    """
+
+    def __init__(
+        self, message: str, micro_batch_size: int, ranks: tuple[int, ...], memory: dict[int, dict[str, float]]
+    ) -> None:
+        super().__init__(message)
+        self.micro_batch_size = micro_batch_size
+        self.ranks = ranks
+        self.memory = memory
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, tuple[int, ...], dict[int, dict[str, float]]]]:
+        return (type(self), (str(self), self.micro_batch_size, self.ranks, self.memory))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lightning_guard.events import GuardEvent, event_stream
 from lightning_guard.functional.class_balance import balanced_loss
+from lightning_guard.functional.oom import split_batch
 
 __all__ = ["GuardMixin"]
 
@@ -26,6 +27,7 @@ class GuardMixin:
       whole batch.
     * :meth:`track_classes` - per-class recall and balanced accuracy on validation (torchmetrics), logged by
       ``ClassBalance``.
+    * :meth:`split_batch` - how OOMGuard cuts a batch into micro-batches (override for custom batch types).
     * :attr:`guard_events` - the events the guards reported so far in this run.
 
     The class weights and the log prior live in registered buffers that follow device moves but stay fp32 under
@@ -79,6 +81,15 @@ class GuardMixin:
         preds = logits.detach().float().argmax(-1) if logits.dim() > target.dim() else logits.detach().float()
         for metric in metrics.values():
             metric.update(preds, target)
+
+    def split_batch(self, batch: Any, micro_batch_size: int) -> list[Any]:
+        """Split a batch into micro-batches of at most ``micro_batch_size`` samples, in order (used by OOMGuard).
+
+        The default cuts tensors (and lists of per-sample values) along dim 0 inside tuples, lists, dicts,
+        namedtuples and dataclasses (:func:`lightning_guard.functional.split_batch`). Override it for other batch
+        types, e.g. packed sequences or graphs.
+        """
+        return split_batch(batch, micro_batch_size)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         out = super()._apply(fn, recurse)  # type: ignore[misc]

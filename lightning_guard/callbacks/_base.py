@@ -112,6 +112,9 @@ class GuardCallback(Callback):
         if self._is_owner(trainer) and CHECKPOINT_KEY in checkpoint:
             self.runtime(trainer).load_state_dict(checkpoint[CHECKPOINT_KEY])
 
+    def _on_batch_retry(self, trainer: pl.Trainer) -> None:
+        """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""
+
     def _sync_events(self, trainer: pl.Trainer, *, force_table: bool = False) -> None:
         stream = self.runtime(trainer).events
         if trainer.world_size > 1:

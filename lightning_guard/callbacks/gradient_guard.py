@@ -241,6 +241,10 @@ class GradientGuard(GuardCallback):
 
     # ------------------------------------------------------------------ per step
     @override
+    def _on_batch_retry(self, trainer: pl.Trainer) -> None:
+        self._losses = []  # the failed attempt's loss; the re-run records the batch's loss again
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())  # no tensor work here: judged with the norm, in the step's one sync
 

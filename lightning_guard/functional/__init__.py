@@ -10,6 +10,14 @@ from lightning_guard.functional.grad import (
     zclip_threshold,
 )
 from lightning_guard.functional.l1 import l1_norm, l1_proximal_, l1_subgradient_, zero_count
+from lightning_guard.functional.oom import (
+    batch_size,
+    combine_outputs,
+    free_memory,
+    is_oom_error,
+    memory_stats,
+    split_batch,
+)
 from lightning_guard.functional.overfit import (
     generalization_loss,
     progress_quotient,
@@ -25,17 +33,23 @@ from lightning_guard.functional.schedule import (
 __all__ = [
     "EmaStats",
     "balanced_loss",
+    "batch_size",
     "class_weights",
     "clip_grads_",
     "collect_grads",
+    "combine_outputs",
     "cosine_cycle_bounds",
+    "free_memory",
     "generalization_loss",
     "global_grad_norm",
+    "is_oom_error",
     "l1_norm",
     "l1_proximal_",
     "l1_subgradient_",
     "log_prior",
+    "memory_stats",
     "progress_quotient",
+    "split_batch",
     "top_k_grad_norms",
     "training_progress",
     "up_stops",

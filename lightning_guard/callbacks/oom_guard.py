@@ -1,0 +1,668 @@
+"""OOMGuard: survive out-of-memory mid-training by re-running the same batch as halved micro-batches."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer import call
+from typing_extensions import override
+
+from lightning_guard._checks import check_int
+from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard.distributed import Agreement, agree
+from lightning_guard.errors import GuardConfigError, OOMGuardError
+from lightning_guard.events import GuardEvent, emit
+from lightning_guard.functional.oom import (
+    batch_size,
+    combine_outputs,
+    free_memory,
+    is_oom_error,
+    memory_stats,
+    split_batch,
+)
+
+__all__ = ["OOMGuard"]
+
+_WHERE = {1.0: "forward", 2.0: "backward"}
+_CODE = {"forward": 1.0, "backward": 2.0}
+_MEM_KEYS = ("allocated_mib", "reserved_mib", "peak_mib")
+_MARK = "_lightning_guard_original"
+_EVAL_HOOKS = {"validation_step": "validate", "test_step": "test", "predict_step": "predict"}
+
+
+class _Retry(Exception):
+    """Unwinds a failed attempt out of Lightning's closure (releasing its graph) up to ``optimizer_step``."""
+
+    def __init__(self, agreement: Agreement) -> None:
+        super().__init__("lightning_guard: batch re-run after out-of-memory")
+        self.agreement = agreement
+
+
+def _memory_lists(ranks: tuple[int, ...], memory: dict[int, dict[str, float]]) -> dict[str, list[float]]:
+    present = [k for k in _MEM_KEYS if any(k in m for m in memory.values())]
+    return {k: [memory.get(r, {}).get(k, 0.0) for r in ranks] for k in present}
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        loss = out.get("loss")
+        return loss if isinstance(loss, torch.Tensor) else None
+    return None
+
+
+def _with_loss(out: Any, loss: torch.Tensor) -> Any:
+    return {**out, "loss": loss} if isinstance(out, dict) else loss
+
+
+class OOMGuard(GuardCallback):
+    r"""Re-run a batch that ran out of memory as halved micro-batches, keeping the effective batch.
+
+    When the forward or the backward of a training step raises out-of-memory (CUDA, ROCm, MPS, XPU, cuDNN/cuBLAS
+    workspaces, CPU allocator; see :func:`~lightning_guard.functional.is_oom_error`), the failed attempt is unwound
+    out of Lightning's closure so its graph is released, the partial gradients and the GradScaler's per-step state
+    are dropped, memory is collected, and the **same** batch is run again as micro-batches of half the size with
+    gradient accumulation. Each micro-batch loss is scaled by its share of the batch, so the optimizer receives the
+    whole batch's gradient in **exactly one** optimizer step: no batch is dropped or repeated, and the effective
+    batch, the data order and the LR schedule are unchanged.
+
+    * The micro-batch size persists (no OOM on every step), is saved in checkpoints (a resumed run starts at it) and,
+      with ``grow_after``, is doubled again after that many clean steps; a failed grow-back returns to the size that
+      worked and waits twice as long before the next try.
+    * Works with an unchanged ``training_step``: tensors, tuples, lists, dicts, namedtuples and dataclasses are split
+      along dim 0 (:func:`~lightning_guard.functional.split_batch`); for anything else implement
+      ``split_batch(batch, micro_batch_size)`` on the module (``GuardMixin`` provides the default).
+    * Validation, test and predict steps that run out of memory are split the same way (no gradients) and their
+      outputs recombined (:func:`~lightning_guard.functional.combine_outputs`).
+    * DDP: all ranks agree on every re-run with one small all-gather per step. A rank that fails in forward still
+      takes part in the gradient all-reduce (with zero gradients) and a rank that fails in backward completes the
+      all-reduce for the parameters it had not reached, so the other ranks never hang; then every rank re-runs the
+      batch together. Micro-batches before the last one run under ``no_sync``; the last one's backward is DDP's own,
+      overlapped all-reduce.
+    * At micro-batch 1, still out of memory: :class:`~lightning_guard.errors.OOMGuardError` with the memory figures.
+
+    Caveats: layers that use batch statistics (``BatchNorm``) see micro-batches, not the batch. The loss must be a
+    mean over the batch (``loss_reduction="mean"``) or a sum (``"sum"``). ``self.log`` calls in ``training_step`` run
+    once per micro-batch; with the default batch size inference each is weighted by the whole batch. Extra keys of a
+    dict returned by ``training_step`` come from the last micro-batch. Lightning's ``accumulate_grad_batches`` is not
+    supported (pass a larger DataLoader batch and ``micro_batch_size`` instead), nor manual optimization, nor
+    multi-process strategies other than DDP (FSDP, DeepSpeed: a one-rank OOM there cannot be recovered without a
+    hang today).
+
+    Events: ``oom_retry`` (ranks, where, old and new micro-batch size, memory figures, clean-up time), ``grow_back``,
+    ``oom_fatal``. Metric: ``guard/oom/micro_batch_size`` every step.
+
+    Args:
+        micro_batch_size: start with this micro-batch size (None: the whole batch). Set it with a DataLoader batch of
+            ``accumulate_grad_batches x`` the old size to accumulate with OOMGuard instead of Lightning.
+        grow_after: double the micro-batch size again after this many clean steps (None: never grow back).
+        loss_reduction: how ``training_step``'s loss reduces over samples: ``"mean"`` (each micro-batch loss is
+            weighted by its share of the batch) or ``"sum"`` (added as is).
+        split_eval: also split validation/test/predict batches that run out of memory.
+
+    Example:
+        >>> guard = OOMGuard(grow_after=100)
+        >>> guard.micro_batch_size is None, guard.grow_after
+        (True, 100)
+    """
+
+    guard_name = "oom"
+
+    def __init__(
+        self,
+        micro_batch_size: int | None = None,
+        grow_after: int | None = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        split_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        check_int("micro_batch_size", micro_batch_size, low=1, optional=True)
+        check_int("grow_after", grow_after, low=1, optional=True)
+        if loss_reduction not in ("mean", "sum"):
+            raise GuardConfigError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not isinstance(split_eval, bool):
+            raise GuardConfigError(f"`split_eval` must be a bool, got {split_eval!r}")
+        self.micro_batch_size = micro_batch_size
+        self.grow_after = grow_after
+        self.loss_reduction = loss_reduction
+        self.split_eval = split_eval
+        self.eval_micro_batch_size: dict[str, int] = {}
+        self.retries = 0
+        self._clean_steps = 0
+        self._grow_wait = grow_after or 0
+        self._growing_from: int | None = None
+        self._largest_batch = 0
+        self._inner: dict[str, Callable[..., Any]] = {}
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._batch: Any = None
+        self._batch_idx = 0
+        self._busy = False  # inside one of our own calls: nested wrappers pass through
+        self._mode: Literal["idle", "last", "dummy"] = "idle"
+        self._last_part: Any = None
+        self._last_share = 1.0
+        self._earlier: torch.Tensor | None = None
+        self._hold_grads = False
+        self._oom: tuple[str, int, dict[str, float]] | None = None  # this rank's failure in this attempt
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._check_trainer(trainer, pl_module)
+            for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
+                self._install(pl_module, name)
+        if self.split_eval:
+            for name in _EVAL_HOOKS:
+                self._install(pl_module, name)
+
+    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        accumulate = int(trainer.accumulate_grad_batches)
+        if accumulate > 1:
+            raise GuardConfigError(
+                f"OOMGuard does not support `accumulate_grad_batches={accumulate}`: for the same effective batch, "
+                f"make the DataLoader batch {accumulate}x larger and pass "
+                f"`OOMGuard(micro_batch_size=<your current batch size>)`, which accumulates and can also shrink"
+            )
+        if not pl_module.automatic_optimization:
+            raise GuardConfigError(
+                "OOMGuard needs automatic optimization (`automatic_optimization=True`): with manual optimization "
+                "your training_step runs backward and step itself, so a batch cannot be re-run"
+            )
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+            raise GuardConfigError(
+                f"OOMGuard supports DDP only among multi-process strategies, got {type(trainer.strategy).__name__} "
+                f"with {trainer.world_size} processes: an out-of-memory on one rank there cannot be recovered "
+                "without hanging the others"
+            )
+
+    def _install(self, pl_module: pl.LightningModule, name: str) -> None:
+        current = pl_module.__dict__.get(name)
+        if current is not None and getattr(current, "_lightning_guard_oom", None) is self:
+            return
+        inner = getattr(pl_module, name)
+        self._inner[name] = inner
+        if name in _EVAL_HOOKS:
+            stage = _EVAL_HOOKS[name]
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self._eval_step(stage, inner, *args, **kwargs)
+        else:
+            method = getattr(self, f"_wrapped_{name}")
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return method(inner, *args, **kwargs)
+
+        setattr(wrapper, _MARK, inner)
+        wrapper._lightning_guard_oom = self  # type: ignore[attr-defined]
+        setattr(pl_module, name, wrapper)
+
+    def _uninstall(self, pl_module: pl.LightningModule) -> None:
+        for name in [*self._inner, "training_step"]:
+            fn = pl_module.__dict__.get(name)
+            if fn is not None and hasattr(fn, _MARK):
+                del pl_module.__dict__[name]
+        self._inner = {}
+
+    # ------------------------------------------------------------------ training
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._check_trainer(trainer, pl_module)  # a GradientAccumulationScheduler may have changed it
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        # outermost, so that a fault injector installed after us still raises inside our handling
+        self._install(pl_module, "training_step")
+        self._reset_step()
+        self._batch, self._batch_idx = batch, batch_idx
+        self._largest_batch = max(self._largest_batch, batch_size(batch))
+
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self._trainer.world_size > 1
+
+    def _current_size(self) -> int:
+        n = batch_size(self._batch)
+        return n if self.micro_batch_size is None or n < 0 else min(self.micro_batch_size, n)
+
+    def _chunked(self) -> bool:
+        n = batch_size(self._batch)
+        return self.micro_batch_size is not None and n > self.micro_batch_size
+
+    def _note_oom(self, where: str, size: int) -> None:
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if self._oom is None:
+            self._oom = (where, size, memory_stats(device))
+
+    def _local_agreement(self) -> Agreement:
+        return Agreement((True,), (self._payload(),))
+
+    def _payload(self) -> tuple[float, ...]:
+        if self._oom is None:
+            return (0.0, float(self._current_size()), 0.0, 0.0, 0.0)
+        where, size, mem = self._oom
+        return (_CODE[where], float(size), *(float(mem.get(k, 0.0)) for k in _MEM_KEYS))
+
+    def _dummy_loss(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        """A zero loss touching every trainable parameter: this rank's part of DDP's all-reduce after a failure."""
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        return torch.stack([p.sum().float() for p in params]).sum() * 0.0
+
+    def _wrapped_training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._busy:
+            return inner(*args, **kwargs)
+        pl_module = self._module()
+        self._busy = True
+        try:
+            if self._mode == "dummy":
+                return self._dummy_loss(pl_module)
+            if self._mode == "last":
+                if args:
+                    args = (self._last_part, *args[1:])
+                else:
+                    kwargs = {**kwargs, "batch": self._last_part}
+            size = batch_size(args[0] if args else kwargs.get("batch"))
+            try:
+                out = inner(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+            else:
+                if self._mode == "last":
+                    loss = _loss_of(out)
+                    if loss is not None:
+                        total = loss * self._last_share
+                        if self._earlier is not None:
+                            total = total + self._earlier.to(total.dtype)
+                        out = _with_loss(out, total)
+                return out
+            # out of memory in forward; the exception and the frames it held are gone here
+            self._note_oom("forward", size)
+            if not self._distributed:
+                raise _Retry(self._local_agreement())
+            return self._dummy_loss(pl_module)  # the others are about to all-reduce: take part with zeros
+        finally:
+            self._busy = False
+
+    def _wrapped_optimizer_zero_grad(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._hold_grads:
+            return None  # the micro-batches before the last already accumulated into the zeroed gradients
+        return inner(*args, **kwargs)
+
+    def _wrapped_backward(self, inner: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._busy:
+            return inner(loss, *args, **kwargs)
+        if not self._distributed:
+            try:
+                return inner(loss, *args, **kwargs)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+            self._note_oom("backward", self._current_size())
+            raise _Retry(self._local_agreement())
+        with self._track_reduced() as reduced:
+            try:
+                inner(loss, *args, **kwargs)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self._note_oom("backward", self._current_size())
+            if self._oom is not None and self._oom[0] == "backward":
+                self._complete_reduction(reduced())
+        assert self._trainer is not None
+        verdict = agree(self._trainer, self._oom is not None, torch.tensor(self._payload()))
+        if verdict.any:
+            raise _Retry(verdict)
+        return None
+
+    @contextlib.contextmanager
+    def _track_reduced(self) -> Iterator[Callable[[], list[torch.nn.Parameter]]]:
+        """Yield a function listing the trainable parameters whose gradient this backward has not produced yet."""
+        params = [p for p in self._module().parameters() if p.requires_grad]
+        fresh = all(p.grad is None for p in params)
+        seen: set[int] = set()
+        handles = []
+        if not fresh:  # gradients already there (micro-batches before the last): watch this backward's accumulation
+            handles = [p.register_post_accumulate_grad_hook(lambda q: seen.add(id(q))) for p in params]
+
+        def pending() -> list[torch.nn.Parameter]:
+            if fresh:
+                return [p for p in params if p.grad is None]
+            return [p for p in params if id(p) not in seen]
+
+        try:
+            yield pending
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _complete_reduction(self, params: list[torch.nn.Parameter]) -> None:
+        """After a backward OOM, mark the unreached parameters ready (zero gradients) so DDP's all-reduce completes."""
+        if not params:
+            return
+        self._busy = True
+        try:
+            torch.stack([p.sum().float() for p in params]).sum().mul(0.0).backward()
+        finally:
+            self._busy = False
+
+    def _wrapped_optimizer_step(
+        self,
+        inner: Callable[..., Any],
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if optimizer_closure is None or self._batch is None:
+            return inner(epoch, batch_idx, optimizer, optimizer_closure, **kwargs)
+        while True:
+            self._oom = None
+            closure = optimizer_closure
+            if self._chunked():
+                closure = self._make_chunked_closure(optimizer_closure, optimizer, epoch, batch_idx)
+            try:
+                return inner(epoch, batch_idx, optimizer, closure, **kwargs)
+            except _Retry as retry:
+                verdict = retry.agreement
+            finally:
+                self._mode, self._hold_grads, self._last_part, self._earlier = "idle", False, None, None
+            # outside the handler: the failed attempt's frames, graph and activations are unreachable now
+            self._recover(optimizer, verdict)
+
+    def _make_chunked_closure(
+        self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int
+    ) -> Callable[[], Any]:
+        def chunked() -> Any:
+            return self._run_chunks(closure, optimizer, epoch, batch_idx)
+
+        return chunked
+
+    def _split(self, batch: Any, size: int) -> list[Any]:
+        hook = getattr(self._module(), "split_batch", None)
+        parts = hook(batch, size) if callable(hook) else split_batch(batch, size)
+        if not parts:
+            raise GuardConfigError(f"`split_batch` returned no micro-batch for a batch of {batch_size(batch)}")
+        return list(parts)
+
+    def _run_chunks(self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int) -> Any:
+        trainer = self._trainer
+        assert trainer is not None
+        assert self.micro_batch_size is not None
+        parts = self._split(self._batch, self.micro_batch_size)
+        sizes = [batch_size(p) for p in parts]
+        total = float(sum(sizes))
+        shares = [n / total if self.loss_reduction == "mean" else 1.0 for n in sizes]
+        self._inner["optimizer_zero_grad"](epoch, batch_idx, optimizer)
+        self._hold_grads = True
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        model = trainer.strategy.model
+        no_sync = getattr(model, "no_sync", None) if self._distributed else None
+        earlier: torch.Tensor | None = None
+        for part, share, size in zip(parts[:-1], shares[:-1], sizes[:-1], strict=True):
+            where = "forward"
+            self._busy = True
+            try:
+                with no_sync() if no_sync is not None else contextlib.nullcontext():
+                    out = call._call_strategy_hook(trainer, "training_step", part, batch_idx)
+                    loss = _loss_of(out)
+                    if loss is not None:
+                        where = "backward"
+                        part_loss = loss.detach().float() * share
+                        earlier = part_loss if earlier is None else earlier + part_loss
+                        scaled = loss * share
+                        self._inner["backward"](scaler.scale(scaled) if scaler is not None else scaled)
+                    del out, loss
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self._note_oom(where, size)
+            finally:
+                self._busy = False
+            if self._oom is not None:
+                break
+        if self._oom is not None:
+            if not self._distributed:
+                raise _Retry(self._local_agreement())
+            self._mode = "dummy"  # run the last part as a zero loss, so the all-reduce and the agreement happen
+        else:
+            self._mode, self._last_part, self._last_share, self._earlier = "last", parts[-1], shares[-1], earlier
+        del parts
+        return closure()
+
+    def _recover(self, optimizer: Any, verdict: Agreement) -> None:
+        trainer = self._trainer
+        assert trainer is not None
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and hasattr(scaler, "_per_optimizer_states"):
+            from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+            scaler._per_optimizer_states.clear()
+            scaler._per_optimizer_states.default_factory = _refresh_per_optimizer_state
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, GuardCallback):
+                cb._on_batch_retry(trainer)
+        free_memory(trainer.strategy.root_device)
+        cleanup_ms = round((time.perf_counter() - start) * 1000.0, 1)
+        failed = {r: verdict.values[r] for r in verdict.ranks}
+        size = int(min(v[1] for v in failed.values()))
+        memory = {r: {k: v[2 + i] for i, k in enumerate(_MEM_KEYS) if v[2 + i]} for r, v in failed.items()}
+        where = {r: _WHERE.get(v[0], "forward") for r, v in failed.items()}
+        old = self.micro_batch_size
+        data: dict[str, Any] = {
+            "oom_ranks": list(failed),
+            "where": [where[r] for r in failed],
+            "batch_size": batch_size(self._batch),
+            "old_micro_batch_size": size,
+            "cleanup_ms": cleanup_ms,
+        }
+        for i, key in enumerate(_MEM_KEYS):  # per failing rank, in the order of oom_ranks (CUDA only)
+            if any(v[2 + i] for v in failed.values()):
+                data[key] = [v[2 + i] for v in failed.values()]
+        if self._growing_from is not None and self._growing_from < size:
+            new = self._growing_from
+            self._grow_wait *= 2
+            data["reason"] = "grow_back_failed"
+        else:
+            if size <= 1:
+                self._fatal(verdict.ranks, memory)
+            new = max(1, size // 2)
+        self._growing_from = None
+        self.micro_batch_size = new
+        self._clean_steps = 0
+        self.retries += 1
+        data["new_micro_batch_size"] = new
+        if trainer.global_rank == 0:
+            ranks = ", ".join(f"{r} ({w})" for r, w in where.items())
+            emit(
+                trainer,
+                GuardEvent.at(
+                    trainer,
+                    self.guard_name,
+                    "oom_retry",
+                    severity="warning",
+                    message=f"out of memory on rank {ranks} at micro-batch {size}; re-running the batch as "
+                    f"micro-batches of {new} (was {old if old is not None else 'the whole batch'})",
+                    data=data,
+                    ranks=verdict.ranks,
+                ),
+            )
+
+    def _fatal(self, ranks: tuple[int, ...], memory: dict[int, dict[str, float]]) -> None:
+        trainer = self._trainer
+        assert trainer is not None
+        figures = "; ".join(
+            f"rank {r}: "
+            + (", ".join(f"{k.replace('_mib', '')} {v:.0f} MiB" for k, v in m.items()) or "no CUDA memory figures")
+            for r, m in memory.items()
+        )
+        message = (
+            f"OOMGuard: out of memory at micro-batch size 1 on rank {list(ranks)} ({figures}): one sample does not "
+            "fit; reduce the model, the sequence length or the precision, or shard the model"
+        )
+        if trainer.global_rank == 0:
+            emit(
+                trainer,
+                GuardEvent.at(
+                    trainer,
+                    self.guard_name,
+                    "oom_fatal",
+                    severity="error",
+                    message=message,
+                    data={"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)},
+                    ranks=ranks,
+                ),
+            )
+        raise OOMGuardError(message, 1, ranks, memory)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        current = self._current_size()
+        if self._growing_from is not None:  # the step at the grown size went through
+            self._growing_from = None
+            self._grow_wait = self.grow_after or 0
+        if self.micro_batch_size is not None and self.grow_after is not None:
+            self._clean_steps += 1
+            if self._clean_steps >= self._grow_wait:
+                old = self.micro_batch_size
+                grown = old * 2
+                self.micro_batch_size = None if grown >= self._largest_batch else grown
+                self._growing_from, self._clean_steps = old, 0
+                if trainer.global_rank == 0:
+                    new = self.micro_batch_size or self._largest_batch
+                    emit(
+                        trainer,
+                        GuardEvent.at(
+                            trainer,
+                            self.guard_name,
+                            "grow_back",
+                            message=f"{self._grow_wait} clean steps at micro-batch {old}: trying {new}",
+                            data={"old_micro_batch_size": old, "new_micro_batch_size": new},
+                        ),
+                    )
+        if trainer.loggers:
+            pl_module.log("guard/oom/micro_batch_size", float(current), on_step=True, on_epoch=False, logger=True)
+        self._batch = None
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, stage: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._busy or not args:
+            return inner(*args, **kwargs)
+        batch, rest = args[0], args[1:]
+        n = batch_size(batch)
+        size = self.eval_micro_batch_size.get(stage)
+        if size is None or n <= size:
+            try:
+                return inner(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+            size = n
+            self._eval_oom(stage, size)
+            size = max(1, n // 2) if n > 1 else 0
+        while True:
+            if size < 1:
+                self._fatal((self._trainer.global_rank if self._trainer is not None else 0,), {})
+            parts = self._split(batch, size)
+            outputs: list[Any] = []
+            failed = False
+            for part in parts:
+                try:
+                    outputs.append(inner(part, *rest, **kwargs))
+                except Exception as exc:
+                    if not is_oom_error(exc):
+                        raise
+                    failed = True
+                if failed:
+                    break
+            if not failed:
+                self.eval_micro_batch_size[stage] = size
+                return combine_outputs(outputs, [batch_size(p) for p in parts])
+            del outputs, parts
+            self._eval_oom(stage, size)
+            size = size // 2
+
+    def _eval_oom(self, stage: str, size: int) -> None:
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        mem = memory_stats(device)
+        free_memory(device)
+        if trainer is not None:
+            new = size // 2
+            emit(
+                trainer,
+                GuardEvent.at(
+                    trainer,
+                    self.guard_name,
+                    "oom_retry",
+                    severity="warning",
+                    message=f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",
+                    data={"stage": stage, "old_micro_batch_size": size, "new_micro_batch_size": new, **mem},
+                ),
+            )
+
+    # ------------------------------------------------------------------ plumbing
+    def _module(self) -> pl.LightningModule:
+        assert self._trainer is not None
+        return self._trainer.lightning_module
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        if self._trainer is None:
+            self._trainer = trainer
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
+        self._trainer = trainer
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self._trainer = trainer
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._uninstall(pl_module)
+        self._reset_step()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "micro_batch_size": self.micro_batch_size,
+            "eval_micro_batch_size": dict(self.eval_micro_batch_size),
+            "retries": self.retries,
+            "clean_steps": self._clean_steps,
+            "grow_wait": self._grow_wait,
+            "largest_batch": self._largest_batch,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.micro_batch_size = state_dict.get("micro_batch_size")
+        self.eval_micro_batch_size = dict(state_dict.get("eval_micro_batch_size", {}))
+        self.retries = int(state_dict.get("retries", 0))
+        self._clean_steps = int(state_dict.get("clean_steps", 0))
+        self._grow_wait = int(state_dict.get("grow_wait", self.grow_after or 0))
+        self._largest_batch = int(state_dict.get("largest_batch", 0))
