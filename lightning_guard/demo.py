@@ -24,11 +24,12 @@ from lightning_guard import (
     GradientGuard,
     GuardMixin,
     L1Penalty,
+    OOMGuard,
     OverfitGuard,
     WarmupCosine,
     event_stream,
 )
-from lightning_guard.testing import InjectNaN, LRSpike
+from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 __all__ = ["DemoNet", "long_tailed_digits", "main"]
 
@@ -162,10 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         OverfitGuard(monitor="val_loss", patience=4),
         ClassBalance(),  # logit adjustment for the long tail
         L1Penalty(1e-5),
-        # Faults injected on purpose (they appear as INJECTED events): a NaN batch, and a one-step LR x1000 spike
-        # placed after GradientGuard's 25-step statistics warm-up.
+        OOMGuard(grow_after=10),  # halves the micro-batch on out-of-memory, grows back after 10 clean steps
+        # Faults injected on purpose (they appear as INJECTED events): a NaN batch, a one-step LR x1000 spike placed
+        # after GradientGuard's 25-step statistics warm-up, and a SIMULATED out-of-memory in backward (the device
+        # "fits" 16 samples for one step; OOMGuard re-runs that batch as 2 x 16 and grows back later).
         InjectNaN("batch", steps=[steps_per_epoch + 3]),
         LRSpike(factor=1000.0, steps=[2 * steps_per_epoch + 5]),
+        SimulatedOOM(max_batch_size=16, where="backward", steps=[steps_per_epoch + 10]),
     ]
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -14,4 +14,6 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     assert result["test_acc"] > 0.3  # 3 epochs on a long-tailed split; chance is 0.1
     events = read_jsonl(result["jsonl"])
     assert len(events) == result["events"] > 0
+    kinds = {(e["guard"], e["kind"]) for e in events}
+    assert {("oom", "oom_retry"), ("oom", "grow_back"), ("fault_injector", "simulated_oom")} <= kinds
     assert str(tmp_path) in result["wandb_dir"]
