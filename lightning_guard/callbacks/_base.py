@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_guard._runtime import CHECKPOINT_KEY, GuardRuntime, get_runtime, reset_runtime
-from lightning_guard.events import _resolve_log_dir
+from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir, emit
 
 __all__ = ["GuardCallback"]
 
@@ -111,6 +111,25 @@ class GuardCallback(Callback):
     ) -> None:
         if self._is_owner(trainer) and CHECKPOINT_KEY in checkpoint:
             self.runtime(trainer).load_state_dict(checkpoint[CHECKPOINT_KEY])
+
+    def _emit(
+        self,
+        trainer: pl.Trainer,
+        kind: str,
+        message: str,
+        *,
+        severity: Severity = "info",
+        data: dict[str, Any] | None = None,
+        ranks: tuple[int, ...] = (),
+        rank_zero_only: bool = False,
+    ) -> None:
+        """Report an event of this guard (only from rank 0 with ``rank_zero_only``, for decisions all ranks share)."""
+        if rank_zero_only and trainer.global_rank != 0:
+            return
+        event = GuardEvent.at(
+            trainer, self.guard_name, kind, severity=severity, message=message, data=data or {}, ranks=ranks
+        )
+        emit(trainer, event)
 
     def _on_batch_retry(self, trainer: pl.Trainer) -> None:
         """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""

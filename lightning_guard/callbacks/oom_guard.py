@@ -17,7 +17,6 @@ from lightning_guard._checks import check_int
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import Agreement, agree
 from lightning_guard.errors import GuardConfigError, OOMGuardError
-from lightning_guard.events import GuardEvent, emit
 from lightning_guard.functional.oom import (
     batch_size,
     combine_outputs,
@@ -488,21 +487,17 @@ class OOMGuard(GuardCallback):
         self._clean_steps = 0
         self.retries += 1
         data["new_micro_batch_size"] = new
-        if trainer.global_rank == 0:
-            ranks = ", ".join(f"{r} ({w})" for r, w in where.items())
-            emit(
-                trainer,
-                GuardEvent.at(
-                    trainer,
-                    self.guard_name,
-                    "oom_retry",
-                    severity="warning",
-                    message=f"out of memory on rank {ranks} at micro-batch {size}; re-running the batch as "
-                    f"micro-batches of {new} (was {old if old is not None else 'the whole batch'})",
-                    data=data,
-                    ranks=verdict.ranks,
-                ),
-            )
+        ranks = ", ".join(f"{r} ({w})" for r, w in where.items())
+        self._emit(
+            trainer,
+            "oom_retry",
+            f"out of memory on rank {ranks} at micro-batch {size}; re-running the batch as micro-batches of {new} "
+            f"(was {old if old is not None else 'the whole batch'})",
+            severity="warning",
+            data=data,
+            ranks=verdict.ranks,
+            rank_zero_only=True,
+        )
 
     def _fatal(self, ranks: tuple[int, ...], memory: dict[int, dict[str, float]]) -> None:
         trainer = self._trainer
@@ -516,19 +511,8 @@ class OOMGuard(GuardCallback):
             f"OOMGuard: out of memory at micro-batch size 1 on rank {list(ranks)} ({figures}): one sample does not "
             "fit; reduce the model, the sequence length or the precision, or shard the model"
         )
-        if trainer.global_rank == 0:
-            emit(
-                trainer,
-                GuardEvent.at(
-                    trainer,
-                    self.guard_name,
-                    "oom_fatal",
-                    severity="error",
-                    message=message,
-                    data={"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)},
-                    ranks=ranks,
-                ),
-            )
+        data = {"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)}
+        self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
         raise OOMGuardError(message, 1, ranks, memory)
 
     @override
@@ -547,18 +531,14 @@ class OOMGuard(GuardCallback):
                 grown = old * 2
                 self.micro_batch_size = None if grown >= self._largest_batch else grown
                 self._growing_from, self._clean_steps = old, 0
-                if trainer.global_rank == 0:
-                    new = self.micro_batch_size or self._largest_batch
-                    emit(
-                        trainer,
-                        GuardEvent.at(
-                            trainer,
-                            self.guard_name,
-                            "grow_back",
-                            message=f"{self._grow_wait} clean steps at micro-batch {old}: trying {new}",
-                            data={"old_micro_batch_size": old, "new_micro_batch_size": new},
-                        ),
-                    )
+                new = self.micro_batch_size or self._largest_batch
+                self._emit(
+                    trainer,
+                    "grow_back",
+                    f"{self._grow_wait} clean steps at micro-batch {old}: trying {new}",
+                    data={"old_micro_batch_size": old, "new_micro_batch_size": new},
+                    rank_zero_only=True,
+                )
         if trainer.loggers:
             pl_module.log("guard/oom/micro_batch_size", float(current), on_step=True, on_epoch=False, logger=True)
         self._batch = None
@@ -608,16 +588,12 @@ class OOMGuard(GuardCallback):
         free_memory(device)
         if trainer is not None:
             new = size // 2
-            emit(
+            self._emit(
                 trainer,
-                GuardEvent.at(
-                    trainer,
-                    self.guard_name,
-                    "oom_retry",
-                    severity="warning",
-                    message=f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",
-                    data={"stage": stage, "old_micro_batch_size": size, "new_micro_batch_size": new, **mem},
-                ),
+                "oom_retry",
+                f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",
+                severity="warning",
+                data={"stage": stage, "old_micro_batch_size": size, "new_micro_batch_size": new, **mem},
             )
 
     # ------------------------------------------------------------------ plumbing
