@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -143,7 +144,7 @@ class OOMGuard(GuardCallback):
 
     def _reset_step(self) -> None:
         self._batch: Any = None
-        self._batch_idx = 0
+        self._batch_n = -1  # its size (dim 0), read once per batch
         self._busy = False  # inside one of our own calls: nested wrappers pass through
         self._mode: Literal["idle", "last", "dummy"] = "idle"
         self._last_part: Any = None
@@ -226,20 +227,19 @@ class OOMGuard(GuardCallback):
         # outermost, so that a fault injector installed after us still raises inside our handling
         self._install(pl_module, "training_step")
         self._reset_step()
-        self._batch, self._batch_idx = batch, batch_idx
-        self._largest_batch = max(self._largest_batch, batch_size(batch))
+        self._batch, self._batch_n = batch, batch_size(batch)
+        self._largest_batch = max(self._largest_batch, self._batch_n)
 
     @property
     def _distributed(self) -> bool:
         return self._trainer is not None and self._trainer.world_size > 1
 
     def _current_size(self) -> int:
-        n = batch_size(self._batch)
+        n = self._batch_n
         return n if self.micro_batch_size is None or n < 0 else min(self.micro_batch_size, n)
 
     def _chunked(self) -> bool:
-        n = batch_size(self._batch)
-        return self.micro_batch_size is not None and n > self.micro_batch_size
+        return self.micro_batch_size is not None and self._batch_n > self.micro_batch_size
 
     def _note_oom(self, where: str, size: int) -> None:
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -373,7 +373,7 @@ class OOMGuard(GuardCallback):
             self._oom = None
             closure = optimizer_closure
             if self._chunked():
-                closure = self._make_chunked_closure(optimizer_closure, optimizer, epoch, batch_idx)
+                closure = functools.partial(self._run_chunks, optimizer_closure, optimizer, epoch, batch_idx)
             try:
                 return inner(epoch, batch_idx, optimizer, closure, **kwargs)
             except _Retry as retry:
@@ -382,14 +382,6 @@ class OOMGuard(GuardCallback):
                 self._mode, self._hold_grads, self._last_part, self._earlier = "idle", False, None, None
             # outside the handler: the failed attempt's frames, graph and activations are unreachable now
             self._recover(optimizer, verdict)
-
-    def _make_chunked_closure(
-        self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int
-    ) -> Callable[[], Any]:
-        def chunked() -> Any:
-            return self._run_chunks(closure, optimizer, epoch, batch_idx)
-
-        return chunked
 
     def _split(self, batch: Any, size: int) -> list[Any]:
         hook = getattr(self._module(), "split_batch", None)
@@ -467,7 +459,7 @@ class OOMGuard(GuardCallback):
         data: dict[str, Any] = {
             "oom_ranks": list(failed),
             "where": [where[r] for r in failed],
-            "batch_size": batch_size(self._batch),
+            "batch_size": self._batch_n,
             "old_micro_batch_size": size,
             "cleanup_ms": cleanup_ms,
         }
@@ -604,8 +596,7 @@ class OOMGuard(GuardCallback):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_start(trainer, pl_module)
-        if self._trainer is None:
-            self._trainer = trainer
+        self._trainer = trainer  # also for validate() and the sanity check, which run before on_train_start
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, emit
+from lightning_guard.functional.oom import batch_size
 
 __all__ = ["FaultInjector", "InjectNaN", "LRSpike", "LossSpike", "SimulatedOOM", "batch_size_of"]
 
@@ -40,23 +41,8 @@ def _int_set(name: str, values: Iterable[int] | None, *, allow_none: bool) -> fr
     return frozenset(out)
 
 
-def batch_size_of(batch: Any) -> int:
-    """Size of dim 0 of the first tensor found in a batch (tensors, tuples, lists, dicts, dataclasses)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, dict):
-        items: Iterable[Any] = batch.values()
-    elif isinstance(batch, list | tuple):
-        items = batch
-    elif hasattr(batch, "__dataclass_fields__"):
-        items = (getattr(batch, f) for f in batch.__dataclass_fields__)
-    else:
-        items = ()
-    for item in items:
-        n = batch_size_of(item)
-        if n >= 0:
-            return n
-    return -1
+#: size of dim 0 of the first tensor in a batch (the same rule OOMGuard splits by); -1 if none
+batch_size_of = batch_size
 
 
 def _first_float_tensor(batch: Any) -> torch.Tensor | None:
