@@ -622,6 +622,7 @@ class OOMGuard(GuardCallback):
             "retries": self.retries,
             "clean_steps": self._clean_steps,
             "grow_wait": self._grow_wait,
+            "growing_from": self._growing_from,
             "largest_batch": self._largest_batch,
         }
 
@@ -632,4 +633,5 @@ class OOMGuard(GuardCallback):
         self.retries = int(state_dict.get("retries", 0))
         self._clean_steps = int(state_dict.get("clean_steps", 0))
         self._grow_wait = int(state_dict.get("grow_wait", self.grow_after or 0))
+        self._growing_from = state_dict.get("growing_from")
         self._largest_batch = int(state_dict.get("largest_batch", 0))

@@ -249,6 +249,23 @@ def test_resume_starts_at_the_saved_micro_batch_size_and_follows_the_same_trajec
     assert resumed_guard.retries == 2
 
 
+def test_resume_in_the_middle_of_a_grow_back_keeps_its_backoff(tmp_path):
+    """A checkpoint taken right after a grow-back (step 2): the resumed run fails at 32, returns to 16 and waits 4
+    steps before the next try, exactly as the uninterrupted run does."""
+    tr, _ = digits_loaders(batch_size=32)
+    full_sizes = RecordSizes()
+    trainer(tmp_path / "full", [SimulatedOOM(16), OOMGuard(grow_after=2), full_sizes], max_steps=8).fit(DigitsNet(), tr)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    cbs = [SimulatedOOM(16), OOMGuard(grow_after=2), ckpt]
+    trainer(tmp_path / "a", cbs, max_steps=3, enable_checkpointing=True).fit(DigitsNet(), tr)
+    resumed_sizes = RecordSizes()
+    cbs = [SimulatedOOM(16), OOMGuard(grow_after=2), resumed_sizes]
+    second = trainer(tmp_path / "b", cbs, max_steps=8)
+    second.fit(DigitsNet(), tr, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert resumed_sizes.sizes == full_sizes.sizes[2:]
+    assert full_sizes.sizes == [16, 0, 16, 16, 16, 0, 16, 16]  # 0: the whole batch (a grow-back being tried next)
+
+
 class EvalOOMNet(DigitsNet):
     """predict/validation steps run out of memory above ``limit`` samples."""
 
