@@ -415,3 +415,16 @@ def test_ddp_backward_oom_on_rank_1_only_mid_graph(tmp_path):
         (0, [1], ["backward"], 16),
         (2, [1], ["backward"], 8),
     ]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_ddp_fatal_on_rank_1_only_stops_every_rank(tmp_path):
+    """Rank 1 cannot fit even one sample: both ranks agree, rank 0 records `oom_fatal` naming rank 1 and every rank
+    raises OOMGuardError (no rank is left waiting in a collective)."""
+    tr, _ = digits_loaders(batch_size=4)
+    cbs = [SimulatedOOM(0, ranks=[1]), OOMGuard()]
+    with pytest.raises(Exception, match="OOMGuard: out of memory at micro-batch size 1 on rank \\[1\\]"):
+        trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=2).fit(DigitsNet(), tr)
+    events = _events(tmp_path)
+    assert [(e["kind"], e["ranks"]) for e in events] == [("oom_retry", [1]), ("oom_retry", [1]), ("oom_fatal", [1])]
