@@ -5,6 +5,7 @@ The public API is re-exported here; the guide lives in ``docs/``.
 
 from lightning_guard.callbacks import (
     ClassBalance,
+    CompressExport,
     GradientGuard,
     GuardCallback,
     L1Penalty,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassBalance",
+    "CompressExport",
     "GradientExplosionError",
     "GradientGuard",
     "GuardCallback",

@@ -100,3 +100,29 @@ def log_events_table(trainer: pl.Trainer, events: Sequence[GuardEvent], counts: 
     run.log({TABLE_KEY: table, "trainer/global_step": int(trainer.global_step)})
     for (guard, kind), n in counts.items():
         run.summary[f"guard/{guard}/{kind}"] = n
+
+
+COMPRESS_KEY = "guard/compress"
+
+
+def log_compression(
+    trainer: pl.Trainer, rows: Sequence[dict[str, Any]], artifacts: dict[str, str], report_path: str
+) -> None:
+    """CompressExport's report as the ``guard/compress`` table, plus a model artifact.
+
+    The artifact holds the exported files and the report; it uploads when the run syncs.
+    """
+    run = _run(trainer)
+    if run is None or not rows:
+        return
+    import wandb
+
+    columns = list(rows[0])
+    table = wandb.Table(columns=list[Any](columns))
+    for r in rows:
+        table.add_data(*(r[c] for c in columns))
+    run.log({COMPRESS_KEY: table, "trainer/global_step": int(trainer.global_step)})
+    artifact = wandb.Artifact(name=f"compressed-model-{run.id}", type="model", metadata={"stages": list(rows)})
+    for path in [*artifacts.values(), report_path]:
+        artifact.add_file(path)
+    run.log_artifact(artifact)

@@ -1,6 +1,16 @@
 """Pure functions behind the guards (no Lightning imports): schedules, gradient statistics, ..."""
 
 from lightning_guard.functional.class_balance import balanced_loss, class_weights, log_prior
+from lightning_guard.functional.compress import (
+    CompressionResult,
+    compress_and_export,
+    export_onnx,
+    export_pt2,
+    load_artifact,
+    prune_structured,
+    prune_unstructured,
+    quantize,
+)
 from lightning_guard.functional.grad import (
     EmaStats,
     clip_grads_,
@@ -31,6 +41,7 @@ from lightning_guard.functional.schedule import (
 )
 
 __all__ = [
+    "CompressionResult",
     "EmaStats",
     "balanced_loss",
     "batch_size",
@@ -38,7 +49,10 @@ __all__ = [
     "clip_grads_",
     "collect_grads",
     "combine_outputs",
+    "compress_and_export",
     "cosine_cycle_bounds",
+    "export_onnx",
+    "export_pt2",
     "free_memory",
     "generalization_loss",
     "global_grad_norm",
@@ -46,9 +60,13 @@ __all__ = [
     "l1_norm",
     "l1_proximal_",
     "l1_subgradient_",
+    "load_artifact",
     "log_prior",
     "memory_stats",
     "progress_quotient",
+    "prune_structured",
+    "prune_unstructured",
+    "quantize",
     "split_batch",
     "top_k_grad_norms",
     "training_progress",

@@ -1,0 +1,324 @@
+"""CompressExport: prune and quantise within an accuracy budget, export, and prove the artifact works."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from typing_extensions import override
+
+from lightning_guard import _wandb
+from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard.errors import GuardConfigError
+from lightning_guard.functional.compress import (
+    CompressionResult,
+    Format,
+    PruneMode,
+    QuantizeMode,
+    check_compress_args,
+    compress_and_export,
+)
+
+__all__ = ["CompressExport"]
+
+_MARK = "_lightning_guard_original"
+_HIGHER_IS_BETTER = ("acc", "f1", "auroc", "auc", "precision", "recall", "iou", "map", "bleu", "r2")
+
+
+def _inputs_of(batch: Any) -> tuple[Any, ...]:
+    """The model inputs of a batch: the batch itself, its first element, or its first tensor value."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, list | tuple) and batch:
+        return (batch[0],)
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                return (value,)
+    raise GuardConfigError(
+        f"CompressExport cannot find the model input in a batch of type {type(batch).__name__}; pass `example_input`"
+    )
+
+
+def _detached_copy(module: pl.LightningModule) -> pl.LightningModule:
+    """A deep copy without the trainer and without the guards' per-instance hook wrappers."""
+    clone = copy.deepcopy(module)
+    for name, value in list(clone.__dict__.items()):
+        if callable(value) and hasattr(value, _MARK):
+            del clone.__dict__[name]
+    return clone
+
+
+class CompressExport(GuardCallback):
+    r"""At fit end, prune and quantise the best weights as far as an accuracy budget allows, export, and verify.
+
+    Runs in ``on_fit_end`` on rank 0 (after OverfitGuard's best-weight restore, which happens in ``on_train_end``),
+    on a copy of the unwrapped LightningModule; the other ranks wait at a barrier. The search and the export are
+    :func:`~lightning_guard.functional.compress_and_export`, usable without a Trainer:
+
+    1. the monitored metric is measured with the module's own validation loop (a fresh single-device Trainer's
+       ``validate`` on the fit's validation data) or ``eval_fn(model)``;
+    2. pruning - ``"unstructured"`` (global magnitude, masks made permanent, clean state-dict keys; exact zeros from
+       L1Penalty's proximal mode count first) or ``"structured"`` (neurons/channels removed with torch-pruning, so
+       layers really shrink) - tries ``prune_amounts`` from the strongest down, with an optional fine-tune of
+       ``finetune_epochs`` on the training data, and keeps the first within ``max_metric_drop``;
+    3. torchao quantisation (``int8_weight_only``, ``int8_dynamic``; ``int4_weight_only`` on CUDA) is kept if it
+       stays within the budget too;
+    4. ``<dirpath>/<filename>.pt2`` (``torch.export``) always, ``.onnx`` when ``formats`` asks (exported from the fp32
+       pruned model, quantised by onnxruntime); each is loaded back without pickle and must reproduce the in-memory
+       model's outputs on held-out validation batches, or the run fails loudly (``verify_failed``);
+    5. the report - per stage: size, parameters, sparsity, metric, CPU latency (median), decision - goes to
+       ``<dirpath>/compress_report.json``, a rich table, and with a WandbLogger a ``guard/compress`` table plus a
+       model artifact with the files.
+
+    Events: ``compressed``, ``budget_backoff``, ``exported``, ``verify_failed``. The result is kept in
+    :attr:`result` (rank 0).
+
+    Args:
+        dirpath: where the artifacts and the report go (default: ``<default_root_dir>/compressed``).
+        monitor: the validation metric that makes the budget (default ``"val_loss"``).
+        mode: ``"min"`` or ``"max"`` for ``monitor``; default: ``"max"`` for names with acc/f1/auroc/precision/
+            recall/iou/map, else ``"min"``.
+        max_metric_drop: the largest worsening of ``monitor`` accepted, in its own units (default 0.01).
+        prune: ``None``, ``"unstructured"`` or ``"structured"``.
+        prune_amounts: fractions tried, strongest first (default ``(0.75, 0.5, 0.25)``).
+        quantize: ``None``, ``"int8_weight_only"`` (default; ``"int8"`` is an alias), ``"int8_dynamic"`` or
+            ``"int4_weight_only"``.
+        formats: ``("pt2",)`` (default) or ``("pt2", "onnx")``.
+        finetune_epochs: epochs of fine-tuning after each pruning trial (default 0).
+        eval_fn: ``eval_fn(model) -> float`` instead of the validation loop.
+        example_input: the model input for export (default: the first validation batch's input).
+        verify_batches: validation batches used to verify the artifacts (default 4).
+        tolerance: largest relative output error of a verified artifact (default 1e-4; onnxruntime int8 gets 0.05).
+        filename: artifact file name without suffix (default ``"model"``).
+
+    Example:
+        >>> CompressExport(monitor="val_acc", max_metric_drop=0.01, prune="structured").mode
+        'max'
+    """
+
+    guard_name = "compress"
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        monitor: str = "val_loss",
+        mode: Literal["min", "max"] | None = None,
+        max_metric_drop: float = 0.01,
+        prune: PruneMode | None = None,
+        prune_amounts: Sequence[float] = (0.75, 0.5, 0.25),
+        quantize: QuantizeMode | Literal["int8"] | None = "int8_weight_only",
+        formats: Sequence[Format] = ("pt2",),
+        finetune_epochs: int = 0,
+        eval_fn: Callable[[torch.nn.Module], float] | None = None,
+        example_input: torch.Tensor | tuple[Any, ...] | None = None,
+        verify_batches: int = 4,
+        tolerance: float = 1e-4,
+        filename: str = "model",
+    ) -> None:
+        super().__init__()
+        if quantize == "int8":
+            quantize = "int8_weight_only"
+        prune_amounts = tuple(prune_amounts) if isinstance(prune_amounts, list | tuple) else prune_amounts
+        formats = tuple(formats) if isinstance(formats, list | tuple) else formats
+        check_compress_args(prune, prune_amounts, quantize, formats, max_metric_drop)
+        if not isinstance(monitor, str) or not monitor:
+            raise GuardConfigError(f"`monitor` must be a non-empty string, got {monitor!r}")
+        if mode not in (None, "min", "max"):
+            raise GuardConfigError(f"`mode` must be 'min', 'max' or None, got {mode!r}")
+        for name, value, low in (("finetune_epochs", finetune_epochs, 0), ("verify_batches", verify_batches, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise GuardConfigError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+            raise GuardConfigError(f"`tolerance` must be a number > 0, got {tolerance!r}")
+        if eval_fn is not None and not callable(eval_fn):
+            raise GuardConfigError(f"`eval_fn` must be callable or None, got {eval_fn!r}")
+        if not isinstance(filename, str) or not filename or "/" in filename:
+            raise GuardConfigError(f"`filename` must be a file name without directories, got {filename!r}")
+        self.dirpath = dirpath
+        self.monitor = monitor
+        self.mode = mode or ("max" if any(k in monitor.lower() for k in _HIGHER_IS_BETTER) else "min")
+        self.max_metric_drop = float(max_metric_drop)
+        self.prune = prune
+        self.prune_amounts = tuple(float(a) for a in prune_amounts)
+        self.quantize = quantize
+        self.formats = tuple(formats)
+        self.finetune_epochs = finetune_epochs
+        self.eval_fn = eval_fn
+        self.example_input = example_input
+        self.verify_batches = verify_batches
+        self.tolerance = float(tolerance)
+        self.filename = filename
+        self.result: CompressionResult | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not isinstance(trainer.strategy, DDPStrategy | SingleDeviceStrategy):
+            raise GuardConfigError(
+                f"CompressExport supports single-device and DDP training, got {type(trainer.strategy).__name__}: "
+                "gather the full model yourself and call `lightning_guard.functional.compress_and_export`"
+            )
+
+    # ------------------------------------------------------------------ plumbing around the functional search
+    def _nested_trainer(self, device: torch.device, root: str, **kwargs: Any) -> pl.Trainer:
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
+        devices: Any = [device.index or 0] if device.type == "cuda" else 1
+        return pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+            callbacks=[],
+            **kwargs,
+        )
+
+    def _val_loader(self, trainer: pl.Trainer) -> Any:
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[0] if loaders else None
+        if loaders is None and self.eval_fn is None:
+            raise GuardConfigError(
+                "CompressExport needs validation data to measure the metric budget: give the fit a val dataloader "
+                "or pass `eval_fn`"
+            )
+        return loaders
+
+    def _evaluator(self, trainer: pl.Trainer, device: torch.device, root: str) -> Callable[[torch.nn.Module], float]:
+        if self.eval_fn is not None:
+            return self.eval_fn
+        loader = self._val_loader(trainer)
+
+        def evaluate(model: torch.nn.Module) -> float:
+            metrics = self._nested_trainer(device, root).validate(model, dataloaders=loader, verbose=False)[0]  # type: ignore[arg-type]
+            if self.monitor not in metrics:
+                raise GuardConfigError(
+                    f"CompressExport: `monitor={self.monitor!r}` is not logged by the validation loop; logged: "
+                    f"{sorted(metrics)}"
+                )
+            return float(metrics[self.monitor])
+
+        return evaluate
+
+    def _finetuner(self, trainer: pl.Trainer, device: torch.device, root: str) -> Callable[[torch.nn.Module], None]:
+        loader = trainer.train_dataloader
+
+        def finetune(model: torch.nn.Module) -> None:
+            self._nested_trainer(device, root, max_epochs=self.finetune_epochs, limit_val_batches=0).fit(
+                model,  # type: ignore[arg-type]
+                train_dataloaders=loader,
+            )
+
+        return finetune
+
+    def _inputs(self, trainer: pl.Trainer, device: torch.device) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+        def to_device(args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)
+
+        verify: list[tuple[Any, ...]] = []
+        loader = trainer.val_dataloaders
+        if isinstance(loader, list | tuple):
+            loader = loader[0] if loader else None
+        if loader is not None:
+            for i, batch in enumerate(loader):
+                if i >= self.verify_batches:
+                    break
+                verify.append(to_device(_inputs_of(batch)))
+        if self.example_input is not None:
+            example = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
+            return to_device(example), verify or [to_device(example)]
+        if not verify:
+            raise GuardConfigError(
+                "CompressExport needs an example input for export: give the fit a val dataloader or pass "
+                "`example_input`"
+            )
+        return verify[0], verify
+
+    def compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionResult:
+        """Run the search, the export and the verification now (rank 0's work in ``on_fit_end``)."""
+        device = pl_module.device
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "compressed")
+        model = _detached_copy(pl_module).eval()
+        example, verify = self._inputs(trainer, device)
+        with tempfile.TemporaryDirectory() as root:
+            result = compress_and_export(
+                model,
+                self._evaluator(trainer, device, root),
+                example,
+                dirpath,
+                higher_is_better=self.mode == "max",
+                max_metric_drop=self.max_metric_drop,
+                prune=self.prune,
+                prune_amounts=self.prune_amounts,
+                quantize_mode=self.quantize,
+                formats=self.formats,
+                finetune=self._finetuner(trainer, device, root) if self.finetune_epochs else None,
+                verify_inputs=verify,
+                tolerance=self.tolerance,
+                filename=self.filename,
+                on_event=lambda kind, message, data: self._emit(
+                    trainer,
+                    kind,
+                    message,
+                    severity="error" if kind == "verify_failed" else "info",
+                    data={k: v for k, v in data.items() if v is not None},
+                ),
+            )
+        report = {"monitor": self.monitor, "mode": self.mode, "max_metric_drop": self.max_metric_drop}
+        report.update(result.to_dict())
+        report_path = dirpath / "compress_report.json"
+        report_path.write_text(json.dumps(report, indent=2))
+        _print_report(result, self.monitor)
+        _wandb.log_compression(trainer, [vars(s) for s in result.stages], result.artifacts, str(report_path))
+        return result
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if trainer.global_rank == 0:
+            self.result = self.compress(trainer, pl_module)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("lightning_guard.compress_export")
+        if not self._is_owner(trainer):  # the owner printed its summary already: refresh the table with ours
+            self._sync_events(trainer, force_table=True)
+
+
+def _print_report(result: CompressionResult, monitor: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lightning_guard: compression ({monitor})")
+    columns = ["stage", "setting", "decision", monitor, "state kB", "file kB", "params", "sparsity", "CPU ms"]
+    for column in [*columns, "max err"]:
+        table.add_column(column, no_wrap=True)
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for s in result.stages:
+        table.add_row(
+            s.stage,
+            s.setting,
+            s.decision,
+            fmt(s.metric, ".4f"),
+            fmt(None if s.size_bytes is None else s.size_bytes / 1000, ".1f"),
+            fmt(None if s.file_bytes is None else s.file_bytes / 1000, ".1f"),
+            fmt(s.params, "d"),
+            fmt(s.sparsity, ".2%"),
+            fmt(s.latency_ms, ".3f"),
+            fmt(s.max_error, ".1e"),
+        )
+    console = Console()
+    console.width = max(console.width, 130)
+    console.print(table)

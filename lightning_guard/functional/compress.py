@@ -1,0 +1,593 @@
+"""Pruning, quantisation, export and artifact verification, usable without a Trainer.
+
+Everything here works on a plain ``torch.nn.Module`` (a ``LightningModule`` is one) and returns a new module or
+writes a file; nothing mutates the model passed in unless the name ends with ``_``. The optional libraries come from
+the ``export`` extra (``pip install lightning-guard[export]``): torchao (quantisation; ``torch.ao.quantization`` is
+deprecated), torch-pruning (structured pruning that really removes neurons/channels), onnx + onnxscript +
+onnxruntime (ONNX export, ONNX int8 quantisation, and loading ONNX artifacts back for verification).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_guard.errors import GuardConfigError
+
+__all__ = [
+    "QUANTIZE_MODES",
+    "CompressionResult",
+    "Stage",
+    "check_compress_args",
+    "compress_and_export",
+    "cpu_latency_ms",
+    "export_onnx",
+    "export_pt2",
+    "load_artifact",
+    "max_output_error",
+    "param_count",
+    "prunable_layers",
+    "prune_structured",
+    "prune_unstructured",
+    "quantize",
+    "sparsity",
+    "state_bytes",
+]
+
+QuantizeMode = Literal["int8_weight_only", "int8_dynamic", "int4_weight_only"]
+#: the torchao configurations behind each ``quantize`` mode
+QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
+
+
+def _require(module: str, extra: str = "export") -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise GuardConfigError(
+            f"this needs `{module}`: install the `{extra}` extra (pip install lightning-guard[{extra}])"
+        )
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``Linear`` and ``Conv`` layers whose weights pruning acts on, in module order."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of parameter elements (a quantised weight counts its elements once).
+
+    Example:
+        >>> param_count(nn.Linear(4, 3))
+        15
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros among the weights of the prunable layers (0.0 without any).
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.zero_()
+        >>> sparsity(layer)
+        1.0
+    """
+    total = zeros = 0
+    for _, layer in prunable_layers(model):
+        w = getattr(layer, "weight", None)
+        if not isinstance(w, torch.Tensor) or type(w.detach()) is not torch.Tensor:
+            continue  # a quantised weight (a torchao tensor subclass) is not counted
+        total += w.numel()
+        zeros += int((w.detach() == 0).sum())
+    return zeros / total if total else 0.0
+
+
+def prune_unstructured(model: nn.Module, amount: float) -> nn.Module:
+    """A copy of ``model`` with the smallest-magnitude weights set to exactly zero (global unstructured pruning).
+
+    The ``amount`` fraction of weights, ranked over every prunable layer together, is zeroed. Masks are made permanent,
+    so state-dict keys stay clean (no ``weight_orig`` /
+    ``weight_mask``). Weights that are already exactly zero (e.g. from L1Penalty's proximal mode) are the smallest,
+    so they are counted in ``amount`` first.
+
+    Raises:
+        GuardConfigError: ``amount`` outside [0, 1).
+    """
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0.0 <= amount < 1.0:
+        raise GuardConfigError(f"`amount` must be a number in [0, 1), got {amount!r}")
+    from torch.nn.utils import prune
+
+    pruned = copy.deepcopy(model)
+    layers = [(m, "weight") for _, m in prunable_layers(pruned)]
+    if not layers or amount == 0:
+        return pruned
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=float(amount))
+    for m, name in layers:
+        prune.remove(m, name)
+    return pruned
+
+
+def _output_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[nn.Module]:
+    """The prunable layers whose output reaches the model output unchanged in width (the classifier head)."""
+    with torch.no_grad():
+        out = model(*example_inputs)
+    out_t = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
+    width = out_t.shape[-1] if out_t.dim() > 1 else 1
+    layers = prunable_layers(model)
+    last = layers[-1][1] if layers else None
+    heads = [m for _, m in layers if getattr(m, "out_features", getattr(m, "out_channels", None)) == width]
+    return heads[-1:] if heads else ([last] if last is not None else [])
+
+
+def prune_structured(
+    model: nn.Module, amount: float, example_inputs: tuple[Any, ...], ignored: Sequence[nn.Module] = ()
+) -> nn.Module:
+    """A copy of ``model`` whose hidden layers physically lose neurons / channels (structured pruning).
+
+    The ``amount`` fraction of neurons / channels of every hidden layer is removed by L2 magnitude (torch-pruning's
+    dependency graph keeps the shapes consistent), so the layers really shrink: fewer
+    parameters, smaller files, faster inference. The output layer (and ``ignored``) keeps its width.
+
+    Raises:
+        GuardConfigError: ``amount`` outside [0, 1), or torch-pruning missing.
+    """
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0.0 <= amount < 1.0:
+        raise GuardConfigError(f"`amount` must be a number in [0, 1), got {amount!r}")
+    _require("torch_pruning")
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model)
+    if amount == 0:
+        return pruned
+    training = pruned.training
+    pruned.eval()
+    keep = [*_output_layers(pruned, example_inputs), *(_same_module(pruned, model, m) for m in ignored)]
+    pruner = tp.pruner.MagnitudePruner(
+        pruned,
+        example_inputs,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=float(amount),
+        ignored_layers=keep,
+    )
+    pruner.step()
+    pruned.train(training)
+    return pruned
+
+
+def _same_module(copy_root: nn.Module, root: nn.Module, module: nn.Module) -> nn.Module:
+    for (_, a), (_, b) in zip(copy_root.named_modules(), root.named_modules(), strict=True):
+        if b is module:
+            return a
+    raise GuardConfigError("an `ignored` module is not part of the model")
+
+
+def quantize(model: nn.Module, mode: QuantizeMode) -> nn.Module:
+    """A copy of ``model`` whose ``Linear`` layers are quantised with torchao (``quantize_``).
+
+    ``int8_weight_only`` stores int8 weights with per-channel scales; ``int8_dynamic`` also quantises activations
+    on the fly; ``int4_weight_only`` needs a CUDA device with int4 kernels.
+
+    Raises:
+        GuardConfigError: an unknown mode, torchao missing, or int4 without CUDA.
+    """
+    if mode not in QUANTIZE_MODES:
+        raise GuardConfigError(f"`quantize` must be one of {QUANTIZE_MODES} or None, got {mode!r}")
+    _require("torchao")
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if mode == "int4_weight_only" and device.type != "cuda":
+        raise GuardConfigError("`quantize='int4_weight_only'` needs the model on a CUDA device (torchao int4 kernels)")
+    config = {
+        "int8_weight_only": Int8WeightOnlyConfig,
+        "int8_dynamic": Int8DynamicActivationInt8WeightConfig,
+        "int4_weight_only": Int4WeightOnlyConfig,
+    }[mode]()
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, config)
+    return quantized
+
+
+class _Forward(nn.Module):
+    """Exports ``model.forward`` only (a LightningModule carries much more than its forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(*args)
+
+
+def _batch_dims(example_inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """Dynamic-shape spec of ``_Forward(*args)``: dim 0 of every input tensor is the (shared) batch dimension."""
+    batch = torch.export.Dim("batch", min=1)
+    return {"args": tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)}
+
+
+def export_pt2(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:
+    """``torch.export`` the model's forward (dynamic batch dimension) and save it as a ``.pt2`` file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        dims = _batch_dims(example_inputs)
+        program = torch.export.export(_Forward(model).eval(), example_inputs, dynamic_shapes=dims)
+    finally:
+        model.train(was_training)
+    torch.export.save(program, str(path))
+    return path
+
+
+def export_onnx(
+    model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path, *, quantize_int8: bool = False
+) -> Path:
+    """Export the model's forward to ONNX: one self-contained file, dynamic batch dimension.
+
+    With ``quantize_int8`` the file is then quantised by onnxruntime (dynamic int8), since torchao-quantised models do
+    not
+    export to ONNX. Export the fp32 (pruned) model here, not a torchao-quantised one.
+    """
+    _require("onnx")
+    _require("onnxscript")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    target = path.with_name(path.stem + ".fp32.onnx") if quantize_int8 else path
+    try:
+        torch.onnx.export(
+            _Forward(model).eval(),
+            example_inputs,
+            str(target),
+            dynamo=True,
+            dynamic_shapes=_batch_dims(example_inputs),
+            external_data=False,
+            verbose=False,
+        )
+    finally:
+        model.train(was_training)
+    if quantize_int8:
+        _require("onnxruntime")
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8)
+        target.unlink()
+    return path
+
+
+def load_artifact(path: str | Path) -> Callable[..., torch.Tensor]:
+    """Load an exported artifact through a fresh load path (no pickle).
+
+    ``torch.export.load`` for ``.pt2``, an onnxruntime session for ``.onnx``. Returns a function from input tensors to
+    the output tensor.
+    """
+    path = Path(path)
+    if path.suffix == ".pt2":
+        module = torch.export.load(str(path)).module()
+
+        def run_pt2(*inputs: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = module(*inputs)
+            return out if isinstance(out, torch.Tensor) else out[0]
+
+        return run_pt2
+    if path.suffix == ".onnx":
+        _require("onnxruntime")
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def run_onnx(*inputs: torch.Tensor) -> torch.Tensor:
+            feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+            return torch.from_numpy(session.run(None, feed)[0])
+
+        return run_onnx
+    raise GuardConfigError(f"unknown artifact type {path.suffix!r} (expected .pt2 or .onnx): {path}")
+
+
+def max_output_error(
+    fn: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], inputs: Sequence[tuple[Any, ...]]
+) -> float:
+    """Largest output difference between ``fn`` and ``reference`` over the input batches.
+
+    Relative to the reference outputs' largest magnitude; ``inf`` when the shapes differ.
+    """
+    worst = 0.0
+    with torch.no_grad():
+        for args in inputs:
+            ref = reference(*args)
+            ref = (ref if isinstance(ref, torch.Tensor) else ref[0]).detach().float().cpu()
+            got = fn(*args).detach().float().cpu()
+            if got.shape != ref.shape:
+                return float("inf")
+            worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict as ``torch.save`` writes it (quantised tensors at their stored size)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def cpu_latency_ms(fn: Callable[..., Any], inputs: tuple[Any, ...], repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of ``fn(*inputs)`` in milliseconds over ``repeats`` runs after ``warmup`` runs."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            fn(*inputs)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------- the search
+
+PruneMode = Literal["unstructured", "structured"]
+Format = Literal["pt2", "onnx"]
+
+
+@dataclass
+class Stage:
+    """One row of the compression report."""
+
+    stage: str  # baseline | prune | quantize | export
+    setting: str  # e.g. "structured 0.5", "int8_weight_only", "model.pt2"
+    decision: str  # measured | accepted | rejected | exported | verify_failed
+    metric: float | None = None
+    size_bytes: int | None = None  # the state dict as torch.save writes it
+    file_bytes: int | None = None  # the artifact file (export rows; the baseline: an fp32 .pt2 for comparison)
+    params: int | None = None
+    sparsity: float | None = None
+    latency_ms: float | None = None
+    path: str | None = None
+    max_error: float | None = None
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress_and_export` found: the chosen model, the artifacts and every stage measured."""
+
+    model: nn.Module
+    baseline_metric: float
+    final_metric: float
+    artifacts: dict[str, str] = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)
+    prune_amount: float = 0.0
+    quantized: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (without the model)."""
+        return {
+            "baseline_metric": self.baseline_metric,
+            "final_metric": self.final_metric,
+            "prune_amount": self.prune_amount,
+            "quantized": self.quantized,
+            "artifacts": dict(self.artifacts),
+            "stages": [asdict(s) for s in self.stages],
+        }
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise GuardConfigError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_compress_args(
+    prune: str | None,
+    prune_amounts: Sequence[float],
+    quantize_mode: str | None,
+    formats: Sequence[str],
+    max_metric_drop: float,
+) -> None:
+    """Validate the arguments shared by :func:`compress_and_export` and ``CompressExport`` (errors name them)."""
+    _check_choice("prune", prune, (None, "unstructured", "structured"))
+    if quantize_mode is not None:
+        _check_choice("quantize", quantize_mode, QUANTIZE_MODES)
+    amounts = list(prune_amounts) if isinstance(prune_amounts, list | tuple) else None
+    if not amounts or not all(
+        isinstance(a, int | float) and not isinstance(a, bool) and 0.0 < a < 1.0 for a in amounts
+    ):
+        raise GuardConfigError(f"`prune_amounts` must be a non-empty list of numbers in (0, 1), got {prune_amounts!r}")
+    if not isinstance(formats, list | tuple) or not formats or any(f not in ("pt2", "onnx") for f in formats):
+        raise GuardConfigError(f"`formats` must be a non-empty list of 'pt2' and/or 'onnx', got {formats!r}")
+    if "pt2" not in formats:
+        raise GuardConfigError(f"`formats` must include 'pt2' (always exported), got {formats!r}")
+    ok = isinstance(max_metric_drop, int | float) and not isinstance(max_metric_drop, bool) and max_metric_drop >= 0
+    if not ok:
+        raise GuardConfigError(f"`max_metric_drop` must be a number >= 0, got {max_metric_drop!r}")
+
+
+def _grad_masks(model: nn.Module) -> Callable[[], None]:
+    """Keep the exact zeros of the prunable weights during a fine-tune: their gradients are masked."""
+    handles = []
+    for _, layer in prunable_layers(model):
+        w = layer.weight
+        assert isinstance(w, torch.Tensor)
+        mask = (w.detach() != 0).to(w.dtype)
+        handles.append(w.register_hook(lambda g, m=mask: g * m))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove
+
+
+def compress_and_export(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    example_inputs: tuple[Any, ...],
+    dirpath: str | Path,
+    *,
+    higher_is_better: bool,
+    max_metric_drop: float = 0.01,
+    prune: PruneMode | None = None,
+    prune_amounts: Sequence[float] = (0.75, 0.5, 0.25),
+    quantize_mode: QuantizeMode | None = "int8_weight_only",
+    formats: Sequence[Format] = ("pt2",),
+    finetune: Callable[[nn.Module], None] | None = None,
+    verify_inputs: Sequence[tuple[Any, ...]] = (),
+    tolerance: float = 1e-4,
+    onnx_int8_tolerance: float = 0.05,
+    filename: str = "model",
+    on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
+) -> CompressionResult:
+    """Prune and/or quantise ``model`` as strongly as ``max_metric_drop`` allows, export it, and prove the artifacts.
+
+    1. ``evaluate(model)`` gives the baseline metric.
+    2. Pruning (``prune``): each amount of ``prune_amounts`` is tried from the strongest down; ``finetune(candidate)``
+       runs after pruning if given (exact zeros of unstructured pruning are kept); the first candidate whose metric
+       is within ``max_metric_drop`` of the baseline is kept, each rejected one is a ``budget_backoff``.
+    3. Quantisation (``quantize_mode``, torchao) on top, kept only within the budget.
+    4. Export: ``<filename>.pt2`` always (``torch.export``), ``<filename>.onnx`` when asked (exported from the fp32
+       pruned model, then int8-quantised by onnxruntime if quantisation was kept).
+    5. Verification: each file is loaded back through a fresh load path (no pickle) and its outputs compared with the
+       in-memory model on ``verify_inputs`` (default: ``example_inputs``): relative error at most ``tolerance``
+       (``onnx_int8_tolerance`` for onnxruntime's int8, whose kernels differ from torchao's). A failure raises.
+
+    ``on_event(kind, message, data)`` hears ``compressed``, ``budget_backoff``, ``exported`` and ``verify_failed``.
+
+    Raises:
+        GuardConfigError: a bad argument (named).
+        GuardRuntimeError: an artifact does not reproduce the model's outputs.
+    """
+    from lightning_guard.errors import GuardRuntimeError
+
+    check_compress_args(prune, prune_amounts, quantize_mode, formats, max_metric_drop)
+    dirpath = Path(dirpath)
+    notify = on_event or (lambda kind, message, data: None)
+    inputs = list(verify_inputs) or [example_inputs]
+    sign = 1.0 if higher_is_better else -1.0
+
+    def drop(metric: float) -> float:
+        return sign * (baseline - metric)
+
+    def row(stage: str, setting: str, decision: str, m: nn.Module, metric: float | None) -> Stage:
+        cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        on_cpu = all(p.device.type == "cpu" for p in m.parameters())
+        return Stage(
+            stage,
+            setting,
+            decision,
+            metric=metric,
+            size_bytes=state_bytes(m),
+            params=param_count(m),
+            sparsity=round(sparsity(m), 4),
+            latency_ms=round(cpu_latency_ms(m, cpu_inputs), 4) if on_cpu else None,
+        )
+
+    baseline = float(evaluate(model))
+    stages = [row("baseline", "fp32", "measured", model, baseline)]
+    with tempfile.TemporaryDirectory() as tmp:  # the uncompressed artifact's size, for comparison
+        stages[0].file_bytes = export_pt2(model, example_inputs, Path(tmp) / "fp32.pt2").stat().st_size
+    current, amount_kept = model, 0.0
+    if prune is not None:
+        for amount in sorted(prune_amounts, reverse=True):
+            if prune == "structured":
+                candidate = prune_structured(current, amount, example_inputs)
+            else:
+                candidate = prune_unstructured(current, amount)
+            if finetune is not None:
+                release = _grad_masks(candidate) if prune == "unstructured" else (lambda: None)
+                try:
+                    finetune(candidate)
+                finally:
+                    release()
+            metric = float(evaluate(candidate))
+            setting = f"{prune} {amount:g}"
+            if drop(metric) <= max_metric_drop:
+                stages.append(row("prune", setting, "accepted", candidate, metric))
+                current, amount_kept = candidate, float(amount)
+                notify(
+                    "compressed",
+                    f"pruned ({setting}): metric {metric:.4g} vs {baseline:.4g}",
+                    {"stage": "prune", "setting": setting, "metric": metric, "baseline": baseline},
+                )
+                break
+            stages.append(row("prune", setting, "rejected", candidate, metric))
+            notify(
+                "budget_backoff",
+                f"pruning {setting} costs {drop(metric):.4g} > max_metric_drop {max_metric_drop:g}; backing off",
+                {"stage": "prune", "setting": setting, "metric": metric, "baseline": baseline},
+            )
+    pruned_fp32, quantized = current, None
+    if quantize_mode is not None:
+        candidate = quantize(current, quantize_mode)
+        metric = float(evaluate(candidate))
+        if drop(metric) <= max_metric_drop:
+            stages.append(row("quantize", quantize_mode, "accepted", candidate, metric))
+            current, quantized = candidate, quantize_mode
+            notify(
+                "compressed",
+                f"quantised ({quantize_mode}): metric {metric:.4g} vs {baseline:.4g}",
+                {"stage": "quantize", "setting": quantize_mode, "metric": metric, "baseline": baseline},
+            )
+        else:
+            stages.append(row("quantize", quantize_mode, "rejected", candidate, metric))
+            notify(
+                "budget_backoff",
+                f"{quantize_mode} costs {drop(metric):.4g} > max_metric_drop {max_metric_drop:g}; not quantising",
+                {"stage": "quantize", "setting": quantize_mode, "metric": metric, "baseline": baseline},
+            )
+    kept = [st.metric for st in stages if st.decision == "accepted" and st.metric is not None]
+    final_metric = kept[-1] if kept else baseline
+    result = CompressionResult(current, baseline, float(final_metric), stages=stages, prune_amount=amount_kept)
+    result.quantized = quantized
+
+    exports: list[tuple[Path, nn.Module, float]] = []
+    exports.append((export_pt2(current, example_inputs, dirpath / f"{filename}.pt2"), current, tolerance))
+    if "onnx" in formats:
+        onnx_path = export_onnx(
+            pruned_fp32, example_inputs, dirpath / f"{filename}.onnx", quantize_int8=bool(quantized)
+        )
+        exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance))
+    for path, reference, tol in exports:
+        error = max_output_error(load_artifact(path), reference, inputs)
+        cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        size = path.stat().st_size
+        ok = error <= tol
+        stage = Stage(
+            "export",
+            path.name,
+            "exported" if ok else "verify_failed",
+            metric=result.final_metric if reference is current else None,
+            file_bytes=size,
+            latency_ms=round(cpu_latency_ms(load_artifact(path), cpu_inputs), 4),
+            path=str(path),
+            max_error=error,
+        )
+        stages.append(stage)
+        data = {"path": str(path), "size_bytes": size, "max_error": error, "tolerance": tol}
+        if not ok:
+            notify("verify_failed", f"{path.name} does not reproduce the model: error {error:.3g} > {tol:g}", data)
+            raise GuardRuntimeError(
+                f"CompressExport: the exported {path.name} does not reproduce the compressed model's outputs "
+                f"(max relative error {error:.3g} > tolerance {tol:g}); the file is left at {path} for inspection"
+            )
+        result.artifacts[path.suffix.lstrip(".")] = str(path)
+        notify("exported", f"{path.name}: {size} bytes, verified (max relative error {error:.2g})", data)
+    return result
