@@ -1,0 +1,164 @@
+"""CompressExport at fit end: budget search on real digits, artifacts reloaded and compared, report, events, wandb,
+OverfitGuard's restore first, ddp_spawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_guard import CompressExport, GuardConfigError, OverfitGuard
+from lightning_guard.events import EVENTS_FILENAME
+from lightning_guard.functional import compress as C
+from tests.helpers import DigitsNet, digits_loaders, read_jsonl, trainer, wandb_history
+
+pytest.importorskip("torchao")
+
+
+class WideNet(DigitsNet):
+    def __init__(self) -> None:
+        super().__init__(hidden=256)
+
+
+def _events(root: Path) -> list[dict]:
+    return [e for e in read_jsonl(root) if e["guard"] == "compress"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"monitor": ""}, "`monitor` must be a non-empty string, got ''"),
+        ({"mode": "up"}, "`mode` must be 'min', 'max' or None, got 'up'"),
+        ({"finetune_epochs": -1}, "`finetune_epochs` must be an int >= 0, got -1"),
+        ({"verify_batches": 0}, "`verify_batches` must be an int >= 1, got 0"),
+        ({"tolerance": 0}, "`tolerance` must be a number > 0, got 0"),
+        ({"eval_fn": 3}, "`eval_fn` must be callable or None, got 3"),
+        ({"filename": "a/b"}, "`filename` must be a file name without directories, got 'a/b'"),
+        (
+            {"quantize": "int2"},
+            "`quantize` must be one of ('int8_weight_only', 'int8_dynamic', 'int4_weight_only'), got 'int2'",
+        ),
+        ({"prune": "magnitude"}, "`prune` must be one of (None, 'unstructured', 'structured'), got 'magnitude'"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(GuardConfigError) as err:
+        CompressExport(**kwargs)
+    assert str(err.value) == message
+
+
+def test_mode_follows_the_metric_name_and_int8_is_an_alias():
+    assert CompressExport(monitor="val_acc").mode == "max"
+    assert CompressExport(monitor="val_loss").mode == "min"
+    assert CompressExport(quantize="int8").quantize == "int8_weight_only"
+
+
+def test_fit_end_compresses_within_budget_exports_verifies_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    torch.manual_seed(0)
+    tr, va = digits_loaders(n_train=1000, n_val=400, batch_size=64)
+    logger = WandbLogger(save_dir=str(tmp_path), project="lg-test")
+    out = tmp_path / "export"
+    guard = CompressExport(
+        dirpath=str(out), monitor="val_acc", prune="structured", formats=("pt2", "onnx"), max_metric_drop=0.01
+    )
+    t = trainer(tmp_path, [guard], max_epochs=12, logger=logger)
+    model = WideNet()
+    t.fit(model, tr, va)
+    run_dir = Path(logger.experiment.dir).parent
+    jsonl = Path(logger.experiment.dir) / EVENTS_FILENAME
+    logger.experiment.finish()
+
+    result = guard.result
+    assert result is not None
+    assert result.baseline_metric - result.final_metric <= 0.01  # the budget
+    assert result.prune_amount > 0
+    assert result.quantized == "int8_weight_only"
+    baseline = result.stages[0]
+    pt2 = out / "model.pt2"
+    assert set(result.artifacts) == {"pt2", "onnx"}
+    assert pt2.stat().st_size < baseline.file_bytes  # type: ignore[operator]
+    # the artifacts reload through fresh load paths and reproduce the compressed model on held-out data
+    x = torch.cat([b[0] for b in va])
+    assert C.max_output_error(C.load_artifact(pt2), result.model, [(x,)]) <= 1e-4
+    assert C.max_output_error(C.load_artifact(out / "model.onnx"), result.model, [(x,)]) <= 0.05
+    assert not any("_orig" in k or "_mask" in k for k in result.model.state_dict())
+    assert "training_step" not in result.model.__dict__
+    report = json.loads((out / "compress_report.json").read_text())
+    assert report["monitor"] == "val_acc"
+    assert [s["stage"] for s in report["stages"]][:1] == ["baseline"]
+    assert all(k in report["stages"][0] for k in ("size_bytes", "params", "sparsity", "metric", "latency_ms"))
+    kinds = [e["kind"] for e in _events(jsonl)]
+    assert kinds.count("compressed") == 2  # pruning and quantisation
+    assert kinds.count("exported") == 2
+    rows = [r for r in wandb_history(run_dir) if "guard/compress/nrows" in r]
+    assert [r["guard/compress/nrows"] for r in rows] == [len(result.stages)]
+    (table,) = (run_dir / "files" / "media" / "table" / "guard").glob("compress_*.table.json")
+    assert json.loads(table.read_text())["columns"][:3] == ["stage", "setting", "decision"]
+
+
+def test_best_weights_are_restored_before_compression(tmp_path):
+    """OverfitGuard restores the best weights in on_train_end; CompressExport's baseline is measured after it."""
+    torch.manual_seed(1)
+    tr, va = digits_loaders(n_train=100, n_val=200, batch_size=20)
+    og = OverfitGuard(monitor="val_loss", patience=3)
+    ce = CompressExport(dirpath=str(tmp_path / "x"), monitor="val_loss", quantize=None, max_metric_drop=1.0)
+    trainer(tmp_path, [ce, og], max_epochs=40).fit(DigitsNet(lr=0.02, hidden=256), tr, va)
+    assert ce.result is not None
+    assert ce.result.baseline_metric == pytest.approx(og.best, rel=1e-5)
+
+
+def test_unstructured_pruning_with_finetune_keeps_its_zeros(tmp_path):
+    torch.manual_seed(2)
+    tr, va = digits_loaders(n_train=1000, n_val=400, batch_size=64)
+    ce = CompressExport(
+        dirpath=str(tmp_path / "x"),
+        monitor="val_acc",
+        prune="unstructured",
+        prune_amounts=(0.8,),
+        finetune_epochs=2,
+        quantize=None,
+        max_metric_drop=0.05,
+    )
+    trainer(tmp_path, [ce], max_epochs=8).fit(WideNet(), tr, va)
+    assert ce.result is not None
+    assert ce.result.prune_amount == 0.8
+    assert C.sparsity(ce.result.model) >= 0.8 - 1e-3
+
+
+def test_missing_monitor_lists_the_logged_metrics(tmp_path):
+    tr, va = digits_loaders()
+    t = trainer(tmp_path, [CompressExport(monitor="val_f1")], max_epochs=1)
+    with pytest.raises(GuardConfigError) as err:
+        t.fit(DigitsNet(), tr, va)
+    assert str(err.value) == (
+        "CompressExport: `monitor='val_f1'` is not logged by the validation loop; logged: ['val_acc', 'val_loss']"
+    )
+
+
+def test_no_validation_data_is_a_clear_error(tmp_path):
+    tr, _ = digits_loaders()
+    with pytest.raises(GuardConfigError) as err:
+        trainer(tmp_path, [CompressExport()], max_epochs=1).fit(DigitsNet(), tr)
+    assert str(err.value) == (
+        "CompressExport needs an example input for export: give the fit a val dataloader or pass `example_input`"
+    )
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_after_ddp_spawn_training_rank_0_exports_once(tmp_path):
+    tr, va = digits_loaders(n_train=512, n_val=256, batch_size=32)
+    ce = CompressExport(dirpath=str(tmp_path / "x"), monitor="val_acc", max_metric_drop=0.02)
+    trainer(tmp_path, [ce], devices=2, strategy="ddp_spawn", max_epochs=3).fit(DigitsNet(), tr, va)
+    pt2 = tmp_path / "x" / "model.pt2"
+    assert pt2.exists()
+    report = json.loads((tmp_path / "x" / "compress_report.json").read_text())
+    assert report["artifacts"] == {"pt2": str(pt2)}
+    kinds = [e["kind"] for e in _events(tmp_path / EVENTS_FILENAME)]
+    assert kinds.count("exported") == 1
+    out = C.load_artifact(pt2)(torch.cat([b[0] for b in va]))
+    assert out.shape == (256, 10)

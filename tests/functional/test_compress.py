@@ -1,0 +1,203 @@
+"""The compression cores without a Trainer: pruning, quantisation, export, verification and the budget search."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_guard import GuardConfigError, GuardRuntimeError
+from lightning_guard.functional import compress as C
+from tests.helpers import digits
+
+
+def _mlp(hidden: int = 128) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """An MLP trained on 1400 digits; held-out accuracy is the metric (real data, about 97%)."""
+    x, y = digits()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        for i in range(0, len(tr), 64):
+            idx = tr[i : i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x[te]).argmax(-1) == y[te]).float().mean())
+
+    return model, accuracy, x[te]
+
+
+def test_unstructured_pruning_is_permanent_keeps_existing_zeros_and_leaves_the_input_alone():
+    model = _mlp()
+    with torch.no_grad():  # exact zeros, as L1Penalty's proximal mode leaves them
+        model[2].weight[:, :10] = 0.0
+    before = copy.deepcopy(model.state_dict())
+    pruned = C.prune_unstructured(model, 0.6)
+    assert C.sparsity(pruned) == pytest.approx(0.6, abs=1e-3)
+    assert set(pruned.state_dict()) == set(before)  # no weight_orig / weight_mask
+    assert bool((pruned[2].weight[:, :10] == 0).all())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_structured_pruning_really_shrinks_the_layers():
+    model = _mlp(128)
+    x = torch.randn(4, 64)
+    pruned = C.prune_structured(model, 0.5, (x,))
+    assert [pruned[0].out_features, pruned[2].in_features, pruned[2].out_features, pruned[4].out_features] == [
+        64,
+        64,
+        64,
+        10,
+    ]
+    assert C.param_count(pruned) == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10 == 8970  # from 26122
+    assert pruned(x).shape == (4, 10)
+    assert model[0].out_features == 128
+
+
+@pytest.mark.parametrize("mode", ["int8_weight_only", "int8_dynamic"])
+def test_quantize_int8_keeps_outputs_close_and_shrinks_the_state(trained, mode):
+    model, accuracy, x = trained
+    q = C.quantize(model, mode)
+    assert C.state_bytes(q) < C.state_bytes(model) / 3
+    assert abs(accuracy(q) - accuracy(model)) <= 0.01
+    assert C.max_output_error(q, model, [(x[:64],)]) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: C.quantize(m, "int3"), "`quantize` must be one of"),
+        (lambda m: C.quantize(m, "int4_weight_only"), "`quantize='int4_weight_only'` needs the model on a CUDA device"),
+        (lambda m: C.prune_unstructured(m, 1.0), "`amount` must be a number in [0, 1), got 1.0"),
+        (lambda m: C.prune_structured(m, -0.1, (torch.zeros(1, 64),)), "`amount` must be a number in [0, 1), got -0.1"),
+    ],
+)
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises(GuardConfigError) as err:
+        call(_mlp())
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prune": "random"}, "`prune` must be one of (None, 'unstructured', 'structured'), got 'random'"),
+        ({"prune_amounts": []}, "`prune_amounts` must be a non-empty list of numbers in (0, 1), got []"),
+        (
+            {"prune_amounts": (0.5, 1.2)},
+            "`prune_amounts` must be a non-empty list of numbers in (0, 1), got (0.5, 1.2)",
+        ),
+        ({"formats": ("onnx",)}, "`formats` must include 'pt2' (always exported), got ('onnx',)"),
+        (
+            {"formats": ("pt2", "tflite")},
+            "`formats` must be a non-empty list of 'pt2' and/or 'onnx', got ('pt2', 'tflite')",
+        ),
+        ({"max_metric_drop": -1}, "`max_metric_drop` must be a number >= 0, got -1"),
+    ],
+)
+def test_search_arguments_are_named(tmp_path, kwargs, message):
+    args = {"prune": None, "prune_amounts": (0.5,), "quantize_mode": None, "formats": ("pt2",), "max_metric_drop": 0.01}
+    args.update(kwargs)
+    with pytest.raises(GuardConfigError) as err:
+        C.check_compress_args(**args)
+    assert str(err.value) == message
+
+
+def test_pt2_and_onnx_round_trip_through_fresh_load_paths(tmp_path):
+    model = _mlp().eval()
+    x = torch.randn(8, 64)
+    pt2 = C.export_pt2(model, (x,), tmp_path / "m.pt2")
+    onnx = C.export_onnx(model, (x,), tmp_path / "m.onnx")
+    other_batch = torch.randn(3, 64)  # the batch dimension is dynamic
+    assert C.max_output_error(C.load_artifact(pt2), model, [(other_batch,)]) == 0.0
+    assert C.max_output_error(C.load_artifact(onnx), model, [(other_batch,)]) < 1e-5
+    q = C.export_onnx(model, (x,), tmp_path / "q.onnx", quantize_int8=True)
+    assert q.stat().st_size < onnx.stat().st_size / 2
+    assert not (tmp_path / "q.fp32.onnx").exists()
+    with pytest.raises(GuardConfigError, match=r"unknown artifact type '\.bin'"):
+        C.load_artifact(tmp_path / "m.bin")
+
+
+def test_budget_search_takes_the_strongest_pruning_within_the_budget(tmp_path, trained):
+    model, accuracy, x = trained
+    events = []
+    result = C.compress_and_export(
+        model,
+        accuracy,
+        (x[:16],),
+        tmp_path,
+        higher_is_better=True,
+        max_metric_drop=0.01,
+        prune="unstructured",
+        prune_amounts=(0.99, 0.9, 0.3),
+        quantize_mode="int8_weight_only",
+        verify_inputs=[(x[:64],), (x[64:128],)],
+        on_event=lambda kind, message, data: events.append((kind, data.get("setting"))),
+    )
+    assert result.baseline_metric - result.final_metric <= 0.01
+    decisions = [(s.stage, s.setting, s.decision) for s in result.stages]
+    assert decisions[0] == ("baseline", "fp32", "measured")
+    assert ("prune", "unstructured 0.99", "rejected") in decisions  # 99% of the weights gone is too much
+    accepted = [s for s in result.stages if s.stage == "prune" and s.decision == "accepted"]
+    assert len(accepted) == 1
+    assert result.prune_amount == float(accepted[0].setting.split()[-1])
+    assert ("budget_backoff", "unstructured 0.99") in events
+    assert ("exported", None) in events
+    assert (tmp_path / "model.pt2").exists()
+    assert result.artifacts == {"pt2": str(tmp_path / "model.pt2")}
+    reloaded = C.load_artifact(tmp_path / "model.pt2")
+    assert C.max_output_error(reloaded, result.model, [(x,)]) <= 1e-4
+
+
+def test_quantisation_backs_off_when_it_breaks_the_budget(tmp_path, trained):
+    model, _, x = trained
+    events = []
+    # a metric so strict that any change of the outputs breaks it: the quantised model must be refused
+    result = C.compress_and_export(
+        model,
+        lambda m: -C.max_output_error(m, model, [(x,)]),
+        (x[:16],),
+        tmp_path,
+        higher_is_better=True,
+        max_metric_drop=0.0,
+        quantize_mode="int8_weight_only",
+        on_event=lambda kind, message, data: events.append(kind),
+    )
+    assert result.quantized is None
+    assert [s.decision for s in result.stages if s.stage == "quantize"] == ["rejected"]
+    assert events == ["budget_backoff", "exported"]
+
+
+def test_an_artifact_that_does_not_reproduce_the_model_fails_loudly(tmp_path, trained, monkeypatch):
+    model, accuracy, x = trained
+    real = C.load_artifact
+    monkeypatch.setattr(C, "load_artifact", lambda path: lambda *a: real(path)(*a) + 1.0)
+    events = []
+    with pytest.raises(GuardRuntimeError) as err:
+        C.compress_and_export(
+            model,
+            accuracy,
+            (x[:16],),
+            tmp_path,
+            higher_is_better=True,
+            quantize_mode=None,
+            on_event=lambda kind, message, data: events.append(kind),
+        )
+    assert str(err.value).startswith("CompressExport: the exported model.pt2 does not reproduce the compressed model's")
+    assert events == ["verify_failed"]
+    assert (tmp_path / "model.pt2").exists()  # left for inspection
