@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_guard import (
     ClassBalance,
+    CompressExport,
     GradientGuard,
     GuardMixin,
     L1Penalty,
@@ -170,6 +171,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         InjectNaN("batch", steps=[steps_per_epoch + 3]),
         LRSpike(factor=1000.0, steps=[2 * steps_per_epoch + 5]),
         SimulatedOOM(max_batch_size=16, where="backward", steps=[steps_per_epoch + 10]),
+        # At fit end, on OverfitGuard's restored best weights: the strongest structured pruning + int8 that keeps
+        # balanced validation accuracy within 2 points, exported as .pt2 and ONNX and verified by reloading.
+        CompressExport(
+            dirpath=str(out / "compressed"),
+            monitor="val_balanced_acc",
+            max_metric_drop=0.02,
+            prune="structured",
+            prune_amounts=(0.5, 0.25),
+            formats=("pt2", "onnx"),
+        ),
     ]
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -191,6 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
     result["events"] = len(stream.events)
     result["jsonl"] = str(jsonl)
+    compress = next(c for c in callbacks if isinstance(c, CompressExport)).result
+    if compress is not None:
+        result["artifacts"] = dict(compress.artifacts)
+        print(f"compressed model: {compress.artifacts} (verified by reloading)")
     print(f"\ntest accuracy {result['test_acc']:.3f}, balanced accuracy {result['test_balanced_acc']:.3f}")
     print(f"guard events ({result['events']}): {jsonl}")
     if logger:

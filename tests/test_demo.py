@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lightning_guard import demo
 from tests.helpers import read_jsonl
@@ -16,4 +17,9 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     assert len(events) == result["events"] > 0
     kinds = {(e["guard"], e["kind"]) for e in events}
     assert {("oom", "oom_retry"), ("oom", "grow_back"), ("fault_injector", "simulated_oom")} <= kinds
+    assert {("compress", "exported")} <= kinds
+    from lightning_guard.functional import load_artifact
+
+    logits = load_artifact(result["artifacts"]["pt2"])(torch.zeros(3, 64))  # the demo leaves a verified model
+    assert logits.shape == (3, 10)
     assert str(tmp_path) in result["wandb_dir"]

@@ -201,6 +201,8 @@ class CompressExport(GuardCallback):
         loader = self._val_loader(trainer)
 
         def evaluate(model: torch.nn.Module) -> float:
+            if isinstance(model, pl.LightningModule):
+                model._metric_attributes = None  # a copy's cached ids point at the original's torchmetrics
             metrics = self._nested_trainer(device, root).validate(model, dataloaders=loader, verbose=False)[0]  # type: ignore[arg-type]
             if self.monitor not in metrics:
                 raise GuardConfigError(

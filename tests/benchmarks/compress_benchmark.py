@@ -5,9 +5,9 @@ with Lightning (AdamW 1e-3, batch 64, 40 epochs); each configuration compresses 
 ``compress_and_export`` (what ``CompressExport`` runs at fit end), budget ``max_metric_drop=0.01`` on validation
 accuracy. Lightning's ``ModelPruning(l1_unstructured, amount=0.5)`` prunes during a separate training run from the
 same seed (its default: every epoch), then the result is exported the same way. Reported per configuration: the
-exported ``.pt2`` (or ``.onnx``) size and its ratio to the fp32 ``.pt2``, test accuracy *of the reloaded artifact*, and median CPU
-latency of the artifact (batch 1 and batch 256, 2 threads). ``python -m tests.benchmarks.compress_benchmark`` or
-``make bench``.
+exported ``.pt2`` (or ``.onnx``) size and its ratio to the fp32 ``.pt2``, test accuracy *of the reloaded
+artifact*, and median CPU latency of the artifact (batch 1 and batch 256, 2 threads).
+``python -m tests.benchmarks.compress_benchmark`` or ``make bench``.
 """
 
 from __future__ import annotations
