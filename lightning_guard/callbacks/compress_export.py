@@ -16,7 +16,8 @@ from typing_extensions import override
 
 from lightning_guard import _wandb
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.errors import GuardConfigError
+from lightning_guard.distributed import agree
+from lightning_guard.errors import GuardConfigError, GuardRuntimeError
 from lightning_guard.functional.compress import (
     CompressionResult,
     Format,
@@ -60,7 +61,8 @@ class CompressExport(GuardCallback):
     r"""At fit end, prune and quantise the best weights as far as an accuracy budget allows, export, and verify.
 
     Runs in ``on_fit_end`` on rank 0 (after OverfitGuard's best-weight restore, which happens in ``on_train_end``),
-    on a copy of the unwrapped LightningModule; the other ranks wait at a barrier. The search and the export are
+    on a copy of the unwrapped LightningModule; the other ranks wait in one agreement collective, and if rank 0
+    fails, every rank raises (none is left waiting). The search and the export are
     :func:`~lightning_guard.functional.compress_and_export`, usable without a Trainer:
 
     1. the monitored metric is measured with the module's own validation loop (a fresh single-device Trainer's
@@ -288,10 +290,18 @@ class CompressExport(GuardCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
+        error: BaseException | None = None
         if trainer.global_rank == 0:
-            self.result = self.compress(trainer, pl_module)
-        if trainer.world_size > 1:
-            trainer.strategy.barrier("lightning_guard.compress_export")
+            try:
+                self.result = self.compress(trainer, pl_module)
+            except Exception as exc:
+                if trainer.world_size == 1:
+                    raise
+                error = exc  # raised below on every rank, so no rank waits for rank 0 forever
+        if trainer.world_size > 1 and agree(trainer, error is not None).any:
+            if error is not None:
+                raise error
+            raise GuardRuntimeError("CompressExport failed on rank 0 (see its error); stopping this rank too")
         if not self._is_owner(trainer):  # the owner printed its summary already: refresh the table with ours
             self._sync_events(trainer, force_table=True)
 

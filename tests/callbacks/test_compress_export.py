@@ -162,3 +162,14 @@ def test_after_ddp_spawn_training_rank_0_exports_once(tmp_path):
     assert kinds.count("exported") == 1
     out = C.load_artifact(pt2)(torch.cat([b[0] for b in va]))
     assert out.shape == (256, 10)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_a_failure_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0's compression fails (the monitor is not logged): rank 1 must not wait for it forever; the error comes
+    out of fit()."""
+    tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
+    t = trainer(tmp_path, [CompressExport(monitor="val_f1")], devices=2, strategy="ddp_spawn", max_epochs=1)
+    with pytest.raises(Exception, match="`monitor='val_f1'` is not logged by the validation loop"):
+        t.fit(DigitsNet(), tr, va)
