@@ -186,10 +186,15 @@ class CompressExport(GuardCallback):
             **kwargs,
         )
 
-    def _val_loader(self, trainer: pl.Trainer) -> Any:
+    @staticmethod
+    def _first_val_loader(trainer: pl.Trainer) -> Any:
         loaders = trainer.val_dataloaders
         if isinstance(loaders, list | tuple):
-            loaders = loaders[0] if loaders else None
+            return loaders[0] if loaders else None
+        return loaders
+
+    def _val_loader(self, trainer: pl.Trainer) -> Any:
+        loaders = self._first_val_loader(trainer)
         if loaders is None and self.eval_fn is None:
             raise GuardConfigError(
                 "CompressExport needs validation data to measure the metric budget: give the fit a val dataloader "
@@ -231,9 +236,7 @@ class CompressExport(GuardCallback):
             return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)
 
         verify: list[tuple[Any, ...]] = []
-        loader = trainer.val_dataloaders
-        if isinstance(loader, list | tuple):
-            loader = loader[0] if loader else None
+        loader = self._first_val_loader(trainer)
         if loader is not None:
             for i, batch in enumerate(loader):
                 if i >= self.verify_batches:

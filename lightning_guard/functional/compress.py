@@ -486,8 +486,9 @@ def compress_and_export(
     def drop(metric: float) -> float:
         return sign * (baseline - metric)
 
+    cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+
     def row(stage: str, setting: str, decision: str, m: nn.Module, metric: float | None) -> Stage:
-        cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
         on_cpu = all(p.device.type == "cpu" for p in m.parameters())
         return Stage(
             stage,
@@ -566,8 +567,8 @@ def compress_and_export(
         )
         exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance))
     for path, reference, tol in exports:
-        error = max_output_error(load_artifact(path), reference, inputs)
-        cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        artifact = load_artifact(path)
+        error = max_output_error(artifact, reference, inputs)
         size = path.stat().st_size
         ok = error <= tol
         stage = Stage(
@@ -576,7 +577,7 @@ def compress_and_export(
             "exported" if ok else "verify_failed",
             metric=result.final_metric if reference is current else None,
             file_bytes=size,
-            latency_ms=round(cpu_latency_ms(load_artifact(path), cpu_inputs), 4),
+            latency_ms=round(cpu_latency_ms(artifact, cpu_inputs), 4),
             path=str(path),
             max_error=error,
         )
