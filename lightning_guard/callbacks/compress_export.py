@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_guard import _wandb
+from lightning_guard._checks import check_int, check_number
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import agree
 from lightning_guard.errors import GuardConfigError, GuardRuntimeError
@@ -135,11 +136,9 @@ class CompressExport(GuardCallback):
             raise GuardConfigError(f"`monitor` must be a non-empty string, got {monitor!r}")
         if mode not in (None, "min", "max"):
             raise GuardConfigError(f"`mode` must be 'min', 'max' or None, got {mode!r}")
-        for name, value, low in (("finetune_epochs", finetune_epochs, 0), ("verify_batches", verify_batches, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise GuardConfigError(f"`{name}` must be an int >= {low}, got {value!r}")
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
-            raise GuardConfigError(f"`tolerance` must be a number > 0, got {tolerance!r}")
+        check_int("finetune_epochs", finetune_epochs, low=0)
+        check_int("verify_batches", verify_batches, low=1)
+        check_number("tolerance", tolerance, low=0)
         if eval_fn is not None and not callable(eval_fn):
             raise GuardConfigError(f"`eval_fn` must be callable or None, got {eval_fn!r}")
         if not isinstance(filename, str) or not filename or "/" in filename:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_guard._checks import check_number
 from lightning_guard.errors import GuardConfigError
 
 __all__ = [
@@ -55,6 +56,11 @@ def _require(module: str, extra: str = "export") -> None:
         raise GuardConfigError(
             f"this needs `{module}`: install the `{extra}` extra (pip install lightning-guard[{extra}])"
         )
+
+
+def _check_amount(amount: Any) -> None:
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0.0 <= amount < 1.0:
+        raise GuardConfigError(f"`amount` must be a number in [0, 1), got {amount!r}")
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -104,8 +110,7 @@ def prune_unstructured(model: nn.Module, amount: float) -> nn.Module:
     Raises:
         GuardConfigError: ``amount`` outside [0, 1).
     """
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0.0 <= amount < 1.0:
-        raise GuardConfigError(f"`amount` must be a number in [0, 1), got {amount!r}")
+    _check_amount(amount)
     from torch.nn.utils import prune
 
     pruned = copy.deepcopy(model)
@@ -142,8 +147,7 @@ def prune_structured(
     Raises:
         GuardConfigError: ``amount`` outside [0, 1), or torch-pruning missing.
     """
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0.0 <= amount < 1.0:
-        raise GuardConfigError(f"`amount` must be a number in [0, 1), got {amount!r}")
+    _check_amount(amount)
     _require("torch_pruning")
     import torch_pruning as tp
 
@@ -416,9 +420,7 @@ def check_compress_args(
         raise GuardConfigError(f"`formats` must be a non-empty list of 'pt2' and/or 'onnx', got {formats!r}")
     if "pt2" not in formats:
         raise GuardConfigError(f"`formats` must include 'pt2' (always exported), got {formats!r}")
-    ok = isinstance(max_metric_drop, int | float) and not isinstance(max_metric_drop, bool) and max_metric_drop >= 0
-    if not ok:
-        raise GuardConfigError(f"`max_metric_drop` must be a number >= 0, got {max_metric_drop!r}")
+    check_number("max_metric_drop", max_metric_drop, low=0, strict=False)
 
 
 def _grad_masks(model: nn.Module) -> Callable[[], None]:
