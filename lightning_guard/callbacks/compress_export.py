@@ -301,9 +301,10 @@ class CompressExport(GuardCallback):
                     raise
                 error = exc  # raised below on every rank, so no rank waits for rank 0 forever
         if trainer.world_size > 1 and agree(trainer, error is not None).any:
+            message = trainer.strategy.broadcast(f"{type(error).__name__}: {error}", src=0)
             if error is not None:
                 raise error
-            raise GuardRuntimeError("CompressExport failed on rank 0 (see its error); stopping this rank too")
+            raise GuardRuntimeError(f"CompressExport failed on rank 0, stopping this rank too: {message}")
         if not self._is_owner(trainer):  # the owner printed its summary already: refresh the table with ours
             self._sync_events(trainer, force_table=True)
 
