@@ -131,6 +131,13 @@ class GuardCallback(Callback):
         )
         emit(trainer, event)
 
+    def _reported(self, trainer: pl.Trainer, kind: str) -> bool:
+        """Whether this run's event log already holds a ``kind`` event of this guard.
+
+        A resumed run restores the log from the checkpoint, so once-per-run announcements are not repeated.
+        """
+        return any(e.guard == self.guard_name and e.kind == kind for e in self.runtime(trainer).events.events)
+
     def _on_batch_retry(self, trainer: pl.Trainer) -> None:
         """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""
 

@@ -257,8 +257,8 @@ class ClassBalance(GuardCallback):
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
-        if trainer.global_rank != 0 or self.counts is None:
-            return
+        if trainer.global_rank != 0 or self.counts is None or self._reported(trainer, "class_counts"):
+            return  # once per run: a resumed run's event log already has it
         counts = [int(c) for c in self.counts.tolist()]
         present = [c for c in counts if c > 0]
         ratio = max(present) / min(present) if present else math.nan

@@ -183,7 +183,7 @@ class L1Penalty(GuardCallback):
         )
         if self.mode == "proximal":
             self.runtime(trainer).add_listener(self._on_step)
-        if trainer.global_rank == 0:
+        if trainer.global_rank == 0 and not self._reported(trainer, "selected"):  # once per run, not per resume
             emit(
                 trainer,
                 GuardEvent.at(
