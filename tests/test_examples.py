@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+EXAMPLE_DIR = Path(__file__).parent.parent / "examples"
+EXAMPLES = sorted(p for p in EXAMPLE_DIR.glob("*.py") if not p.name.startswith("_"))  # _digits.py is shared code
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs(path, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(EXAMPLE_DIR))  # as `python examples/x.py` does
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

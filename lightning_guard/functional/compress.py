@@ -562,7 +562,25 @@ def compress_and_export(
     result.quantized = quantized
 
     exports: list[tuple[Path, nn.Module, float]] = []
-    exports.append((export_pt2(current, example_inputs, dirpath / f"{filename}.pt2"), current, tolerance))
+    pt2 = export_pt2(current, example_inputs, dirpath / f"{filename}.pt2")
+    baseline_file = stages[0].file_bytes or 0
+    if quantized and current is not pruned_fp32 and pt2.stat().st_size >= baseline_file:
+        # torchao's quantised graph carries fixed overhead: on a small model the int8 .pt2 can outweigh the fp32 one
+        notify(
+            "budget_backoff",
+            f"the {quantized} .pt2 ({pt2.stat().st_size} bytes) is not smaller than the fp32 one ({baseline_file}); "
+            "exporting without quantisation",
+            {"stage": "quantize", "setting": quantized, "file_bytes": pt2.stat().st_size, "baseline": baseline_file},
+        )
+        stages.append(Stage("quantize", quantized, "rejected", file_bytes=pt2.stat().st_size))
+        current = result.model = pruned_fp32
+        result.quantized = None
+        kept = [
+            st.metric for st in stages if st.stage == "prune" and st.decision == "accepted" and st.metric is not None
+        ]
+        result.final_metric = float(kept[-1]) if kept else baseline
+        pt2 = export_pt2(current, example_inputs, pt2)
+    exports.append((pt2, current, tolerance))
     if "onnx" in formats:
         onnx_path = export_onnx(
             pruned_fp32, example_inputs, dirpath / f"{filename}.onnx", quantize_int8=bool(quantized)

@@ -201,3 +201,23 @@ def test_an_artifact_that_does_not_reproduce_the_model_fails_loudly(tmp_path, tr
     assert str(err.value).startswith("CompressExport: the exported model.pt2 does not reproduce the compressed model's")
     assert events == ["verify_failed"]
     assert (tmp_path / "model.pt2").exists()  # left for inspection
+
+
+def test_int8_is_not_exported_when_its_pt2_is_not_smaller(tmp_path):
+    """On a tiny model torchao's graph overhead makes the int8 .pt2 larger than the fp32 one: export fp32 instead."""
+    model = nn.Sequential(nn.Linear(64, 10)).eval()
+    x = torch.randn(8, 64)
+    events = []
+    result = C.compress_and_export(
+        model,
+        lambda m: 1.0,
+        (x,),
+        tmp_path,
+        higher_is_better=True,
+        quantize_mode="int8_weight_only",
+        on_event=lambda kind, message, data: events.append((kind, data.get("stage"))),
+    )
+    assert result.quantized is None
+    assert result.model is model or C.state_bytes(result.model) == C.state_bytes(model)
+    assert events == [("compressed", "quantize"), ("budget_backoff", "quantize"), ("exported", None)]
+    assert (tmp_path / "model.pt2").stat().st_size < result.stages[0].file_bytes * 1.01
