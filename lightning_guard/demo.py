@@ -30,6 +30,7 @@ from lightning_guard import (
     WarmupCosine,
     event_stream,
 )
+from lightning_guard.plot import MetricHistory, plot_run
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 __all__ = ["DemoNet", "long_tailed_digits", "main"]
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault("WANDB_SILENT", "true")
         logger = WandbLogger(project="lightning_guard_demo", save_dir=str(out), name="demo")
 
+    history = MetricHistory()
     callbacks: list[pl.Callback] = [
+        history,
         WarmupCosine(warmup=0.1, min_lr_ratio=0.02),
         GradientGuard(snapshot_every=10),
         OverfitGuard(monitor="val_loss", patience=4),
@@ -198,16 +201,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.fit(model, loaders["train"], loaders["val"])
     stream = event_stream(trainer)
     jsonl = stream.jsonl_path
+    try:  # the figure needs matplotlib (installed by `make demo`)
+        result_png: str | None = str(
+            plot_run(
+                history.series,
+                stream.events,
+                out / "run.png",
+                title="lightning_guard demo: digits (long-tailed), every guard, faults injected on purpose",
+                panels=[["train_loss"], ["val_loss"], ["val_balanced_acc"], ["lr"]],
+            )
+        )
+    except ImportError:
+        result_png = None
     (metrics,) = trainer.test(model, loaders["test"], verbose=False)
     result: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
     result["events"] = len(stream.events)
     result["jsonl"] = str(jsonl)
+    result["figure"] = result_png
     compress = next(c for c in callbacks if isinstance(c, CompressExport)).result
     if compress is not None:
         result["artifacts"] = dict(compress.artifacts)
         print(f"compressed model: {compress.artifacts} (verified by reloading)")
     print(f"\ntest accuracy {result['test_acc']:.3f}, balanced accuracy {result['test_balanced_acc']:.3f}")
     print(f"guard events ({result['events']}): {jsonl}")
+    if result_png:
+        print(f"figure of the run with its events: {result_png}")
     if logger:
         run = logger.experiment
         result["wandb_dir"] = str(Path(run.dir).parent)

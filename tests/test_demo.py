@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,4 +24,5 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
 
     logits = load_artifact(result["artifacts"]["pt2"])(torch.zeros(3, 64))  # the demo leaves a verified model
     assert logits.shape == (3, 10)
+    assert Path(result["figure"]).stat().st_size > 10_000  # the PNG of the run with its events
     assert str(tmp_path) in result["wandb_dir"]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, as ONE prepared script for a lent H100/H200.
-#   bash tests/benchmarks/gpu_check.sh OUT [all|tests|gradient_guard|l1|oom]  (default: all, about 6 minutes)
+#   bash tests/benchmarks/gpu_check.sh OUT [all|tests|gradient_guard|l1|oom|guards]  (default: all, about 8 minutes)
 #   tests:          the `gpu`-marked tests (CUDA GradScaler under 16-mixed, fused AdamW under bf16-mixed, FSDP on one
 #                   GPU, rollback from pinned asynchronous snapshots, torchao int4 weight-only quantise + export)
 #   gradient_guard: step-time overhead of GradientGuard on a ~135M-parameter transformer LM, bf16-mixed
 #   l1:             step-time overhead of L1Penalty (subgradient, proximal) vs the loss-term idiom, same model
+#   guards:         all step-path guards together vs bare, ~134M LM, bf16-mixed and 16-mixed (target <= 3%)
 #   oom:            OOMGuard against a real CUDA out-of-memory under a 2.5 GiB cap: completes, matches a micro-batched
 #                   reference, recovery time (tests/callbacks/test_oom_guard_gpu.py -> OUT/oom_guard_gpu.json)
 # Uses the machine's python3 (which holds torch + lightning); writes logs and JSON/markdown tables into OUT.
@@ -31,4 +32,10 @@ fi
 if [[ $PART == all || $PART == oom ]]; then
   timeout 120 python3 -m pytest -q -s -p no:cacheprovider -o addopts="--strict-markers" -m gpu \
     tests/callbacks/test_oom_guard_gpu.py 2>&1 | grep -vE "$FILTER" | tee "$OUT/oom_gpu_tests.log" | tail -30
+fi
+if [[ $PART == all || $PART == guards ]]; then
+  for P in bf16-mixed 16-mixed; do
+    timeout 150 python3 -m tests.benchmarks.overhead --suite all --device cuda --precision $P --rounds 3 --warmup 10 \
+      --steps 30 --out "$OUT/$P" 2>&1 | grep -vE "$FILTER" | tail -8
+  done
 fi

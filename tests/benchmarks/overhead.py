@@ -12,6 +12,9 @@ Configurations (each a fresh model and Trainer, rounds interleaved in rotated or
 * ``guard_snap10``: ``GradientGuard(snapshot_every=10)``, so the snapshot cost falls inside the timed window;
 * L1 suite (``--suite l1``): ``l1_loss_term`` (the usual ``loss + lambda * sum|w|``), ``l1_subgradient`` and
   ``l1_proximal`` (``L1Penalty``), on the same parameters;
+* all-guards suite (``--suite all``): ``all_guards`` = ``WarmupCosine``, ``GradientGuard``, ``L1Penalty`` and
+  ``OOMGuard`` together (the guards with work on every step; OverfitGuard, ClassBalance and CompressExport act at
+  validation, fit start or fit end), against ``bare`` and ``floor``;
 * ``bare_fused`` and ``guard_fused`` (CUDA only): the same with a fused AdamW, which Lightning's clipping refuses
   under AMP (compare ``guard_fused`` with ``bare_fused``).
 
@@ -35,7 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_guard import GradientGuard, L1Penalty
+from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard.functional import global_grad_norm
 from tests.benchmarks.report import save
 
@@ -142,6 +145,7 @@ class LM(pl.LightningModule):
 
 CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "bare_fused", "guard_fused"]
 L1_CONFIGS = ["bare", "l1_loss_term", "l1_subgradient", "l1_proximal"]
+ALL_CONFIGS = ["bare", "floor", "all_guards"]
 
 
 def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> float:
@@ -161,6 +165,8 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
         callbacks.append(GradientGuard())
     elif config == "guard_snap10":
         callbacks.append(GradientGuard(snapshot_every=10))
+    elif config == "all_guards":  # every guard with work on the step path, at their defaults
+        callbacks += [WarmupCosine(warmup=0.05), GradientGuard(), L1Penalty(1e-6), OOMGuard()]
     elif config == "l1_subgradient":
         callbacks.append(L1Penalty(1e-6, mode="subgradient"))
     elif config == "l1_proximal":
@@ -250,9 +256,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--suite", choices=["gradient_guard", "l1"], default="gradient_guard")
+    parser.add_argument("--suite", choices=["gradient_guard", "l1", "all"], default="gradient_guard")
     args = parser.parse_args(argv)
-    configs = L1_CONFIGS if args.suite == "l1" else None
+    configs = {"l1": L1_CONFIGS, "all": ALL_CONFIGS}.get(args.suite)
     result = measure(args.device, args.rounds, args.warmup, args.steps, args.precision, configs)
     return save(args.out, f"{args.suite}_overhead_{args.device}", result, to_markdown(result))
 
