@@ -27,6 +27,9 @@ from lightning_guard.events import GuardEvent
 
 __all__ = ["MetricHistory", "plot_run"]
 
+#: (colour, line style) of the curves of one panel, in order
+_CURVES = (("black", "-"), ("#d95f02", "--"), ("#1b9e77", "-."), ("#7570b3", ":"))
+
 
 class MetricHistory(Callback):
     """Record ``train_loss`` and ``lr`` per optimizer step and the logged ``val*`` metrics per validation.
@@ -101,7 +104,8 @@ def plot_run(
     groups = [list(p) for p in panels] if panels is not None else [[name] for name in series]
     groups = [[n for n in g if series.get(n)] for g in groups]
     groups = [g for g in groups if g]
-    fig, axes = plt.subplots(max(len(groups), 1), 1, figsize=(10, 2.4 * max(len(groups), 1) + 0.6), sharex=True)
+    rows = max(len(groups), 1)
+    fig, axes = plt.subplots(rows, 1, figsize=(12, max(2.4 * rows, 3.6) + 0.6), sharex=True)
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
     marks = [_event_fields(e) for e in events if _event_fields(e)[1] not in skip_guards]
     guards = sorted({g for _, g, _ in marks})
@@ -109,14 +113,15 @@ def plot_run(
     for ax, group in zip(axes, groups, strict=False):
         for i, name in enumerate(group):
             steps, values = zip(*series[name], strict=True)
-            # curves in greys, so the colours belong to the guards' event lines
-            ax.plot(steps, values, label=name, linewidth=1.2, color=("black", "dimgray", "darkgray")[i % 3])
+            # dark, distinct curves (black first); the light vertical lines belong to the guards' events
+            style = _CURVES[i % len(_CURVES)]
+            ax.plot(steps, values, label=name, linewidth=1.6, color=style[0], linestyle=style[1])
             finite = [v for v in values if math.isfinite(v) and v > 0]
             if name.endswith("loss") and finite and max(finite) / min(finite) > 50:
                 ax.set_yscale("log")
         for step, guard, _ in marks:
-            ax.axvline(step, color=colours[guard], alpha=0.35, linewidth=1.0)
-        ax.legend(loc="upper right", fontsize=8)
+            ax.axvline(step, color=colours[guard], alpha=0.3, linewidth=1.0)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         ax.grid(alpha=0.3)
     if marks:
         handles = [plt.Line2D([0], [0], color=colours[g], linewidth=2) for g in guards]
@@ -124,7 +129,8 @@ def plot_run(
         axes[0].legend(
             handles + axes[0].get_legend_handles_labels()[0],
             [f"{g} ({counts[g]} events)" for g in guards] + axes[0].get_legend_handles_labels()[1],
-            loc="upper right",
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
             fontsize=8,
         )
     axes[-1].set_xlabel("optimizer step")

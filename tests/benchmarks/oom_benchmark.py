@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_guard import OOMGuard
 from tests.benchmarks.report import save
-from tests.helpers import digits
+from tests.helpers import ReleaseProcessGroup, digits
 
 LIMIT = 40
 BATCH = 256
@@ -181,7 +181,7 @@ def ddp_steady_state(rounds: int = 2, steps: int = 70) -> dict[str, Any]:
         for name, guarded in configs.items():
             path = tempfile.mktemp(suffix=".txt")
             model = Net(limit=None)
-            cbs: list[Any] = [TrainTime(path)] + ([OOMGuard()] if guarded else [])
+            cbs: list[Any] = [TrainTime(path), ReleaseProcessGroup()] + ([OOMGuard()] if guarded else [])
             trainer = _trainer(
                 cbs, max_epochs=-1, max_steps=steps, limit_val_batches=0, devices=2, strategy="ddp_spawn"
             )
