@@ -2,7 +2,8 @@
 # The GPU checks, as ONE prepared script for a lent H100/H200.
 #   bash tests/benchmarks/gpu_check.sh OUT [all|tests|gradient_guard|l1|oom|guards]  (default: all, about 8 minutes)
 #   tests:          the `gpu`-marked tests (CUDA GradScaler under 16-mixed, fused AdamW under bf16-mixed, FSDP on one
-#                   GPU, rollback from pinned asynchronous snapshots, torchao int4 weight-only quantise + export)
+#                   GPU, rollback from pinned asynchronous snapshots, torchao int4 weight-only quantise + export, all guards
+#                   together under 16-mixed / bf16-mixed, single device and FSDP on one GPU)
 #   gradient_guard: step-time overhead of GradientGuard on a ~135M-parameter transformer LM, bf16-mixed
 #   l1:             step-time overhead of L1Penalty (subgradient, proximal) vs the loss-term idiom, same model
 #   guards:         all step-path guards together vs bare, ~134M LM, bf16-mixed and 16-mixed (target <= 3%)
@@ -19,7 +20,7 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 FILTER='Warning|warn|LOCAL_RANK|GPU available|TPU|Tip'
 if [[ $PART == all || $PART == tests ]]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="--strict-markers" -m gpu \
-    tests/callbacks/test_gradient_guard_gpu.py tests/callbacks/test_compress_export_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    tests/callbacks/test_gradient_guard_gpu.py tests/callbacks/test_compress_export_gpu.py tests/test_all_guards_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [[ $PART == all || $PART == gradient_guard ]]; then
   timeout 300 python3 -m tests.benchmarks.overhead --device cuda --precision bf16-mixed --rounds 4 --warmup 10 \
