@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_guard.functional import compress as C
-from tests.benchmarks.report import save
+from tests.benchmarks.report import quiet_trainer, save
 from tests.helpers import digits
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -75,16 +75,8 @@ def _fit(
     model: pl.LightningModule, train: tuple[torch.Tensor, torch.Tensor], epochs: int, callbacks: list[Any]
 ) -> None:
     torch.manual_seed(0)
-    pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=tempfile.mkdtemp(),
-    ).fit(model, DataLoader(TensorDataset(*train), batch_size=64, shuffle=True))
+    loader = DataLoader(TensorDataset(*train), batch_size=64, shuffle=True)
+    quiet_trainer(callbacks, max_epochs=epochs).fit(model, loader)
 
 
 def _accuracy(fn: Any, data: tuple[torch.Tensor, torch.Tensor]) -> float:

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_guard import OOMGuard
-from tests.benchmarks.report import save
+from tests.benchmarks.report import quiet_trainer, save
 from tests.helpers import ReleaseProcessGroup, digits
 
 LIMIT = 40
@@ -87,17 +87,7 @@ class FirstStep(pl.Callback):
 
 def _trainer(callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("max_epochs", EPOCHS)
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=tempfile.mkdtemp(),
-        **kwargs,
-    )
+    return quiet_trainer(callbacks, **kwargs)
 
 
 def run(config: str) -> dict[str, Any]:

@@ -15,3 +15,22 @@ def save(out: str | Path, name: str, result: dict[str, Any], markdown: str) -> d
     (path / f"{name}.md").write_text(markdown)
     print(markdown)
     return result
+
+
+def quiet_trainer(callbacks: list[Any], **kwargs: Any) -> Any:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or sanity check, in a fresh temp folder."""
+    import tempfile
+
+    import lightning.pytorch as pl
+
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tempfile.mkdtemp(),
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)

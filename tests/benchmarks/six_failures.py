@@ -17,7 +17,6 @@ validation curves of all three with the guard run's events marked (``docs/benchm
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from lightning_guard.demo import long_tailed_digits
 from lightning_guard.plot import MetricHistory, plot_run
 from lightning_guard.testing import InjectNaN, LRSpike
 from tests.benchmarks import compress_benchmark, oom_benchmark
-from tests.benchmarks.report import save
+from tests.benchmarks.report import quiet_trainer, save
 from tests.helpers import digits
 
 
@@ -80,18 +79,7 @@ def _fit(
     model: Net, train: Any, val: Any, callbacks: list[Any], epochs: int, batch: int = 32, **kwargs: Any
 ) -> dict[str, Any]:
     history = MetricHistory()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[history, *callbacks],
-        default_root_dir=tempfile.mkdtemp(),
-        **kwargs,
-    )
+    trainer = quiet_trainer([history, *callbacks], max_epochs=epochs, **kwargs)
     trainer.fit(model, DataLoader(train, batch_size=batch, shuffle=True), DataLoader(val, batch_size=512))
     (final,) = trainer.validate(model, DataLoader(val, batch_size=512), verbose=False)  # the weights it ends with
     return {
