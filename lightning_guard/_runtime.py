@@ -35,7 +35,8 @@ class StepOutcome:
     Attributes:
         optimizer_idx: index of the optimizer in ``trainer.optimizers``.
         applied: True if the step updated the weights.
-        reason: ``"applied"``, ``"guard_skip"`` or ``"amp_overflow"`` (the GradScaler found inf/NaN).
+        reason: ``"applied"``, ``"guard_skip"``, ``"amp_overflow"`` (the GradScaler found inf/NaN) or ``"no_loss"``
+            (``training_step`` returned ``None``: no gradient, nothing to apply).
         applied_steps: the optimizer's applied-step count after this step.
         step: the trainer's global step of the attempt.
     """
@@ -62,7 +63,11 @@ class GuardRuntime:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._pending: dict[int, bool] = {}  # optimizer idx -> on_before_optimizer_step seen, step not yet resolved
         self._skip_requested: set[int] = set()
+        self._no_loss: set[int] = set()  # optimizers whose attempted step has no gradient at all
         self._attempt_step: dict[int, int] = {}
+        # per optimizer: each group's LR as its last attempted step used it (a float, or a copy of a tensor LR: no sync)
+        self.applied_lrs: list[list[float | torch.Tensor]] = []
+        self.applied_lr_scales: list[float] = []  # the guards' LR scale in force at that step (1.0: as scheduled)
         self._restored_steps: list[int] | None = None
         self.lr_scales: list[dict[str, float]] = []
         self._saved_lrs: dict[int, list[Any]] = {}
@@ -80,6 +85,8 @@ class GuardRuntime:
         restored = self._restored_steps or []
         self.applied_steps = [restored[i] if i < len(restored) else 0 for i in range(len(optimizers))]
         self.lr_scales = [{} for _ in optimizers]
+        self.applied_lrs = [[_lr_copy(g["lr"]) for g in opt.param_groups] for opt in optimizers]
+        self.applied_lr_scales = [1.0 for _ in optimizers]
         for idx, opt in enumerate(self._optimizers):
             setattr(opt, APPLIED_STEPS_ATTR, self.applied_steps[idx])
             self._handles.append(opt.register_step_post_hook(self._make_post_hook(idx)))
@@ -113,7 +120,24 @@ class GuardRuntime:
         if idx >= 0:
             self._pending[idx] = True
             self._attempt_step[idx] = int(self.trainer.global_step)
+            if _has_grad(self._optimizers[idx]):
+                self._no_loss.discard(idx)
+            else:
+                self._no_loss.add(idx)
             self._apply_lr_scale(idx)
+            self._record_lrs(idx)
+
+    def _record_lrs(self, idx: int) -> None:
+        self.applied_lrs[idx] = [_lr_copy(g["lr"]) for g in self._optimizers[idx].param_groups]
+        self.applied_lr_scales[idx] = self.lr_scale(idx)
+
+    def has_loss(self, optimizer: Any) -> bool:
+        """Whether the step being attempted has gradients (False when ``training_step`` returned ``None``).
+
+        Valid from the owner's ``on_before_optimizer_step`` (the first guard in the callback list) until the step is
+        resolved; guards leave a step without gradients alone: it is not applied and feeds no statistics.
+        """
+        return self.optimizer_index(optimizer) not in self._no_loss
 
     def set_lr_scale(self, optimizer_idx: int, scale: float, source: str) -> None:
         """Multiply the LR of every param group of an optimizer by ``scale`` during its steps only.
@@ -133,6 +157,7 @@ class GuardRuntime:
             self.lr_scales[optimizer_idx][source] = float(scale)
         if optimizer_idx in self._pending:
             self._apply_lr_scale(optimizer_idx)
+            self._record_lrs(optimizer_idx)
 
     def lr_scale(self, optimizer_idx: int) -> float:
         """The product of the active LR scales of an optimizer."""
@@ -186,6 +211,11 @@ class GuardRuntime:
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self._restore_lrs(idx, optimizer)
             self._pending.pop(idx, None)
+            if idx in self._no_loss:
+                self._no_loss.discard(idx)
+                self._skip_requested.discard(idx)
+                self._resolve(idx, applied=False, reason="no_loss")
+                return
             if idx in self._skip_requested:
                 self._skip_requested.discard(idx)
                 self._resolve(idx, applied=False, reason="guard_skip")
@@ -203,8 +233,11 @@ class GuardRuntime:
         for idx in list(self._pending):
             self._pending.pop(idx)
             self._restore_lrs(idx, self._optimizers[idx])
-            reason = "guard_skip" if idx in self._skip_requested else "amp_overflow"
+            reason = (
+                "no_loss" if idx in self._no_loss else "guard_skip" if idx in self._skip_requested else "amp_overflow"
+            )
             self._skip_requested.discard(idx)
+            self._no_loss.discard(idx)
             self._resolve(idx, applied=False, reason=reason)
 
     def _resolve(self, idx: int, *, applied: bool, reason: str) -> None:
@@ -228,6 +261,18 @@ class GuardRuntime:
         if self._optimizers:
             self.applied_steps = list(self._restored_steps) + [0] * (len(self._optimizers) - len(self._restored_steps))
         self.events.load_state_dict(state.get("events", {}))
+
+
+def _lr_copy(value: Any) -> float | torch.Tensor:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else float(value)
+
+
+def _has_grad(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether any parameter of the optimizer has a gradient (host-side attribute checks only, no sync).
+
+    Stops at the first gradient found, so this is one attribute read on every ordinary step.
+    """
+    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
 
 def get_runtime(trainer: pl.Trainer) -> GuardRuntime:

@@ -411,9 +411,15 @@ def _unjson(v: Any) -> Any:
 
 
 def event_stream(trainer: pl.Trainer) -> EventStream:
-    """The trainer's event stream (created on first use)."""
-    from lightning_guard._runtime import get_runtime
+    """The trainer's event stream (created on first use).
 
+    After a ``ddp_spawn`` fit, in the launching process, it holds the run's events as rank 0 published them, and the
+    guards in ``trainer.callbacks`` hold their final states (rank 0 hands both back when the fit ends).
+    """
+    from lightning_guard._runtime import get_runtime
+    from lightning_guard.callbacks._base import _recover_spawned
+
+    _recover_spawned(trainer)
     return get_runtime(trainer).events
 
 

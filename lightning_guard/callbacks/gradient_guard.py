@@ -276,6 +276,9 @@ class GradientGuard(GuardCallback):
 
     def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         runtime = self.runtime(trainer)
+        if not runtime.has_loss(optimizer):  # training_step returned None: nothing to judge, no statistics to feed
+            self._losses = []
+            return
         idx = max(runtime.optimizer_index(optimizer), 0)
         self._candidate.wait()  # the weights are about to change: the async snapshot copy must be complete
         self._snapshot.wait()

@@ -217,6 +217,8 @@ class L1Penalty(GuardCallback):
         idx = runtime.optimizer_index(optimizer)
         applied = runtime.applied_steps[idx] if 0 <= idx < len(runtime.applied_steps) else 0
         lam = self.current_strength(applied)
+        if not runtime.has_loss(optimizer):  # training_step returned None: no gradient to penalise, no step to take
+            return
         if self.mode == "subgradient":
             for mult, params in self._params_of(idx):
                 l1_subgradient_(params, lam * mult)

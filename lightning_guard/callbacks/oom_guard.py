@@ -15,6 +15,7 @@ from lightning.pytorch.trainer import call
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
+from lightning_guard._wrapping import takes_batch_idx, wraps_method
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import Agreement, agree
 from lightning_guard.errors import GuardConfigError, OOMGuardError
@@ -194,11 +195,13 @@ class OOMGuard(GuardCallback):
         if name in _EVAL_HOOKS:
             stage = _EVAL_HOOKS[name]
 
+            @wraps_method(inner)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 return self._eval_step(stage, inner, *args, **kwargs)
         else:
             method = getattr(self, f"_wrapped_{name}")
 
+            @wraps_method(inner)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 return method(inner, *args, **kwargs)
 
@@ -404,12 +407,13 @@ class OOMGuard(GuardCallback):
         model = trainer.strategy.model
         no_sync = getattr(model, "no_sync", None) if self._distributed else None
         earlier: torch.Tensor | None = None
+        step_args = (batch_idx,) if takes_batch_idx(self._module().training_step) else ()
         for part, share, size in zip(parts[:-1], shares[:-1], sizes[:-1], strict=True):
             where = "forward"
             self._busy = True
             try:
                 with no_sync() if no_sync is not None else contextlib.nullcontext():
-                    out = call._call_strategy_hook(trainer, "training_step", part, batch_idx)
+                    out = call._call_strategy_hook(trainer, "training_step", part, *step_args)
                     loss = _loss_of(out)
                     if loss is not None:
                         where = "backward"

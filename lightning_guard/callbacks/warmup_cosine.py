@@ -46,8 +46,9 @@ class WarmupCosine(GuardCallback):
         cycles: number of cosine cycles (warm restarts, without re-warmup) after warmup. Default ``1``.
         cycle_mult: length ratio of consecutive cycles. Default ``1.0``.
         peak_decay: peak ratio of consecutive cycles, in ``(0, 1]``. Default ``1.0``.
-        log_lr: log ``guard/lr`` (one key per param group when there are several) and ``guard/lr_phase``
-            (0 warmup, 1 decay, 2 floor) on each training step. Default ``True``.
+        log_lr: on each training step, log ``guard/lr`` (one key per param group when there are several), the LR
+            the step really used (after a GradientGuard backoff or an injected spike), ``guard/lr_scheduled``, the
+            schedule's value beside it, and ``guard/lr_phase`` (0 warmup, 1 decay, 2 floor). Default ``True``.
 
     Events (reported by rank 0; the schedule is identical on every rank):
         ``phase`` (info) when the schedule enters decay or floor; ``hold`` (info) when a step was not applied and the
@@ -212,7 +213,7 @@ class WarmupCosine(GuardCallback):
         # The schedule is the same on every rank: rank 0 alone reports it, so events are not duplicated per rank.
         report = trainer.global_rank == 0
         if not outcome.applied:
-            if not report:
+            if not report or outcome.reason == "no_loss":  # nothing was trained: holding is no intervention
                 return
             emit(
                 trainer,
@@ -261,12 +262,16 @@ class WarmupCosine(GuardCallback):
         if not self.log_lr or trainer.sanity_checking or not trainer.loggers:
             return
         metrics: dict[str, float] = {}
+        runtime = self.runtime(trainer)
         several = len(trainer.optimizers) > 1 or len(trainer.optimizers[0].param_groups) > 1
-        for i, opt in enumerate(trainer.optimizers):
-            for j, group in enumerate(opt.param_groups):
+        for i, lrs in enumerate(runtime.applied_lrs):  # the LRs the last attempted step really used
+            scale = runtime.applied_lr_scales[i]
+            for j, lr in enumerate(lrs):
                 key = f"guard/lr/opt{i}_pg{j}" if several else "guard/lr"
-                metrics[key] = float(_lr_value(group["lr"]))
-        applied = self.runtime(trainer).applied_steps
+                metrics[key] = _lr_value(lr)
+                # the schedule's value beside it: they differ while a guard or an injector scales the LR
+                metrics[key.replace("guard/lr", "guard/lr_scheduled", 1)] = _lr_value(lr) / scale
+        applied = runtime.applied_steps
         metrics["guard/lr_phase"] = float(_PHASE_CODE[self._phase(applied[0] if applied else 0)])
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False)
 

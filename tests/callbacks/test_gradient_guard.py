@@ -383,6 +383,19 @@ class DumpRankState(Callback):
         (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
 
 
+class NaNAfterReduce(Callback):
+    """A NaN that only one rank sees: written after DDP's all-reduce (InjectNaN writes it during backward, before the
+    all-reduce, where a real one appears - and the all-reduce then spreads it to every rank)."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            with torch.no_grad():
+                next(pl_module.parameters()).grad.view(-1)[0] = float("nan")
+
+
 @pytest.mark.ddp
 @pytest.mark.parametrize(("bad_rank", "precision"), [(0, "32-true"), (1, "16-mixed")])
 def test_ddp_fault_on_one_rank_all_ranks_agree(tmp_path, bad_rank, precision):
@@ -390,7 +403,7 @@ def test_ddp_fault_on_one_rank_all_ranks_agree(tmp_path, bad_rank, precision):
     (16-mixed: every GradScaler lowers its scale alike), weights stay identical and finite, one event."""
 
     tr, va = digits_loaders()
-    cbs = [GradientGuard(), InjectNaN("grad", steps=[2], ranks=[bad_rank]), DumpRankState(str(tmp_path))]
+    cbs = [GradientGuard(), NaNAfterReduce(step=2, rank=bad_rank), DumpRankState(str(tmp_path))]
     t = trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_epochs=2, **precision_kwargs(precision))
     t.fit(DigitsNet(), tr, va)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
