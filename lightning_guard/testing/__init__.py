@@ -5,8 +5,9 @@ from lightning_guard.testing.injectors import (
     InjectNaN,
     LossSpike,
     LRSpike,
+    ScaleOverflow,
     SimulatedOOM,
     batch_size_of,
 )
 
-__all__ = ["FaultInjector", "InjectNaN", "LRSpike", "LossSpike", "SimulatedOOM", "batch_size_of"]
+__all__ = ["FaultInjector", "InjectNaN", "LRSpike", "LossSpike", "ScaleOverflow", "SimulatedOOM", "batch_size_of"]
