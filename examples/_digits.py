@@ -56,14 +56,14 @@ class Net(GuardMixin, pl.LightningModule):
 
 
 def trainer(callbacks: list[Any], epochs: int, name: str, **kwargs: Any) -> pl.Trainer:
-    """A quiet CPU Trainer writing under ./lightning_guard_example_<name>."""
+    """A quiet CPU Trainer writing under ./runs/<name> (ignored by git)."""
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
-        "default_root_dir": f"lightning_guard_example_{name}",
+        "default_root_dir": f"runs/{name}",
     }
     options.update(kwargs)
     return pl.Trainer(max_epochs=epochs, callbacks=callbacks, **options)

@@ -27,7 +27,7 @@ from lightning_guard import (
 from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
-OUT = Path("lightning_guard_example_all_guards")
+OUT = Path("runs/all_guards")
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:

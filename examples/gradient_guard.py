@@ -54,7 +54,7 @@ def run(mode: str, epochs: int) -> tuple[float, bool, list[str]]:
         enable_model_summary=False,
         callbacks=callbacks,
         gradient_clip_val=1.0 if mode == "clip" else None,
-        default_root_dir=f"lightning_guard_example_{mode}",
+        default_root_dir=f"runs/{mode}",
     )
     model = Net()
     trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=600))

@@ -16,3 +16,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("ddp"):
             item.add_marker(pytest.mark.flaky(reruns=2, only_rerun=["terminated with signal"]))
+
+
+def _tree_status() -> set[str] | None:
+    """`git status --porcelain` lines of the repository (None outside a git checkout)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return set(out.stdout.splitlines()) if out.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leaves_the_tree_clean():
+    """The suite writes only under pytest's tmp paths: `git status` after it equals `git status` before it."""
+    before = _tree_status()
+    yield
+    after = _tree_status()
+    if before is not None and after is not None:
+        written = sorted(after - before)
+        assert not written, f"the tests wrote into the working tree: {written[:10]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_guard import GuardConfigError
+from lightning_guard.events import event_stream
 from tests.contract.matrix import (
     COLUMNS,
     KNOWN,
@@ -42,5 +43,10 @@ def test_cell(tmp_path, row, col):
     guarded = run_guarded(r, c, tmp_path / "guarded")
     reference = run_reference(r, c, tmp_path / "reference")
     check_equal(guarded, reference, c)
+    if c.procedure == "ddp":  # the launching process holds the run's events, handed back by rank 0
+        assert [e.kind for e in event_stream(guarded.trainer).events if e.guard == "class_balance"] == [
+            "class_counts",
+            "class_weights",
+        ]
     if c.procedure in ("fit", "after_fit"):  # resume and reuse compare two guarded runs: harm is judged elsewhere
         assert warning_events(guarded.trainer) == [], "a clean run made warning-level guard events"

@@ -17,7 +17,8 @@ SEED = 0
 WORKLOAD_NAMES = ("char_lm", "conv_bn", "mlp")
 
 _CLASS_BALANCE = (
-    "no open issue names it yet (see issue 12's closing note): ClassBalance() defaults (method='logit_adjustment', tau=1) retrain near-balanced digits (512 samples, imbalance "
+    "no open issue names it yet (see issue 12's closing note): ClassBalance() defaults (method='logit_adjustment', "
+    "tau=1) retrain near-balanced digits (512 samples, imbalance "
     "ratio 1.3): final val loss {} vs unguarded (CI noise floor <= 0.2%), no warning event"
 )
 _ALL = "all guards vs WarmupCosine alone: {}, from ClassBalance (all but ClassBalance: {})"
