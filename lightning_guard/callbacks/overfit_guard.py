@@ -167,6 +167,9 @@ class OverfitGuard(GuardCallback):
         self._best_weights = Snapshot()
         self._train_losses: list[torch.Tensor] = []
         self._train_scale = 1.0
+        self._val_min = math.inf  # Prechelt's E_opt: the lowest validation value so far (not min_delta-gated)
+        self._deferred: tuple[float, tuple[int, ...]] | None = None  # validation waiting for an epoch-end metric
+        self._restored = False
 
     @property
     @override
@@ -231,6 +234,25 @@ class OverfitGuard(GuardCallback):
         if self._should_skip(trainer):
             return
         val = self._read(trainer, self.monitor, "monitor")
+        if (
+            self.train_monitor is not None
+            and self.train_monitor not in trainer.callback_metrics
+            and trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+        ):
+            # Validation at the end of a training epoch runs before Lightning aggregates the epoch's training
+            # metrics (`train_loss_epoch`): finish this evaluation at on_train_epoch_end, where they exist.
+            self._deferred = (val, ())
+            return
+        self._agree_and_evaluate(trainer, pl_module, val)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._deferred is not None:
+            val, self._deferred = self._deferred[0], None
+            self._agree_and_evaluate(trainer, pl_module, val)
+
+    def _agree_and_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, val: float) -> None:
         if self.train_monitor is not None:
             train_sum, train_count = self._read(trainer, self.train_monitor, "train_monitor"), 1.0
         else:
@@ -247,6 +269,20 @@ class OverfitGuard(GuardCallback):
             train = sum(v[1] for v in views) / total if total > 0 else math.nan
         self._evaluate(trainer, pl_module, val, train, bad_ranks)
 
+    def _train_better(self, a: float, b: float) -> bool:
+        """Whether training value ``a`` is better than ``b``.
+
+        The training loss is lower-is-better whatever ``mode``; a ``train_monitor`` goes the way of ``mode`` (an
+        accuracy beside a validation accuracy).
+        """
+        return a > b if self.train_monitor is not None and self.mode == "max" else a < b
+
+    def _gap(self, val: float, train: float) -> float:
+        """How much worse validation is than training, when the two are the same kind of metric (else NaN)."""
+        if self.mode == "min":
+            return val - train
+        return train - val if self.train_monitor is not None else math.nan
+
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, val: float, train: float, bad_ranks: tuple[int, ...]
     ) -> None:
@@ -258,11 +294,13 @@ class OverfitGuard(GuardCallback):
                 self._best_weights.capture(pl_module, [], None, [], step)
         elif math.isfinite(val):
             self.wait += 1
-        gl = generalization_loss(val, self.best) if self.mode == "min" else math.nan
+        if math.isfinite(val):
+            self._val_min = min(self._val_min, val)
+        gl = generalization_loss(val, self._val_min) if self.mode == "min" else math.nan
         trains = [h["train"] for h in self.history[-(self.strip_length - 1) :]] + [train]
         progress = training_progress(trains) if len(trains) >= self.strip_length else math.nan
-        pq = progress_quotient(gl, progress) if math.isfinite(progress) else math.nan
-        gap = val - train if self.mode == "min" else train - val
+        pq = progress_quotient(gl, progress) if not math.isnan(progress) else math.nan
+        gap = self._gap(val, train)
         self.history.append(
             {"step": step, "epoch": epoch, "val": val, "train": train, "gap": gap, "gl": gl, "pq": pq, "p_k": progress}
         )
@@ -336,9 +374,9 @@ class OverfitGuard(GuardCallback):
             not improved
             and best_row is not None
             and math.isfinite(train)
-            and train < best_row["train"]
-            and gap > best_row["gap"]
-            and (gl > 0 if self.mode == "min" else val < self.best)
+            and self._train_better(train, best_row["train"])
+            and (math.isnan(gap) or gap > best_row["gap"])
+            and (val > self.best if self.mode == "min" else val < self.best)
         )
         if overfitting and not self._flags.get("overfitting"):
             self._event(
@@ -346,7 +384,10 @@ class OverfitGuard(GuardCallback):
                 "overfitting",
                 "warning",
                 f"training {train:.4g} keeps improving while validation {val:.4g} is worse than its best "
-                f"{self.best:.4g}; the gap grew from {best_row['gap'] if best_row else math.nan:.4g} to {gap:.4g}",
+                f"{self.best:.4g}"
+                + (
+                    f"; the gap grew from {best_row['gap']:.4g} to {gap:.4g}" if best_row and math.isfinite(gap) else ""
+                ),
                 data,
             )
         self._flags["overfitting"] = bool(overfitting)
@@ -385,8 +426,8 @@ class OverfitGuard(GuardCallback):
             reason = "patience"
         elif self.criterion == "gl" and gl > self.gl_alpha:
             reason = "gl"
-        elif self.criterion == "pq" and math.isfinite(pq) and pq > self.pq_alpha:
-            reason = "pq"
+        elif self.criterion == "pq" and n % self.strip_length == 0 and not math.isnan(pq) and pq > self.pq_alpha:
+            reason = "pq"  # at strip ends only (Prechelt); P_k = 0 with GL > 0 makes PQ infinite: no progress, stop
         elif self.criterion == "up" and n % self.strip_length == 0:
             ends = [h["val"] for h in self.history[self.strip_length - 1 :: self.strip_length]]
             if up_stops(ends, self.up_strips):
@@ -427,14 +468,36 @@ class OverfitGuard(GuardCallback):
             )
 
     @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._best_weights.wait()  # an asynchronous (CUDA) copy of the best weights completes before they change
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.restore_best or self.best_step < 0:
+        self._restore(trainer, pl_module, "train end")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # An interrupted or failed run (KeyboardInterrupt, an exception from any callback) still hands back the best
+        # weights; the event is written before the owner closes the log.
+        self._restore(trainer, pl_module, f"{type(exception).__name__}")
+        super().on_exception(trainer, pl_module, exception)
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        if not self.restore_best or self.best_step < 0 or self._restored:
             return
-        source = "memory"
+        data: dict[str, Any] = {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch}
         if self.snapshot == "memory":
             if not self._best_weights.taken:
                 return
             self._best_weights.restore(pl_module, [], None)
+            data["source"] = "memory"
+            message = (
+                f"restored the best weights at {when}: {self.monitor}={self.best:.6g} from step {self.best_step} "
+                f"(epoch {self.best_epoch})"
+            )
         else:
             ckpt = self._matching_checkpoint(trainer)
             path = getattr(ckpt, "best_model_path", "")
@@ -442,15 +505,26 @@ class OverfitGuard(GuardCallback):
                 return
             checkpoint = trainer.strategy.load_checkpoint(path)
             pl_module.load_state_dict(checkpoint["state_dict"])
-            source = path
-        self._event(
-            trainer,
-            "restore_best",
-            "info",
-            f"restored the best weights: {self.monitor}={self.best:.6g} from step {self.best_step} "
-            f"(epoch {self.best_epoch})",
-            {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch, "source": source},
-        )
+            # ModelCheckpoint's best can be another step than this guard's (its own improvement rule, its
+            # save cadence): report the step and score actually restored.
+            score = getattr(ckpt, "best_model_score", None)
+            restored_score = float(score) if score is not None else math.nan
+            restored_step = int(checkpoint.get("global_step", -1))
+            restored_epoch = int(checkpoint.get("epoch", -1))
+            data.update(
+                source=path, restored_step=restored_step, restored_epoch=restored_epoch, restored=restored_score
+            )
+            message = (
+                f"restored {path} at {when}: {self.monitor}={restored_score:.6g} from step {restored_step} "
+                f"(epoch {restored_epoch})"
+            )
+            if restored_step != self.best_step:
+                message += (
+                    f"; OverfitGuard's best was step {self.best_step} ({self.monitor}={self.best:.6g}), which "
+                    "ModelCheckpoint did not keep"
+                )
+        self._restored = True
+        self._event(trainer, "restore_best", "info", message, data)
 
     # ------------------------------------------------------------------ reporting
     def _event(
@@ -502,7 +576,10 @@ class OverfitGuard(GuardCallback):
             "stopped_reason": self.stopped_reason,
             "stopped_step": self.stopped_step,
             "flags": dict(self._flags),
+            "val_min": self._val_min,
+            "deferred_val": None if self._deferred is None else self._deferred[0],
         }
+        self._best_weights.wait()  # never store a half-copied snapshot (asynchronous on CUDA)
         if self._best_weights.taken:
             state["best_weights"] = {
                 "params": [t.clone() for t in self._best_weights.params],
@@ -520,6 +597,9 @@ class OverfitGuard(GuardCallback):
         self.stopped_reason = state_dict.get("stopped_reason")
         self.stopped_step = int(state_dict.get("stopped_step", -1))
         self._flags = dict(state_dict.get("flags", {}))
+        self._val_min = float(state_dict.get("val_min", self.best if self.mode == "min" else math.inf))
+        deferred = state_dict.get("deferred_val")
+        self._deferred = None if deferred is None else (float(deferred), ())
         weights = state_dict.get("best_weights")
         if weights:
             self._best_weights.load_tensors(list(weights["params"]), list(weights["buffers"]), self.best_step)

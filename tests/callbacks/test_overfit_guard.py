@@ -270,3 +270,103 @@ def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path, bad_rank):
     assert [(e["epoch"], e["ranks"]) for e in div] == [(3, [bad_rank])]
     assert [e["kind"] for e in events if e["kind"] in ("stop", "restore_best")] == ["stop", "restore_best"]
     assert [e["data"]["reason"] for e in events if e["kind"] == "stop"] == ["divergence"]
+
+
+# ---------------------------------------------------------------------------------------------- issue 14 defects
+class WithEpochMetrics(DigitsNet):
+    """Logs what a user compares with mode='max': accuracy on both sides, and the loss per epoch."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.balanced_loss(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)  # keys train_loss_step and train_loss_epoch
+        self.log("train_acc", (logits.argmax(-1) == y).float().mean(), on_step=True, on_epoch=True)
+        return loss
+
+
+def test_train_monitor_epoch_metric_is_read_at_epoch_end(tmp_path):
+    """Main: `train_monitor="train_loss_epoch"` raised GuardConfigError at the first validation (Lightning validates
+    before it aggregates the epoch's training metrics)."""
+    guard = OverfitGuard(train_monitor="train_loss_epoch", patience=50)
+    seen = []
+
+    class Probe(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(float(trainer.callback_metrics["train_loss_epoch"]))
+
+    fit(tmp_path, [guard, Probe()], max_epochs=4, model=WithEpochMetrics(lr=0.01, hidden=1024))
+    assert [h["train"] for h in guard.history] == pytest.approx(seen, rel=1e-6)  # each epoch's own mean
+    assert seen == sorted(seen, reverse=True)
+
+
+def test_train_monitor_missing_mid_epoch_is_refused_with_the_available_keys(tmp_path):
+    guard = OverfitGuard(train_monitor="train_loss_epoch")
+    pl.seed_everything(0, verbose=False)
+    tr, va = digits_loaders(n_train=256, n_val=64)
+    t = trainer(tmp_path, [guard], max_epochs=1, val_check_interval=0.5)
+    with pytest.raises(GuardConfigError, match=r"`train_monitor` 'train_loss_epoch' was not logged; available"):
+        t.fit(WithEpochMetrics(), tr, va)
+
+
+def test_mode_max_diagnoses_overfitting_with_accuracy_on_both_sides(tmp_path):
+    """Main: the gap was training LOSS minus validation ACCURACY and the test assumed lower-is-better: a run whose
+    validation accuracy peaks and falls while training accuracy rises got no diagnosis."""
+    guard = OverfitGuard(monitor="val_acc", train_monitor="train_acc_epoch", mode="max", patience=6)
+    t, _, _ = fit(tmp_path, [guard], max_epochs=30, model=WithEpochMetrics(lr=0.01, hidden=1024))
+    diagnosed = [e for e in event_stream(t).events if e.kind == "overfitting"]
+    assert diagnosed, [(h["val"], h["train"]) for h in guard.history]
+    row = diagnosed[0].data
+    assert row["val"] < row["best"] and row["train"] > row["val"]  # accuracy: validation fell below its best
+    assert row["gap"] == pytest.approx(row["train"] - row["val"])
+    assert all(math.isfinite(h["gap"]) for h in guard.history)
+
+
+def test_mode_max_with_the_training_loss_has_no_mixed_gap(tmp_path):
+    guard = OverfitGuard(monitor="val_acc", mode="max", patience=50)
+    fit(tmp_path, [guard], max_epochs=3)
+    assert all(math.isnan(h["gap"]) for h in guard.history)  # a loss and an accuracy are not subtracted
+
+
+class Interrupt(Callback):
+    def __init__(self, epoch, error):
+        self.epoch, self.error = epoch, error
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("data loader died")], ids=["ctrl_c", "error"])
+def test_best_weights_are_restored_when_the_run_is_interrupted(tmp_path, error):
+    """Main: KeyboardInterrupt or an exception ended the run without the restore the docs promise."""
+    guard = OverfitGuard(patience=50)
+    model = DigitsNet(lr=0.01, hidden=1024)
+    pl.seed_everything(0, verbose=False)
+    tr, va = digits_loaders(**OVERFIT)
+    t = trainer(tmp_path, [guard, Interrupt(12, error)], max_epochs=30)
+    # Lightning 2.6 ends the process on Ctrl-C (SystemExit 1) after its on_exception hooks; an error is re-raised
+    expected = (SystemExit, "1") if isinstance(error, KeyboardInterrupt) else (RuntimeError, "data loader died")
+    with pytest.raises(expected[0], match=expected[1]):
+        t.fit(model, tr, va)
+    assert guard.best_epoch < 11  # the last weights are not the best ones
+    (metrics,) = trainer(tmp_path / "v", []).validate(model, va, verbose=False)
+    assert metrics["val_loss"] == pytest.approx(guard.best, abs=1e-6)
+    restores = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "restore_best"]
+    assert len(restores) == 1
+    assert type(error).__name__ in restores[0]["message"]
+
+
+def test_checkpoint_snapshot_reports_the_step_it_restored(tmp_path):
+    """Main: snapshot='checkpoint' restored ModelCheckpoint's best file and reported the guard's best epoch, which
+    can be another one (here ModelCheckpoint keeps only every 3rd epoch)."""
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val_loss", mode="min", every_n_epochs=3, save_top_k=1)
+    guard = OverfitGuard(patience=50, snapshot="checkpoint")
+    t, _, final = fit(tmp_path, [guard, ck], max_epochs=9, enable_checkpointing=True)
+    (event,) = [e for e in event_stream(t).events if e.kind == "restore_best"]
+    restored = torch.load(ck.best_model_path, weights_only=False)
+    assert event.data["restored_step"] == restored["global_step"]
+    assert event.data["restored"] == pytest.approx(float(ck.best_model_score))
+    assert final == pytest.approx(float(ck.best_model_score), abs=1e-5)
+    if restored["global_step"] != guard.best_step:
+        assert f"OverfitGuard's best was step {guard.best_step}" in event.message
