@@ -63,7 +63,10 @@ class GuardRuntime:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._pending: dict[int, bool] = {}  # optimizer idx -> on_before_optimizer_step seen, step not yet resolved
         self._skip_requested: set[int] = set()
-        self._no_loss: set[int] = set()  # optimizers whose attempted step has no gradient at all
+        self._no_loss: set[int] = set()  # optimizers whose attempted step has no loss behind it
+        self._backwards = 0  # backward passes since the last resolved optimizer step
+        self._last_batch_backward = False  # whether the current micro-batch's training_step ran backward
+        self._tracking = False  # a guard reports batches and backward passes (an injector alone does not)
         self._attempt_step: dict[int, int] = {}
         # per optimizer: each group's LR as its last attempted step used it (a float, or a copy of a tensor LR: no sync)
         self.applied_lrs: list[list[float | torch.Tensor]] = []
@@ -120,7 +123,7 @@ class GuardRuntime:
         if idx >= 0:
             self._pending[idx] = True
             self._attempt_step[idx] = int(self.trainer.global_step)
-            if _has_grad(self._optimizers[idx]):
+            if self._step_has_loss():
                 self._no_loss.discard(idx)
             else:
                 self._no_loss.add(idx)
@@ -130,6 +133,30 @@ class GuardRuntime:
     def _record_lrs(self, idx: int) -> None:
         self.applied_lrs[idx] = [_lr_copy(g["lr"]) for g in self._optimizers[idx].param_groups]
         self.applied_lr_scales[idx] = self.lr_scale(idx)
+
+    def note_batch_start(self) -> None:
+        """A training batch (micro-batch under accumulation) starts (owner's ``on_train_batch_start``)."""
+        self._tracking = True
+        self._last_batch_backward = False
+
+    def note_backward(self) -> None:
+        """A backward pass is about to run (owner's ``on_before_backward``; Lightning skips it for a ``None`` loss)."""
+        self._backwards += 1
+        self._last_batch_backward = True
+
+    def _step_has_loss(self) -> bool:
+        """Whether the step being attempted has a loss behind it.
+
+        With a GradScaler, Lightning skips unscaling and the step whenever the last micro-batch's ``training_step``
+        returned ``None`` (whatever earlier micro-batches accumulated); otherwise the optimizer steps on whatever
+        gradients accumulated, so the step has a loss if any backward ran since the last step. Gradients zeroed
+        with ``set_to_none=False`` do not fool this: it counts backward passes, not gradient tensors.
+        """
+        if not self._tracking:
+            return True
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return self._last_batch_backward
+        return self._backwards > 0
 
     def has_loss(self, optimizer: Any) -> bool:
         """Whether the step being attempted has gradients (False when ``training_step`` returned ``None``).
@@ -241,6 +268,7 @@ class GuardRuntime:
             self._resolve(idx, applied=False, reason=reason)
 
     def _resolve(self, idx: int, *, applied: bool, reason: str) -> None:
+        self._backwards = 0
         if applied:
             self.applied_steps[idx] += 1
         if idx < len(self._optimizers):  # WarmupCosineLR follows this count
@@ -265,14 +293,6 @@ class GuardRuntime:
 
 def _lr_copy(value: Any) -> float | torch.Tensor:
     return value.detach().clone() if isinstance(value, torch.Tensor) else float(value)
-
-
-def _has_grad(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether any parameter of the optimizer has a gradient (host-side attribute checks only, no sync).
-
-    Stops at the first gradient found, so this is one attribute read on every ordinary step.
-    """
-    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
 
 def get_runtime(trainer: pl.Trainer) -> GuardRuntime:

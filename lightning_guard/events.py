@@ -433,6 +433,8 @@ def emit(trainer: pl.Trainer, event: GuardEvent) -> None:
         >>> [e.kind for e in event_stream(trainer).events]
         ['noticed']
     """
+    from lightning_guard._runtime import get_runtime
+
     if not isinstance(event, GuardEvent):
         raise GuardConfigError(f"`event` must be a GuardEvent, got {type(event).__name__}")
-    event_stream(trainer).emit(event)
+    get_runtime(trainer).events.emit(event)  # not event_stream(): reading a ddp_spawn hand-back is the user's call

@@ -8,7 +8,10 @@ restores it. The other guards only use it. Subclasses call ``super()`` in every 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import copy
+import inspect
 import tempfile
 import time
 import uuid
@@ -55,15 +58,25 @@ def _spawned_worker(trainer: pl.Trainer) -> bool:
     return isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method == "spawn"
 
 
+_DISCARD_AT_EXIT: set[str] = set()
+
+
+def _discard(token: str) -> None:
+    with contextlib.suppress(OSError):
+        _hand_back_path(token).unlink(missing_ok=True)
+
+
 def _recover_spawned(trainer: pl.Trainer) -> None:
     """In the process that launched a ddp_spawn fit: load what its rank 0 handed back, once.
 
     The workers' guards are copies: without this, the launching process's guards and event stream stay empty.
     """
     guards = [cb for cb in trainer.callbacks if isinstance(cb, GuardCallback)]  # type: ignore[attr-defined]
-    if not guards or guards[0].__dict__.get("_in_worker"):
+    if not guards or guards[0].__dict__.get("_in_worker") or not _spawned_worker(trainer):
         return
-    token = guards[0].__dict__.get("_spawn_token")
+    token = guards[0].__dict__.pop("_spawn_token", None)  # one fit's hand-back, read once
+    for cb in guards[1:]:
+        cb.__dict__.pop("_spawn_token", None)
     if token is None or not _hand_back_path(token).exists():
         return
     path = _hand_back_path(token)
@@ -95,21 +108,57 @@ class GuardCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Pickled in the launching process by ddp_spawn: a token shared by this instance and its copies in the
         # workers, under which rank 0 hands the run's events and the guards' states back (see `_recover_spawned`).
-        self.__dict__.setdefault("_spawn_token", uuid.uuid4().hex)
+        if "_spawn_token" not in self.__dict__:
+            token = uuid.uuid4().hex
+            self.__dict__["_spawn_token"] = token
+            if token not in _DISCARD_AT_EXIT:  # a hand-back nobody reads goes with the launching process
+                _DISCARD_AT_EXIT.add(token)
+                atexit.register(_discard, token)
         return self.__dict__.copy()
 
-    def _reset_for_fit(self) -> None:
-        """Return to the state of a freshly constructed instance, so that a reused callback equals a new one.
+    def __deepcopy__(self, memo: dict[int, Any]) -> GuardCallback:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key != "_spawn_token":  # a copy is another callback: it hands back under a token of its own
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
-        Called at ``setup("fit")``; a checkpoint being resumed is loaded after it, so resume stays exact.
+    def _reset_for_fit(self) -> None:
+        """Start a fit again with the state of a fresh instance, keeping the configuration as the user last set it.
+
+        Called at ``setup("fit")`` of every fit after the first (a checkpoint being resumed is loaded after it, so
+        resume stays exact). Constructor arguments come from the instance's attributes of the same name where the
+        user changed them after the previous fit (the value differs from the one that fit left), else from the
+        original call; attributes that a fresh instance does not have (a subclass's own) are kept.
         """
+        left = self.__dict__.get("_left")
+        if left is None:
+            return  # never fitted: as constructed, plus whatever the user set
         args, kwargs = self.__dict__.get("_init_args", ((), {}))
-        token = self.__dict__.get("_spawn_token")
+        try:
+            bound = inspect.signature(type(self)).bind(*args, **kwargs)
+        except TypeError:
+            bound = None
+        if bound is not None:
+            for name in list(inspect.signature(type(self)).parameters):
+                current = self.__dict__.get(name, left.get(name))
+                if name in self.__dict__ and name in left and current is not left[name]:
+                    bound.arguments[name] = current  # changed by the user between fits
+            args, kwargs = bound.args, bound.kwargs
         fresh = type(self)(*args, **kwargs)
+        own = ("_left", "_spawn_token")
+        extras = {k: v for k, v in self.__dict__.items() if k not in fresh.__dict__ and k not in own}
+        token = self.__dict__.get("_spawn_token")
         self.__dict__.clear()
         self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(extras)
         if token is not None:
             self.__dict__["_spawn_token"] = token
+
+    def _end_fit(self) -> None:
+        """Remember what this fit left, to tell the user's changes from the guard's own at the next fit."""
+        self.__dict__["_left"] = {k: v for k, v in self.__dict__.items() if k != "_left"}
 
     def _is_owner(self, trainer: pl.Trainer) -> bool:
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
@@ -126,6 +175,10 @@ class GuardCallback(Callback):
         if stage == "fit":
             self._reset_for_fit()
             self.__dict__["_in_worker"] = _spawned_worker(trainer)  # a copy living in a ddp_spawn worker
+            if not _spawned_worker(trainer):  # a fit in this process: no earlier spawn's hand-back applies to it
+                token = self.__dict__.pop("_spawn_token", None)
+                if token is not None:
+                    _discard(token)
         if not self._is_owner(trainer):
             return
         runtime = reset_runtime(trainer) if stage == "fit" else get_runtime(trainer)
@@ -149,6 +202,18 @@ class GuardCallback(Callback):
             self.runtime(trainer).before_optimizer_step(optimizer)
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._is_owner(trainer):
+            self.runtime(trainer).note_batch_start()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._is_owner(trainer):
+            self.runtime(trainer).note_backward()
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -168,6 +233,7 @@ class GuardCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_fit()  # Lightning runs no teardown when fit fails
         if self._is_owner(trainer):
             stream = self.runtime(trainer).events
             stream.dump_outbox()
@@ -176,6 +242,8 @@ class GuardCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
+        if stage == "fit":
+            self._end_fit()
         if self._is_owner(trainer):
             runtime = self.runtime(trainer)
             runtime.detach()

@@ -246,6 +246,7 @@ class GradientGuard(GuardCallback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         self._losses.append(loss.detach())  # no tensor work here: judged with the norm, in the step's one sync
 
     def _scaler(self, trainer: pl.Trainer) -> Any:

@@ -189,6 +189,7 @@ class OOMGuard(GuardCallback):
     def _install(self, pl_module: pl.LightningModule, name: str) -> None:
         current = pl_module.__dict__.get(name)
         if current is not None and getattr(current, "_lightning_guard_oom", None) is self:
+            self._inner[name] = getattr(current, _MARK)  # ours from before (a failed fit): keep it removable
             return
         inner = getattr(pl_module, name)
         self._inner[name] = inner
@@ -616,6 +617,12 @@ class OOMGuard(GuardCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._uninstall(pl_module)
+        self._reset_step()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._uninstall(pl_module)  # Lightning runs no teardown when fit fails: leave the module as it was
         self._reset_step()
 
     @override

@@ -234,13 +234,10 @@ class OverfitGuard(GuardCallback):
         if self._should_skip(trainer):
             return
         val = self._read(trainer, self.monitor, "monitor")
-        if (
-            self.train_monitor is not None
-            and self.train_monitor not in trainer.callback_metrics
-            and trainer.fit_loop.epoch_loop._num_ready_batches_reached()
-        ):
+        if self.train_monitor is not None and trainer.fit_loop.epoch_loop._num_ready_batches_reached():
             # Validation at the end of a training epoch runs before Lightning aggregates the epoch's training
-            # metrics (`train_loss_epoch`): finish this evaluation at on_train_epoch_end, where they exist.
+            # metrics (`train_loss_epoch` is missing, or still the previous epoch's): finish this evaluation at
+            # on_train_epoch_end, where they are this epoch's.
             self._deferred = (val, ())
             return
         self._agree_and_evaluate(trainer, pl_module, val)
