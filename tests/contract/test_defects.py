@@ -135,10 +135,100 @@ def test_after_ddp_spawn_the_launching_process_holds_events_and_guard_state(tmp_
     gg = GradientGuard()
     t = trainer(tmp_path, [gg, InjectNaN("loss", steps=[2], ranks=[1])], devices=2, strategy="ddp_spawn")
     t.fit(DigitsNet(), tr, va)
+    handed_back = Path(tempfile.gettempdir()) / f"lightning_guard-{gg._spawn_token}.pt"
     logged = [(e["guard"], e["kind"], e["step"], tuple(e["ranks"])) for e in read_jsonl(tmp_path / EVENTS_FILENAME)]
     events = [(e.guard, e.kind, e.step, e.ranks) for e in event_stream(t).events]
     assert [(g, k, s) for g, k, s, _ in events if g == "gradient_guard"] == [("gradient_guard", "nonfinite_skip", 2)]
     assert sorted(events) == sorted(logged)
     assert gg.counts == {"nonfinite_skip": 1}
     assert t.__dict__["_lightning_guard_runtime"].applied_steps == [3]  # 4 steps per rank, one skipped
-    assert not (Path(tempfile.gettempdir()) / f"lightning_guard-{gg._spawn_token}.pt").exists()  # read once, removed
+    assert not handed_back.exists()  # read once, removed
+    assert event_stream(t).events == event_stream(t).events  # a second read changes nothing
+
+
+# ---------------------------------------------------------------------------------- found by the hostile review
+def test_reused_guard_keeps_what_the_user_changed_between_fits(tmp_path):
+    tr, va = digits_loaders(n_train=128)
+    wc = WarmupCosine(warmup=0.5)
+    trainer(tmp_path / "a", [wc]).fit(DigitsNet(), tr, va)
+    wc.warmup = 0  # a sweep changes it for the next run
+    trainer(tmp_path / "b", [wc]).fit(DigitsNet(), tr, va)
+    assert wc.warmup == 0
+    assert wc.state_dict()["warmup_steps"] == 0  # the second fit really ran without warmup
+
+    class Named(GradientGuard):
+        def setup(self, trainer, pl_module, stage):
+            self.param_names = [n for n, _ in pl_module.named_parameters()]
+            super().setup(trainer, pl_module, stage)
+
+    named = Named()
+    for root in ("c", "d"):
+        trainer(tmp_path / root, [named]).fit(DigitsNet(), tr, va)
+        assert named.param_names[0] == "net.0.weight"  # a subclass's own attribute survives the reset
+
+
+class KeepsZeroGrads(SkipsSomeBatches):
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=False)  # gradients stay as zero tensors
+
+
+@pytest.mark.parametrize(
+    ("model", "accumulate", "precision", "applied"),
+    [(KeepsZeroGrads, 1, "32-true", 6), (SkipsSomeBatches, 3, "16-mixed", 0), (SkipsSomeBatches, 3, "32-true", 3)],
+    ids=["zeroed-grads", "16-mixed-accumulate-ends-on-none", "32-true-accumulate-ends-on-none"],
+)
+def test_a_step_without_loss_is_told_by_backward_passes(tmp_path, model, accumulate, precision, applied):
+    """set_to_none=False leaves zero gradients on a None step; with a GradScaler Lightning skips the whole step when
+    the last micro-batch returned None (32-true steps on what the others accumulated)."""
+    tr, va = digits_loaders(n_train=288)  # 9 batches; every third returns None
+    gg, wc = GradientGuard(), WarmupCosine(warmup=1)
+    t = trainer(tmp_path, [wc, gg], accumulate_grad_batches=accumulate, **precision_kwargs(precision))
+    t.fit(model(), tr, va)
+    assert t.__dict__["_lightning_guard_runtime"].applied_steps == [applied]
+    assert gg._stats[0].count == applied
+    assert [e.kind for e in event_stream(t).events if e.kind == "hold"] == []
+
+
+class FailsAtBatch(DigitsNet):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2 and not getattr(self, "failed", False):
+            self.failed = True
+            raise RuntimeError("data hiccup")
+        return super().training_step(batch, batch_idx)
+
+
+def test_oom_guard_leaves_no_wrapper_after_a_failed_fit(tmp_path):
+    import pickle
+
+    tr, va = digits_loaders(n_train=128)
+    guard, model = OOMGuard(), FailsAtBatch()
+    with pytest.raises(RuntimeError, match="data hiccup"):
+        trainer(tmp_path / "a", [guard]).fit(model, tr, va)
+    assert [k for k in ("training_step", "backward", "optimizer_step") if k in model.__dict__] == []
+    trainer(tmp_path / "b", [guard]).fit(model, tr, va)  # the notebook re-run
+    assert [k for k in ("training_step", "backward", "optimizer_step", "validation_step") if k in model.__dict__] == []
+    pickle.dumps(model)
+
+
+@pytest.mark.ddp
+def test_a_spawn_hand_back_never_reaches_another_fit(tmp_path):
+    """An unread hand-back of a ddp_spawn fit stayed attached to the guard: a later one-process fit loaded it in the
+    middle of training (its applied steps and counters jumped)."""
+    import copy
+
+    tr, va = digits_loaders(n_train=256)
+    gg = GradientGuard()
+    copies = [copy.deepcopy(gg) for _ in range(2)]
+    trainer(tmp_path / "spawn", [gg, InjectNaN("loss", steps=[1])], devices=2, strategy="ddp_spawn").fit(
+        DigitsNet(), tr, va
+    )
+    assert "_spawn_token" not in copies[0].__dict__  # a deep copy is another callback, with no token of its own yet
+    handed_back = Path(tempfile.gettempdir()) / f"lightning_guard-{gg._spawn_token}.pt"
+    assert handed_back.exists()  # nobody asked for it yet
+    t = trainer(tmp_path / "one", [gg, InjectNaN("loss", steps=[5])])
+    t.fit(DigitsNet(), tr, va)
+    fresh = GradientGuard()
+    trainer(tmp_path / "fresh", [fresh, InjectNaN("loss", steps=[5])]).fit(DigitsNet(), tr, va)
+    assert gg.counts == fresh.counts == {"nonfinite_skip": 1}
+    assert [(e.kind, e.step) for e in event_stream(t).events if e.guard == "gradient_guard"] == [("nonfinite_skip", 5)]
+    assert not handed_back.exists()  # the one-process fit discarded it: nothing left behind
