@@ -308,7 +308,10 @@ class InjectNaN(FaultInjector):
     **batch** — Imitates: a corrupt sample (a NaN/Inf feature from a broken file, a division by zero in
     preprocessing) that propagates through forward into the loss, the logged metrics and every gradient. Differs from
     the real fault: the value is written in place into the first element of the first floating-point tensor of the
-    collated batch in ``on_train_batch_start``, so callbacks listed before the injector see the batch clean.
+    collated batch in ``on_train_batch_start``, so callbacks listed before the injector see the batch clean. In place
+    means the source too when the loader hands out stored tensors rather than fresh collated copies (a dataset of
+    pre-made batches with ``batch_size=None``): the corrupt value then stays there for the following epochs, as a
+    corrupt file would.
 
     **loss** — Imitates: a non-finite loss (``log(0)``, an fp16 overflow in the loss) whose backward gives non-finite
     gradients to every parameter the loss depends on. Differs from the real fault: the value is put into the loss
@@ -644,6 +647,7 @@ class SimulatedOOM(FaultInjector):
             return
         pick: Callable[[int], int] = (lambda n: 0) if self.where == "forward" else (lambda n: (n - 1) // 2)
         name, target = _resolve_module(pl_module, self.module, pick, "SimulatedOOM")
+        self._target = name
 
         def in_stage(module: torch.nn.Module) -> bool:
             current = trainer.state.stage
@@ -704,6 +708,23 @@ class SimulatedOOM(FaultInjector):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(trainer, pl_module, "train")
+        self._checked = False
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if "train" not in self.stages or getattr(self, "_checked", True):
+            return
+        self._checked = True
+        if not self.seen_sizes:  # a chaos test that injects nothing must not pass
+            target = getattr(self, "_target", "")
+            raise GuardConfigError(
+                f"SimulatedOOM hooks module {target or type(pl_module).__name__!r}, which did not run in the first "
+                "training step (training_step computes without calling it, e.g. with parameters directly instead of "
+                "self(...)): pass `module=` naming a submodule the step runs"
+            )
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -513,3 +513,19 @@ def test_fault_injection_doc_examples_run(tmp_path, monkeypatch):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/fault-injection.md", "exec"), namespace)
+
+
+class Logistic(DigitsNet):
+    """Computes with its parameters directly: `self(x)` is never called in training_step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = torch.nn.functional.linear(torch.relu(self.net[0](x)), self.net[2].weight, self.net[2].bias)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+
+def test_simulated_oom_refuses_a_module_that_training_step_never_runs(tmp_path):
+    tr, va = digits_loaders()
+    oom = SimulatedOOM(max_batch_size=4, module="")  # the LightningModule itself: its forward never runs
+    with pytest.raises(GuardConfigError, match=r"did not run in the first training step.*pass `module=`"):
+        trainer(tmp_path, [oom]).fit(Logistic(), tr, va)
