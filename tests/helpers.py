@@ -164,6 +164,8 @@ def read_wandb_records(wandb_file: Path | str) -> list[Any]:
             continue
         length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
+        if pos + 7 + length > len(data):
+            break  # a record still being written
         payload = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -185,11 +187,32 @@ def read_wandb_records(wandb_file: Path | str) -> list[Any]:
     return records
 
 
+def finished_wandb_records(run_dir: Path | str, timeout: float = 60.0) -> list[Any]:
+    """The records of an offline run's ``.wandb`` file once wandb-core has written all of it.
+
+    ``run.finish()`` can return before the service process has flushed its buffered writes (seen on a loaded CI
+    machine: a file without its history rows), so wait until the file holds the run's ``exit`` record and its size
+    is stable.
+    """
+    import time
+
+    (wandb_file,) = Path(run_dir).glob("*.wandb")
+    deadline = time.monotonic() + timeout
+    size = -1
+    while True:
+        now = wandb_file.stat().st_size
+        records = read_wandb_records(wandb_file)
+        done = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if (done and now == size) or time.monotonic() > deadline:
+            return records
+        size = now
+        time.sleep(0.2)
+
+
 def wandb_history(run_dir: Path | str) -> list[dict[str, Any]]:
     """The history rows (metrics) of an offline wandb run directory, values JSON-decoded."""
-    (wandb_file,) = Path(run_dir).glob("*.wandb")
     rows = []
-    for rec in read_wandb_records(wandb_file):
+    for rec in finished_wandb_records(run_dir):
         if rec.WhichOneof("record_type") == "history":
             rows.append(
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
@@ -199,9 +222,8 @@ def wandb_history(run_dir: Path | str) -> list[dict[str, Any]]:
 
 def wandb_summary(run_dir: Path | str) -> dict[str, Any]:
     """The last summary values written to an offline wandb run."""
-    (wandb_file,) = Path(run_dir).glob("*.wandb")
     out: dict[str, Any] = {}
-    for rec in read_wandb_records(wandb_file):
+    for rec in finished_wandb_records(run_dir):
         if rec.WhichOneof("record_type") == "summary":
             for item in rec.summary.update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
