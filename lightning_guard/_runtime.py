@@ -93,14 +93,45 @@ class GuardRuntime:
         for idx, opt in enumerate(self._optimizers):
             setattr(opt, APPLIED_STEPS_ATTR, self.applied_steps[idx])
             self._handles.append(opt.register_step_post_hook(self._make_post_hook(idx)))
+        self._wrap_strategy_step()
+
+    def _wrap_strategy_step(self) -> None:
+        """Resolve a step the moment ``strategy.optimizer_step`` returns, before Lightning steps the LR schedulers.
+
+        A step the GradScaler skipped never runs the optimizer's post-step hook. Resolving it only at
+        ``on_train_batch_end`` would come after Lightning's ``update_lr_schedulers``: restoring the unscaled LR then
+        would undo the scheduler's step (ExponentialLR would lose a decay). Every optimizer step, automatic or
+        manual, goes through ``strategy.optimizer_step``; the wrapper lives on the strategy instance for the fit.
+        """
+        strategy = self.trainer.strategy
+        current = strategy.__dict__.get("optimizer_step")
+        if current is not None and "_lightning_guard_original" not in getattr(current, "__dict__", {}):
+            return  # someone else's instance override: leave it (unscheduled steps resolve at batch end)
+        original = current.__dict__["_lightning_guard_original"] if current is not None else strategy.optimizer_step
+
+        def optimizer_step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(optimizer, *args, **kwargs)
+            idx = self.optimizer_index(optimizer)
+            if idx in self._pending:  # attempted (on_before_optimizer_step ran) but the step itself never ran
+                self._resolve_unrun(idx)
+            return out
+
+        optimizer_step.__dict__["_lightning_guard_runtime"] = self  # an earlier fit's runtime is replaced, not stacked
+        optimizer_step.__dict__["_lightning_guard_original"] = original
+        strategy.__dict__["optimizer_step"] = optimizer_step
+        self._strategy = strategy
 
     def detach(self) -> None:
-        """Remove the optimizer hooks."""
+        """Remove the optimizer hooks and the strategy wrapper."""
         for opt in self._optimizers:
             opt.__dict__.pop(APPLIED_STEPS_ATTR, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        strategy = self.__dict__.pop("_strategy", None)
+        wrapper = strategy.__dict__.get("optimizer_step") if strategy is not None else None
+        if wrapper is not None and getattr(wrapper, "__dict__", {}).get("_lightning_guard_runtime") is self:
+            del strategy.__dict__["optimizer_step"]
 
     def optimizer_index(self, optimizer: Any) -> int:
         """Index of an optimizer (raw or LightningOptimizer) in ``trainer.optimizers``; -1 if unknown."""
@@ -258,14 +289,15 @@ class GuardRuntime:
     def after_batch(self) -> None:
         """Called from ``on_train_batch_end``: a step that was attempted but never ran was skipped by the scaler."""
         for idx in list(self._pending):
-            self._pending.pop(idx)
-            self._restore_lrs(idx, self._optimizers[idx])
-            reason = (
-                "no_loss" if idx in self._no_loss else "guard_skip" if idx in self._skip_requested else "amp_overflow"
-            )
-            self._skip_requested.discard(idx)
-            self._no_loss.discard(idx)
-            self._resolve(idx, applied=False, reason=reason)
+            self._resolve_unrun(idx)
+
+    def _resolve_unrun(self, idx: int) -> None:
+        self._pending.pop(idx, None)
+        self._restore_lrs(idx, self._optimizers[idx])
+        reason = "no_loss" if idx in self._no_loss else "guard_skip" if idx in self._skip_requested else "amp_overflow"
+        self._skip_requested.discard(idx)
+        self._no_loss.discard(idx)
+        self._resolve(idx, applied=False, reason=reason)
 
     def _resolve(self, idx: int, *, applied: bool, reason: str) -> None:
         self._backwards = 0

@@ -235,6 +235,7 @@ class GuardCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._end_fit()  # Lightning runs no teardown when fit fails
         if self._is_owner(trainer):
+            self.runtime(trainer).detach()
             stream = self.runtime(trainer).events
             stream.dump_outbox()
             stream.close()

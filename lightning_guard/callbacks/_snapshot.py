@@ -41,6 +41,7 @@ class Snapshot:
         self.applied_steps: list[int] = []
         self.step = -1
         self.nbytes = 0
+        self.extra: dict[str, Any] = {}  # the owner's own state at capture time (statistics, LR schedulers)
 
     @property
     def taken(self) -> bool:

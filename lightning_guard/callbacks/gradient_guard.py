@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from typing import Any, Literal
@@ -54,24 +55,38 @@ class GradientGuard(GuardCallback):
        optimizer state change, and the step does not count as applied (the LR schedule holds). Under a 16-mixed
        GradScaler a finite loss with overflowing gradients is an ``amp_overflow`` (info), not an explosion; the
        skip is forced on every rank so the loss scale stays identical across ranks.
-    3. **Spikes**: the norm's z-score against NaN-safe EMA statistics (after ``warmup_steps``); above
-       ``z_threshold`` the ``spike_action`` applies: ``"clip"`` to a ZClip-style adaptive threshold
-       ``mean + (z_threshold**2 / z) * std``, ``"skip"``, or ``"warn"``. Optionally the loss is watched the same way
-       (``monitor_loss``). An optional fixed ``max_norm`` clip applies after the adaptive one.
-    4. **LR backoff**: ``backoff_after`` spikes within ``backoff_window`` steps scale the LR by ``backoff_factor``,
-       recovering linearly over ``backoff_recovery`` applied steps; it composes with WarmupCosine and with torch
-       schedulers (the scale is applied around the step only).
+    3. **Spikes**: per optimizer, the norm's z-score against NaN-safe EMA statistics (after ``warmup_steps``). A
+       norm is a spike when its z-score is above ``z_threshold`` *and* it is at least ``min_ratio`` times its
+       running mean: early training's natural drift (norms doubling while the EMA catches up) is no explosion. The
+       ``spike_action`` then applies: ``"clip"`` to a ZClip-style adaptive threshold
+       ``mean + (z_threshold**2 / z) * std``, ``"skip"``, or ``"warn"``. The loss is watched the same way, per
+       optimizer (``monitor_loss``): a loss spike is above ``z_threshold`` and at least ``loss_min_rise`` (relative)
+       above its running mean; it is skipped, never clipped. An optional fixed ``max_norm`` clip applies after the
+       adaptive one.
+    4. **LR backoff**, only on evidence of instability: ``backoff_after`` skipped steps (non-finite gradients or
+       loss, skipped spikes; a rollback counts as one) within ``backoff_window`` steps scale that optimizer's LR by
+       ``backoff_factor``, recovering linearly over ``backoff_recovery`` applied steps. Clipped spikes never back
+       off. It composes with WarmupCosine and with torch schedulers (the scale is applied around the step only).
     5. **Rollback**: after ``rollback_after`` consecutive bad steps (non-finite or skipped spikes), or when a spike
        of the gradient norm or the loss with z above ``rollback_z`` is followed by another spike (the weights were
-       damaged, e.g. by one huge update, which no clipping can undo; a lone bad batch is only skipped), model,
-       optimizer and GradScaler state are restored from the last *validated* in-memory snapshot, the next
-       ``skip_after_rollback`` batches are skipped, and training goes on. Snapshots are host copies of each rank's
-       local tensors taken every ``snapshot_every`` applied steps (asynchronously on CUDA); a snapshot becomes the
-       rollback target only once the following step's gradients and loss were found healthy, so a snapshot taken
-       right after a damaging step is never restored. Two buffers are kept: host memory of twice the model and
-       optimizer state. Once ``max_rollbacks`` rollbacks are spent, the next one raises
-       :class:`~lightning_guard.errors.GradientExplosionError` naming the step, the recent norm history and the
-       layers with the largest gradient norms.
+       damaged, e.g. by one huge update, which no clipping can undo; a lone bad batch is only skipped), the state
+       of the last *validated* snapshot is restored: weights and buffers, optimizer state, GradScaler, the user's
+       LR schedulers, the applied-step counter (so WarmupCosine resumes its schedule from there) and the guard's
+       own norm and loss statistics (the restored model is judged against statistics of its own time). The next
+       ``skip_after_rollback`` batches are skipped (the data that did the damage is never replayed: training goes
+       on with the next batches), and training goes on. Snapshots are host copies of each rank's local tensors
+       taken every ``snapshot_every`` applied steps (asynchronously into pinned memory on CUDA); a snapshot becomes
+       the rollback target only once the following step's gradients and loss were found healthy, so a snapshot
+       taken right after a damaging step is never restored and a rollback loses at most about
+       ``2 * snapshot_every`` steps. Two buffers are kept: host memory of twice the model's parameters, buffers and
+       optimizer state (for AdamW in fp32: 2 x 3 x 4 bytes per parameter). Once ``max_rollbacks`` rollbacks are
+       spent, the next one raises :class:`~lightning_guard.errors.GradientExplosionError` naming the step, the recent
+       norm history and the layers with the largest gradient norms.
+
+    A skipped step never touches the 16-mixed GradScaler's bookkeeping: the gradients are dropped after the scaler
+    recorded its own overflow check, so the loss scale and its growth tracker move exactly as on an applied step
+    (only a genuine overflow lowers the scale), for fused and non-fused optimizers alike. Statistics, backoff and
+    counters do not depend on the order of the callbacks in the list.
 
     Every decision is agreed across ranks; no rank acts alone.
 
@@ -83,19 +98,23 @@ class GradientGuard(GuardCallback):
         max_norm: optional fixed clip of the global norm (applied after adaptive clipping). Default ``None``.
         monitor_loss: also detect spikes of the training loss (same threshold; a loss spike is never "clipped": the
             step is skipped). Default ``True``.
-        backoff_after: spikes within ``backoff_window`` steps that trigger an LR backoff; ``None`` disables it.
-            Default ``3``.
+        backoff_after: skipped steps (non-finite, skipped spikes, rollbacks) within ``backoff_window`` steps that
+            trigger an LR backoff; ``None`` disables it. Default ``3``.
         backoff_window: window, in optimizer steps, for counting spikes. Default ``50``.
         backoff_factor: LR multiplier during a backoff, in ``(0, 1)``. Default ``0.5``.
         backoff_recovery: applied steps over which the LR recovers linearly to its schedule. Default ``100``.
         rollback_after: consecutive bad steps that trigger a rollback; ``None`` disables it. Default ``3``.
         rollback_z: a gradient-norm or loss spike above this z-score is skipped and, if the next step spikes too
             (the weights were damaged), triggers a rollback; ``None`` disables it. Default ``12.0``.
-        snapshot_every: applied steps between rollback snapshots. Default ``100``.
+        snapshot_every: applied steps between rollback snapshots. Default ``25``.
         skip_after_rollback: batches skipped after a rollback (PaLM skipped 200-500). Default ``0``.
         max_rollbacks: rollbacks allowed before giving up with ``GradientExplosionError``. Default ``3``.
         log_every_n_steps: interval of the ``guard/grad_norm`` metrics; default: the Trainer's ``log_every_n_steps``.
         diagnose_top_k: layers listed (by gradient norm) in an event's diagnosis. Default ``5``.
+        min_ratio: a gradient norm is a spike only if it is also at least this many times its running mean (>= 1).
+            Default ``3.0``.
+        loss_min_rise: a loss is a spike only if it is also at least this fraction of its running mean's magnitude
+            above that mean (>= 0). Default ``0.25``.
 
     Events:
         ``nonfinite_skip`` (warning), ``amp_overflow`` (info), ``spike_clip`` (info), ``spike_skip`` (warning),
@@ -131,11 +150,13 @@ class GradientGuard(GuardCallback):
         backoff_recovery: int = 100,
         rollback_after: int | None = 3,
         rollback_z: float | None = 12.0,
-        snapshot_every: int = 100,
+        snapshot_every: int = 25,
         skip_after_rollback: int = 0,
         max_rollbacks: int = 3,
         log_every_n_steps: int | None = None,
         diagnose_top_k: int = 5,
+        min_ratio: float = 3.0,
+        loss_min_rise: float = 0.25,
     ) -> None:
         super().__init__()
         if spike_action not in self.SPIKE_ACTIONS:
@@ -167,6 +188,8 @@ class GradientGuard(GuardCallback):
         check_int("max_rollbacks", max_rollbacks, low=0)
         check_int("log_every_n_steps", log_every_n_steps, low=1, optional=True, none_first=True)
         check_int("diagnose_top_k", diagnose_top_k, low=0)
+        check_number("min_ratio", min_ratio, low=1.0, strict=False)
+        check_number("loss_min_rise", loss_min_rise, low=0.0, strict=False)
         self.spike_action = spike_action
         self.z_threshold = float(z_threshold)
         self.warmup_steps = warmup_steps
@@ -184,23 +207,29 @@ class GradientGuard(GuardCallback):
         self.max_rollbacks = max_rollbacks
         self.log_every_n_steps = log_every_n_steps
         self.diagnose_top_k = diagnose_top_k
+        self.min_ratio = float(min_ratio)
+        self.loss_min_rise = float(loss_min_rise)
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._stats: list[EmaStats] = []
-        self._loss_stats = EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps)
+        self._stats: list[EmaStats] = []  # per optimizer: gradient-norm statistics
+        self._loss_stats: list[EmaStats] = []  # per optimizer: loss statistics
         self._consecutive_bad = 0
         self._suspect_damage = False
         self._rollbacks = 0
-        self._spike_steps: deque[int] = deque()
-        self._backoff_scale = 1.0
-        self._backoff_progress = 0
+        self._unstable_steps: list[deque[int]] = []  # per optimizer: steps of skips (the backoff's evidence)
+        self._backoff_scale: list[float] = []
+        self._backoff_progress: list[int] = []
         self._skip_remaining = 0
         self._history: deque[float] = deque(maxlen=32)
         self._counts: dict[str, int] = {}
         self._loaded_snapshot_step = -1
+        self._last_capture_applied = -1  # optimizer 0's applied steps at the last snapshot capture
+        self._applied_since_batch = False
         self._snapshot = Snapshot()  # the validated rollback target
         self._candidate = Snapshot()  # taken after a step, validated by the next step's verdict
+        self._rollback_schedulers: list[dict[str, Any]] | None = None  # after a rollback, applied at batch end
+        self._rollback_lrs: list[list[Any]] | None = None
         self._losses: list[torch.Tensor] = []
         self._reduce: Any = None
         self.last_norm: float = math.nan
@@ -224,6 +253,13 @@ class GradientGuard(GuardCallback):
                 "spike_action='skip' or 'warn' and max_norm=None"
             )
 
+    def _new_stats(self) -> EmaStats:
+        return EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps)
+
+    @property
+    def _rollback_enabled(self) -> bool:
+        return self.rollback_after is not None or self.rollback_z is not None
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -232,12 +268,28 @@ class GradientGuard(GuardCallback):
         self._reduce = self._reduce_sq(trainer)
         self._losses = []
         n = len(trainer.optimizers)
-        while len(self._stats) < n:
-            self._stats.append(EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps))
+        for per_opt in (self._stats, self._loss_stats):
+            while len(per_opt) < n:
+                per_opt.append(self._new_stats())
+        while len(self._unstable_steps) < n:
+            self._unstable_steps.append(deque())
+        while len(self._backoff_scale) < n:
+            self._backoff_scale.append(1.0)
+            self._backoff_progress.append(0)
         for idx in range(n):
-            runtime.set_lr_scale(idx, self._backoff_scale, source=self.guard_name)
-        if self.rollback_after is not None or self.rollback_z is not None:
-            self._take_snapshot(trainer, pl_module, self._snapshot)  # the state training starts from is trusted
+            runtime.set_lr_scale(idx, self._backoff_scale[idx], source=self.guard_name)
+        # The state training starts from is trusted; it is captured at the first batch, once every callback's
+        # on_train_start has run (a WarmupCosine listed after this guard has set its first LR by then).
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._rollback_enabled and not self._snapshot.taken:
+            self._take_snapshot(trainer, pl_module, self._snapshot)
+            if self._last_capture_applied < 0:  # a resumed run keeps the checkpoint's cadence
+                self._last_capture_applied = self.runtime(trainer).applied_steps[0] if trainer.optimizers else 0
 
     # ------------------------------------------------------------------ per step
     @override
@@ -274,6 +326,20 @@ class GradientGuard(GuardCallback):
             if self._deferred_skip is not None:
                 self._apply_skip(*self._deferred_skip)
                 self._deferred_skip = None
+
+    def _judge(self, idx: int, norm: float, loss: float) -> tuple[bool, float, bool, float]:
+        """``(norm_spike, z, loss_spike, loss_z)`` of a finite step of optimizer ``idx`` against its statistics."""
+        stats, loss_stats = self._stats[idx], self._loss_stats[idx]
+        z = stats.z(norm)
+        spike = stats.ready and z > self.z_threshold and norm >= self.min_ratio * stats.mean
+        loss_z = loss_stats.z(loss) if self.monitor_loss else 0.0
+        loss_spike = (
+            self.monitor_loss
+            and loss_stats.ready
+            and loss_z > self.z_threshold
+            and loss - loss_stats.mean >= self.loss_min_rise * abs(loss_stats.mean)
+        )
+        return spike, z, loss_spike, loss_z
 
     def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         runtime = self.runtime(trainer)
@@ -312,26 +378,20 @@ class GradientGuard(GuardCallback):
 
         healthy = not bad_ranks
         if self._candidate.taken and idx == 0:
-            stats0 = self._stats[0]
-            z0 = stats0.z(norm_v) if healthy else math.inf
-            lz = self._loss_stats.z(loss_mean) if self.monitor_loss else 0.0
-            if (
-                healthy
-                and not (stats0.ready and z0 > self.z_threshold)
-                and not (self._loss_stats.ready and lz > self.z_threshold)
-            ):
+            spike0, _, loss_spike0, _ = self._judge(0, norm_v, loss_mean) if healthy else (True, 0.0, True, 0.0)
+            if healthy and not spike0 and not loss_spike0:
                 self._snapshot, self._candidate = self._candidate, self._snapshot  # promote; reuse the old buffers
             self._candidate.step = -1  # a candidate is judged once
 
         if self._skip_remaining > 0:
             self._skip_remaining -= 1
-            self._skip(trainer, optimizer, grads, scaler, bad_here=False)
+            self._skip(trainer, optimizer, grads, scaler, overflow=False)
             self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
             return
 
         if bad_ranks:
             amp = scaler is not None and not any_loss_bad
-            self._skip(trainer, optimizer, grads, scaler, bad_here=trainer.global_rank in bad_ranks)
+            self._skip(trainer, optimizer, grads, scaler, overflow=True)
             if amp:
                 self._event(
                     trainer,
@@ -357,25 +417,22 @@ class GradientGuard(GuardCallback):
                 loss=loss_mean,
                 pl_module=pl_module,
             )
+            self._note_instability(trainer, idx)
             self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"non-finite {what}", z=math.inf)
             self._log(trainer, pl_module, idx, norm_v, math.nan, math.inf)
             return
 
-        stats = self._stats[idx]
-        z = stats.z(norm_v)
-        spike = stats.ready and z > self.z_threshold
-        loss_z = self._loss_stats.z(loss_mean) if self.monitor_loss else 0.0
-        loss_spike = self.monitor_loss and self._loss_stats.ready and loss_z > self.z_threshold
-        if self.monitor_loss:
-            self._loss_stats.update(loss_mean) if not loss_spike else None
+        stats, loss_stats = self._stats[idx], self._loss_stats[idx]
+        spike, z, loss_spike, loss_z = self._judge(idx, norm_v, loss_mean)
+        if self.monitor_loss and not loss_spike:
+            loss_stats.update(loss_mean)
         if spike or loss_spike:
-            self._spike_steps.append(int(trainer.global_step))
             zz = max(z if spike else 0.0, loss_z if loss_spike else 0.0)
             hard = self.rollback_z is not None and zz > self.rollback_z
             if hard or self._suspect_damage:
                 # A huge spike may be one bad batch or weights damaged by the previous update: skip it, and roll
                 # back only if the next step still spikes (damage persists); a lone bad batch costs one step.
-                self._skip(trainer, optimizer, grads, scaler, bad_here=False)
+                self._skip(trainer, optimizer, grads, scaler, overflow=False)
                 self._consecutive_bad += 1
                 why = "above rollback_z" if hard else "right after a huge spike"
                 self._event(
@@ -388,6 +445,7 @@ class GradientGuard(GuardCallback):
                     loss=loss_mean,
                     pl_module=pl_module,
                 )
+                self._note_instability(trainer, idx)
                 if self._suspect_damage:
                     self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"spikes persist (z={zz:.1f})")
                     self._suspect_damage = False
@@ -413,7 +471,7 @@ class GradientGuard(GuardCallback):
                     pl_module=pl_module,
                 )
             elif self.spike_action == "skip" or (self.spike_action == "clip" and loss_spike):
-                self._skip(trainer, optimizer, grads, scaler, bad_here=False)
+                self._skip(trainer, optimizer, grads, scaler, overflow=False)
                 self._consecutive_bad += 1
                 self._event(
                     trainer,
@@ -425,9 +483,9 @@ class GradientGuard(GuardCallback):
                     loss=loss_mean,
                     pl_module=pl_module,
                 )
+                self._note_instability(trainer, idx)
                 self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
                 self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
-                self._maybe_backoff(trainer, idx)
                 return
             else:
                 stats.update(norm_v)
@@ -442,7 +500,6 @@ class GradientGuard(GuardCallback):
                     loss=loss_mean,
                     pl_module=pl_module,
                 )
-            self._maybe_backoff(trainer, idx)
         else:
             stats.update(norm_v)
             self._consecutive_bad = 0
@@ -461,32 +518,39 @@ class GradientGuard(GuardCallback):
         grads: list[torch.Tensor],
         scaler: Any,
         *,
-        bad_here: bool,
+        overflow: bool,
     ) -> None:
-        """Decide to skip this step; the gradients are dropped at the end of the hook (after events are reported)."""
-        self._deferred_skip = (trainer, optimizer, grads, scaler)
+        """Decide to skip this step; the gradients are dropped at the end of the hook (after events are reported).
 
-    def _apply_skip(
-        self,
-        trainer: pl.Trainer,
-        optimizer: torch.optim.Optimizer,
-        grads: list[torch.Tensor],
-        scaler: Any,
-    ) -> None:
-        """Skip this optimizer step on this rank, keeping every rank (and its loss scale) consistent."""
-        runtime = self.runtime(trainer)
+        ``overflow``: some rank has non-finite gradients or loss (the agreed verdict), so every rank's GradScaler
+        is told of an overflow; a deliberate skip of finite gradients leaves the scaler to its own check.
+        """
+        self._deferred_skip = (trainer, optimizer, scaler, overflow)
+
+    def _apply_skip(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scaler: Any, overflow: bool) -> None:
+        """Skip this optimizer step on this rank, leaving the GradScaler's bookkeeping as the gradients make it.
+
+        The scaler's overflow check must see the real gradients before they go: a non-fused optimizer's was done
+        by Lightning's ``unscale_`` before this hook; a fused optimizer's runs inside ``scaler.step()``, so it is
+        done here and the optimizer marked unscaled (its gradients are gone: nothing to unscale). ``scaler.step``
+        then steps an optimizer without gradients (nothing changes) and ``scaler.update`` grows the scale exactly as
+        for an applied step. Only a genuine overflow lowers it: then on every rank alike (a NaN that one rank alone
+        sees must not leave the ranks with different loss scales).
+        """
         if scaler is not None:
-            state = scaler._per_optimizer_states.get(id(optimizer), {})
-            found = state.get("found_inf_per_device") if isinstance(state, dict) else None
-            if found:
-                for t in found.values():
-                    t.fill_(1.0)  # the scaler skips and lowers the scale on every rank alike
-            elif grads:
-                grads[0].view(-1)[0] = math.inf  # fused optimizer: the scaler checks the grads inside step()
-                runtime.request_skip(optimizer)
-                return
+            from torch.amp.grad_scaler import OptState
+
+            state = scaler._per_optimizer_states[id(optimizer)]
+            if not state.get("found_inf_per_device") and state.get("stage") is OptState.READY:
+                scaler._check_inf_per_device(optimizer)
+                if not state.get("found_inf_per_device"):  # no gradient at all: give update() a clean check
+                    state["found_inf_per_device"] = {scaler._scale.device: torch.zeros(1, device=scaler._scale.device)}
+                state["stage"] = OptState.UNSCALED
+            if overflow:
+                for found in state["found_inf_per_device"].values():
+                    found.fill_(1.0)
         _drop_grads(optimizer)
-        runtime.request_skip(optimizer)
+        self.runtime(trainer).request_skip(optimizer)
 
     def _maybe_rollback(
         self,
@@ -534,10 +598,19 @@ class GradientGuard(GuardCallback):
             raise GradientExplosionError(detail)
         runtime = self.runtime(trainer)
         from_step = int(trainer.global_step)
-        self._snapshot.restore(pl_module, list(trainer.optimizers), self._scaler(trainer))
-        runtime.set_applied_steps(self._snapshot.applied_steps)
+        snap = self._snapshot
+        snap.restore(pl_module, list(trainer.optimizers), self._scaler(trainer))
+        runtime.set_applied_steps(snap.applied_steps)
         for i in range(len(trainer.optimizers)):
             runtime.forget_step_lrs(i)
+        # The guard's statistics of the snapshot's time: the restored model is judged against its own past.
+        self._stats = [self._stats_from(s) for s in snap.extra.get("stats", [])] or self._stats
+        self._loss_stats = [self._stats_from(s) for s in snap.extra.get("loss_stats", [])] or self._loss_stats
+        self._last_capture_applied = snap.applied_steps[0] if snap.applied_steps else -1
+        # Lightning steps the user's LR schedulers once more for this batch: their state (and the LRs) are put
+        # back after that, at batch end.
+        self._rollback_schedulers = snap.extra.get("schedulers")
+        self._rollback_lrs = [[_lr_copy(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
         _drop_grads(optimizer)  # the restored step must not apply this step's gradients
         self._rollbacks += 1
         self._consecutive_bad = 0
@@ -546,68 +619,105 @@ class GradientGuard(GuardCallback):
             trainer,
             "rollback",
             "warning",
-            f"{reason}: restored the snapshot of step {self._snapshot.step} "
+            f"{reason}: restored the snapshot of step {snap.step} "
             f"(rollback {self._rollbacks}/{self.max_rollbacks}); skipping {self.skip_after_rollback} batches",
             self.last_norm,
             diagnose=False,
             from_step=from_step,
-            to_step=self._snapshot.step,
+            to_step=snap.step,
             rollbacks=self._rollbacks,
         )
+        for i in range(len(trainer.optimizers)):  # the skips behind the rollback are undone with it: one remains
+            self._unstable_steps[i].clear()
+        self._note_instability(trainer, idx)
 
-    def _maybe_backoff(self, trainer: pl.Trainer, idx: int) -> None:
+    def _stats_from(self, state: dict[str, float]) -> EmaStats:
+        stats = self._new_stats()
+        stats.load_state_dict(state)
+        return stats
+
+    def _note_instability(self, trainer: pl.Trainer, idx: int) -> None:
+        """A skipped step of optimizer ``idx``: evidence for an LR backoff."""
         if self.backoff_after is None:
             return
         step = int(trainer.global_step)
-        while self._spike_steps and self._spike_steps[0] <= step - self.backoff_window:
-            self._spike_steps.popleft()
-        if len(self._spike_steps) >= self.backoff_after and self._backoff_scale == 1.0:
-            self._backoff_scale = self.backoff_factor
-            self._backoff_progress = 0
-            self._spike_steps.clear()
-            for i in range(len(trainer.optimizers)):
-                self.runtime(trainer).set_lr_scale(i, self._backoff_scale, source=self.guard_name)
+        window = self._unstable_steps[idx]
+        window.append(step)
+        while window and window[0] <= step - self.backoff_window:
+            window.popleft()
+        if len(window) >= self.backoff_after and self._backoff_scale[idx] == 1.0:
+            self._backoff_scale[idx] = self.backoff_factor
+            self._backoff_progress[idx] = 0
+            window.clear()
+            self.runtime(trainer).set_lr_scale(idx, self.backoff_factor, source=self.guard_name)
             self._event(
                 trainer,
                 "lr_backoff",
                 "warning",
-                f"{self.backoff_after} spikes within {self.backoff_window} steps: LR x{self.backoff_factor}, "
-                f"recovering over {self.backoff_recovery} steps",
+                f"{self.backoff_after} skipped steps within {self.backoff_window} steps: LR of optimizer {idx} "
+                f"x{self.backoff_factor}, recovering over {self.backoff_recovery} steps",
                 self.last_norm,
                 diagnose=False,
                 factor=self.backoff_factor,
+                optimizer=idx,
             )
 
     def _on_step(self, outcome: StepOutcome) -> None:
         trainer = self._trainer
-        if trainer is None or not outcome.applied or outcome.optimizer_idx != 0:
+        if trainer is None or not outcome.applied:
             return
-        if self._backoff_scale < 1.0:
-            self._backoff_progress += 1
-            frac = min(self._backoff_progress / self.backoff_recovery, 1.0)
-            self._backoff_scale = self.backoff_factor + (1.0 - self.backoff_factor) * frac
+        idx = outcome.optimizer_idx
+        if idx == 0:
+            self._applied_since_batch = True
+        if idx < len(self._backoff_scale) and self._backoff_scale[idx] < 1.0:
+            self._backoff_progress[idx] += 1
+            frac = min(self._backoff_progress[idx] / self.backoff_recovery, 1.0)
+            self._backoff_scale[idx] = self.backoff_factor + (1.0 - self.backoff_factor) * frac
             if frac >= 1.0:
-                self._backoff_scale = 1.0
-                self._event(trainer, "lr_recovered", "info", "LR back on its schedule", self.last_norm, diagnose=False)
-            for i in range(len(trainer.optimizers)):
-                self.runtime(trainer).set_lr_scale(i, self._backoff_scale, source=self.guard_name)
+                self._backoff_scale[idx] = 1.0
+                self._event(
+                    trainer,
+                    "lr_recovered",
+                    "info",
+                    f"LR of optimizer {idx} back on its schedule",
+                    self.last_norm,
+                    diagnose=False,
+                    optimizer=idx,
+                )
+            self.runtime(trainer).set_lr_scale(idx, self._backoff_scale[idx], source=self.guard_name)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.rollback_after is None and self.rollback_z is None:
+        if self._rollback_schedulers is not None or self._rollback_lrs is not None:
+            self._finish_rollback(trainer)
+        if not self._rollback_enabled:
             return
+        stepped, self._applied_since_batch = self._applied_since_batch, False
         applied = self.runtime(trainer).applied_steps
         if (
-            applied
+            stepped  # an accumulating micro-batch changes nothing to capture
+            and applied
             and self._consecutive_bad == 0
-            and applied[0] > 0
-            and applied[0] % self.snapshot_every == 0
-            and self._snapshot.applied_steps != list(applied)
+            and applied[0] - self._last_capture_applied >= self.snapshot_every
         ):
             self._take_snapshot(trainer, pl_module, self._candidate)
+            self._last_capture_applied = applied[0]
+
+    def _finish_rollback(self, trainer: pl.Trainer) -> None:
+        """After Lightning stepped the LR schedulers for the rollback's batch: put them and the LRs back."""
+        schedulers, lrs = self._rollback_schedulers, self._rollback_lrs
+        self._rollback_schedulers = self._rollback_lrs = None
+        for cfg, state in zip(trainer.lr_scheduler_configs, schedulers or [], strict=False):
+            cfg.scheduler.load_state_dict(copy.deepcopy(state))
+        for opt, group_lrs in zip(trainer.optimizers, lrs or [], strict=False):
+            for group, lr in zip(opt.param_groups, group_lrs, strict=False):
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].copy_(lr)
+                else:
+                    group["lr"] = lr
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, into: Snapshot) -> None:
         into.capture(
@@ -617,6 +727,11 @@ class GradientGuard(GuardCallback):
             list(self.runtime(trainer).applied_steps),
             int(trainer.global_step),
         )
+        into.extra = {
+            "stats": [s.state_dict() for s in self._stats],
+            "loss_stats": [s.state_dict() for s in self._loss_stats],
+            "schedulers": [copy.deepcopy(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
+        }
         # The two buffers alternate: size the other one now, so no pinned allocation lands mid-training later.
         other = self._candidate if into is self._snapshot else self._snapshot
         other.reserve(into.nbytes, pinned=pl_module.device.type == "cuda")
@@ -683,34 +798,39 @@ class GradientGuard(GuardCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "stats": [s.state_dict() for s in self._stats],
-            "loss_stats": self._loss_stats.state_dict(),
+            "loss_stats": [s.state_dict() for s in self._loss_stats],
             "consecutive_bad": self._consecutive_bad,
             "suspect_damage": self._suspect_damage,
             "rollbacks": self._rollbacks,
-            "spike_steps": list(self._spike_steps),
-            "backoff_scale": self._backoff_scale,
-            "backoff_progress": self._backoff_progress,
+            "unstable_steps": [list(w) for w in self._unstable_steps],
+            "backoff_scale": list(self._backoff_scale),
+            "backoff_progress": list(self._backoff_progress),
             "skip_remaining": self._skip_remaining,
             "history": list(self._history),
             "counts": dict(self._counts),
+            "last_capture_applied": self._last_capture_applied,
             "snapshot_step": self._snapshot.step if self._snapshot.taken else self._loaded_snapshot_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._stats = []
-        for s in state_dict.get("stats", []):
-            stats = EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps)
-            stats.load_state_dict(s)
-            self._stats.append(stats)
-        self._loss_stats.load_state_dict(state_dict.get("loss_stats", {}))
+        def per_optimizer(value: Any) -> list[Any]:  # checkpoints of 0.x kept one value for all optimizers
+            return list(value) if isinstance(value, list) else [value]
+
+        self._stats = [self._stats_from(s) for s in state_dict.get("stats", [])]
+        self._loss_stats = [self._stats_from(s) for s in per_optimizer(state_dict.get("loss_stats", []))]
         self._consecutive_bad = int(state_dict.get("consecutive_bad", 0))
         self._suspect_damage = bool(state_dict.get("suspect_damage", False))
         self._rollbacks = int(state_dict.get("rollbacks", 0))
-        self._spike_steps = deque(int(s) for s in state_dict.get("spike_steps", []))
-        self._backoff_scale = float(state_dict.get("backoff_scale", 1.0))
-        self._backoff_progress = int(state_dict.get("backoff_progress", 0))
+        self._unstable_steps = [deque(int(s) for s in w) for w in state_dict.get("unstable_steps", [])]
+        self._backoff_scale = [float(v) for v in per_optimizer(state_dict.get("backoff_scale", []))]
+        self._backoff_progress = [int(v) for v in per_optimizer(state_dict.get("backoff_progress", []))]
         self._skip_remaining = int(state_dict.get("skip_remaining", 0))
         self._history = deque((float(h) for h in state_dict.get("history", [])), maxlen=32)
         self._counts = dict(state_dict.get("counts", {}))
+        self._last_capture_applied = int(state_dict.get("last_capture_applied", -1))
         self._loaded_snapshot_step = int(state_dict.get("snapshot_step", -1))
+
+
+def _lr_copy(lr: Any) -> Any:
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr

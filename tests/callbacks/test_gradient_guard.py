@@ -142,9 +142,11 @@ class EffectiveLR(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         b = pl_module.net[0].bias
-        self._w, self._g = b.detach().clone(), b.grad.detach().clone()
+        self._w, self._g = b.detach().clone(), None if b.grad is None else b.grad.detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._g is None:  # a skipped step
+            return
         i = self._g.abs().argmax()
         self.used[trainer.global_step - 1] = float((self._w - pl_module.net[0].bias.detach())[i] / self._g[i])
 
@@ -153,7 +155,7 @@ def test_lr_backoff_then_recovery_composes_with_the_schedule(tmp_path):
     tr, va = digits_loaders(n_train=1280)  # 40 steps
     eff = EffectiveLR()
     gg = GradientGuard(
-        spike_action="warn",
+        spike_action="skip",
         warmup_steps=10,
         backoff_after=2,
         backoff_window=10,
@@ -166,13 +168,29 @@ def test_lr_backoff_then_recovery_composes_with_the_schedule(tmp_path):
     t = trainer(tmp_path, [sched, gg, LossSpike(factor=100.0, steps=[12, 14]), eff])
     t.fit(DigitsNet(optimizer="sgd", lr=0.05), tr, va)
     kinds = [(e.kind, e.step) for e in guard_events(t)]
-    assert kinds[:3] == [("spike_warn", 12), ("spike_warn", 14), ("lr_backoff", 14)]
-    assert ("lr_recovered", 23) in kinds  # 10 applied steps: 14 (at x0.5) .. 23
-    base = lambda s: 0.05 * sched.factor(s)  # noqa: E731 - the schedule's LR at applied step s
-    assert eff.used[13] == pytest.approx(base(13), rel=1e-3)
-    assert eff.used[15] == pytest.approx(0.5 * base(15) + 0.05 * base(15), rel=1e-3)  # 0.5 + 1 step of recovery
+    # two skipped spikes are evidence of instability (a clipped or merely warned spike is not)
+    assert kinds[:3] == [("spike_skip", 12), ("spike_skip", 14), ("lr_backoff", 14)]
+    assert ("lr_recovered", 24) in kinds  # 10 applied steps: 15 (at x0.5) .. 24
+    base = lambda s: 0.05 * sched.factor(s - 2)  # noqa: E731 - the schedule's LR at global step s (2 skipped)
+    assert eff.used[13] == pytest.approx(0.05 * sched.factor(12), rel=1e-3)
+    assert eff.used[15] == pytest.approx(0.5 * base(15), rel=1e-3)
+    assert eff.used[16] == pytest.approx(0.5 * base(16) + 0.05 * base(16), rel=1e-3)  # 0.5 + 1 step of recovery
     assert eff.used[30] == pytest.approx(base(30), rel=1e-3)  # recovered
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(base(40))  # the backoff never leaks into the LR
+
+
+def test_warned_and_clipped_spikes_never_back_off_the_lr(tmp_path):
+    tr, va = digits_loaders(n_train=1280)
+    events = []
+    for action in ("warn", "clip"):
+        gg = GradientGuard(
+            spike_action=action, warmup_steps=10, backoff_after=2, backoff_window=10, rollback_z=None, monitor_loss=False
+        )
+        t = trainer(tmp_path, [gg, LossSpike(factor=100.0, steps=[12, 14])])
+        t.fit(DigitsNet(optimizer="sgd", lr=0.05), tr, va)
+        events.append(Counter(e.kind for e in guard_events(t)))
+    assert events[0]["spike_warn"] >= 2 and events[1]["spike_clip"] >= 2
+    assert events[0]["lr_backoff"] == events[1]["lr_backoff"] == 0
 
 
 def test_lr_spike_on_digits_guard_keeps_accuracy(tmp_path):
@@ -231,7 +249,9 @@ def test_gives_up_with_a_diagnosis(tmp_path):
     ):
         t.fit(DigitsNet(), tr, va)
     kinds = [e["kind"] for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "gradient_guard"]
-    assert kinds == ["nonfinite_skip", "nonfinite_skip", "rollback", "nonfinite_skip", "nonfinite_skip", "gave_up"]
+    # the rollback and the two skips after it are evidence enough for an LR backoff (backoff_after=3)
+    expected = ["nonfinite_skip", "nonfinite_skip", "rollback", "nonfinite_skip", "nonfinite_skip", "lr_backoff"]
+    assert kinds == [*expected, "gave_up"]
 
 
 def test_resume_mid_run_equals_uninterrupted(tmp_path):
@@ -254,6 +274,8 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path):
     for a, b in zip(full_m.parameters(), res_m.parameters(), strict=True):
         assert torch.equal(a, b)
     as_json = lambda g: json.dumps(g.state_dict() | {"snapshot_step": 0}, sort_keys=True)  # noqa: E731 - NaN-aware
+    a_, b_ = json.loads(as_json(res_g)), json.loads(as_json(full_g))
+    assert {k: (a_[k], b_[k]) for k in a_ if a_[k] != b_[k]} == {}
     assert as_json(res_g) == as_json(full_g)
     assert {"nonfinite_skip", "spike_skip"} <= set(full_g.counts)  # the resumed window holds real interventions
     key = lambda e: (e.guard, e.kind, e.step, e.message)  # noqa: E731

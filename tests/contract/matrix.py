@@ -160,28 +160,6 @@ for _col in ("gradient_clip_val",):
 
 #: cells that fail for a defect named in another open issue: (row, column) -> reason (strict xfail)
 KNOWN: dict[tuple[str, str], str] = {}
-_HARM = (
-    "issue 13: GradientGuard past its warm-up intervenes on a healthy run (spike_clip at steps 7-9, then an "
-    "lr_backoff warning): the weights differ from the unguarded run"
-)
-for _col in (
-    "plain",
-    "no_batch_idx",
-    "step_returns_none",
-    "sync_dist_and_metric",
-    "manual_optimization",
-    "two_optimizers_10x",
-    "user_scheduler_step",
-    "user_scheduler_epoch",
-    "bf16_mixed",
-    "16_mixed",
-    "16_mixed_fused",
-    "val_check_interval_0.5",
-    "check_val_every_2",
-    "no_validation",
-    "validate_test_predict",
-):
-    KNOWN[("gradient_guard_warm", _col)] = _HARM
 for _row in ("l1_penalty", "all"):
     KNOWN[(_row, "16_mixed_fused")] = (
         "issue 15: under 16-mixed with a fused optimizer L1Penalty adds its subgradient to the still-scaled "
