@@ -64,7 +64,8 @@ class GuardRuntime:
         self._pending: dict[int, bool] = {}  # optimizer idx -> on_before_optimizer_step seen, step not yet resolved
         self._skip_requested: set[int] = set()
         self._no_loss: set[int] = set()  # optimizers whose attempted step has no loss behind it
-        self._backwards = 0  # backward passes since the last resolved optimizer step
+        self._backwards = 0  # backward passes so far
+        self._backwards_seen: dict[int, int] = {}  # per optimizer: backward passes when its last step resolved
         self._last_batch_backward = False  # whether the current micro-batch's training_step ran backward
         self._tracking = False  # a guard reports batches and backward passes (an injector alone does not)
         self._attempt_step: dict[int, int] = {}
@@ -154,7 +155,7 @@ class GuardRuntime:
         if idx >= 0:
             self._pending[idx] = True
             self._attempt_step[idx] = int(self.trainer.global_step)
-            if self._step_has_loss():
+            if self._step_has_loss(idx):
                 self._no_loss.discard(idx)
             else:
                 self._no_loss.add(idx)
@@ -175,19 +176,20 @@ class GuardRuntime:
         self._backwards += 1
         self._last_batch_backward = True
 
-    def _step_has_loss(self) -> bool:
+    def _step_has_loss(self, idx: int) -> bool:
         """Whether the step being attempted has a loss behind it.
 
         With a GradScaler, Lightning skips unscaling and the step whenever the last micro-batch's ``training_step``
         returned ``None`` (whatever earlier micro-batches accumulated); otherwise the optimizer steps on whatever
-        gradients accumulated, so the step has a loss if any backward ran since the last step. Gradients zeroed
+        gradients accumulated, so the step has a loss if any backward ran since this optimizer's last step (under
+        manual optimization one backward may serve several optimizers). Gradients zeroed
         with ``set_to_none=False`` do not fool this: it counts backward passes, not gradient tensors.
         """
         if not self._tracking:
             return True
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return self._last_batch_backward
-        return self._backwards > 0
+        return self._backwards > self._backwards_seen.get(idx, 0)
 
     def has_loss(self, optimizer: Any) -> bool:
         """Whether the step being attempted has gradients (False when ``training_step`` returned ``None``).
@@ -300,7 +302,7 @@ class GuardRuntime:
         self._resolve(idx, applied=False, reason=reason)
 
     def _resolve(self, idx: int, *, applied: bool, reason: str) -> None:
-        self._backwards = 0
+        self._backwards_seen[idx] = self._backwards
         if applied:
             self.applied_steps[idx] += 1
         if idx < len(self._optimizers):  # WarmupCosineLR follows this count

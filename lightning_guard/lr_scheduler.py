@@ -20,7 +20,8 @@ class WarmupCosineLR(LRScheduler):
     """Linear warmup then cosine decay, for users who prefer ``configure_optimizers``.
 
     Unlike a plain ``LambdaLR`` it advances only when the optimizer really stepped: it counts calls of the
-    optimizer's ``step()`` through a post-step hook (the 16-mixed GradScaler does not call ``step()`` when it skips),
+    optimizer's ``step()`` through a post-step hook (the 16-mixed GradScaler does not call ``step()`` when it skips;
+    a fused optimizer's step that the scaler hands an overflow is not counted either),
     and when lightning_guard's callbacks are attached it follows their applied-step counter, which also excludes
     steps a guard skipped. Return it with ``"interval": "step"``.
 
@@ -90,6 +91,11 @@ class WarmupCosineLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _count_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # A fused optimizer is stepped by the GradScaler even on an overflow: it is handed `found_inf` and skips
+        # the update itself. Such a step is not counted (one host sync, on the scaler's steps of fused optimizers).
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+            return
         self.real_steps += 1
 
     @property

@@ -61,8 +61,9 @@ class GradientGuard(GuardCallback):
        ``spike_action`` then applies: ``"clip"`` to a ZClip-style adaptive threshold
        ``mean + (z_threshold**2 / z) * std``, ``"skip"``, or ``"warn"``. The loss is watched the same way, per
        optimizer (``monitor_loss``): a loss spike is above ``z_threshold`` and at least ``loss_min_rise`` (relative)
-       above its running mean; it is skipped, never clipped. An optional fixed ``max_norm`` clip applies after the
-       adaptive one.
+       above its running mean. A loss spike alone is watched, not acted on (healthy runs have hard batches): if the
+       next step spikes too, the weights were damaged and are rolled back. An optional fixed ``max_norm`` clip
+       applies after the adaptive one.
     4. **LR backoff**, only on evidence of instability: ``backoff_after`` skipped steps (non-finite gradients or
        loss, skipped spikes; a rollback counts as one) within ``backoff_window`` steps scale that optimizer's LR by
        ``backoff_factor``, recovering linearly over ``backoff_recovery`` applied steps. Clipped spikes never back
@@ -96,8 +97,8 @@ class GradientGuard(GuardCallback):
         warmup_steps: finite norms observed before spikes are detected. Default ``25``.
         ema_alpha: EMA decay of the norm statistics, in ``(0, 1)``. Default ``0.97``.
         max_norm: optional fixed clip of the global norm (applied after adaptive clipping). Default ``None``.
-        monitor_loss: also detect spikes of the training loss (same threshold; a loss spike is never "clipped": the
-            step is skipped). Default ``True``.
+        monitor_loss: also detect spikes of the training loss (same threshold): a loss spike above ``rollback_z``
+            is skipped, a smaller one followed by another spike is rolled back. Default ``True``.
         backoff_after: skipped steps (non-finite, skipped spikes, rollbacks) within ``backoff_window`` steps that
             trigger an LR backoff; ``None`` disables it. Default ``3``.
         backoff_window: window, in optimizer steps, for counting spikes. Default ``50``.
@@ -114,7 +115,7 @@ class GradientGuard(GuardCallback):
         min_ratio: a gradient norm is a spike only if it is also at least this many times its running mean (>= 1).
             Default ``3.0``.
         loss_min_rise: a loss is a spike only if it is also at least this fraction of its running mean's magnitude
-            above that mean (>= 0). Default ``0.25``.
+            above that mean (>= 0; 0.5: 1.5 times the mean of a positive loss). Default ``0.5``.
 
     Events:
         ``nonfinite_skip`` (warning), ``amp_overflow`` (info), ``spike_clip`` (info), ``spike_skip`` (warning),
@@ -156,7 +157,7 @@ class GradientGuard(GuardCallback):
         log_every_n_steps: int | None = None,
         diagnose_top_k: int = 5,
         min_ratio: float = 3.0,
-        loss_min_rise: float = 0.25,
+        loss_min_rise: float = 0.5,
     ) -> None:
         super().__init__()
         if spike_action not in self.SPIKE_ACTIONS:
@@ -299,7 +300,13 @@ class GradientGuard(GuardCallback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)
-        self._losses.append(loss.detach())  # no tensor work here: judged with the norm, in the step's one sync
+        loss = loss.detach()
+        scaler = self._scaler(trainer)
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            # Lightning hands this hook the loss already multiplied by the GradScaler's scale: judged as it is, every
+            # growth of the scale would look like a loss spike. A tensor division: no host sync.
+            loss = loss.float() / scaler._scale.to(loss.device)
+        self._losses.append(loss)  # judged with the norm, in the step's one sync
 
     def _scaler(self, trainer: pl.Trainer) -> Any:
         return getattr(trainer.precision_plugin, "scaler", None)
@@ -434,7 +441,7 @@ class GradientGuard(GuardCallback):
                 # back only if the next step still spikes (damage persists); a lone bad batch costs one step.
                 self._skip(trainer, optimizer, grads, scaler, overflow=False)
                 self._consecutive_bad += 1
-                why = "above rollback_z" if hard else "right after a huge spike"
+                why = "above rollback_z" if hard else "right after another spike"
                 self._event(
                     trainer,
                     "spike_skip",
@@ -446,7 +453,7 @@ class GradientGuard(GuardCallback):
                     pl_module=pl_module,
                 )
                 self._note_instability(trainer, idx)
-                if self._suspect_damage:
+                if self._suspect_damage and self._rollback_enabled:
                     self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"spikes persist (z={zz:.1f})")
                     self._suspect_damage = False
                 else:
@@ -454,7 +461,15 @@ class GradientGuard(GuardCallback):
                     self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
                 self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
                 return
-            if self.spike_action == "clip" and spike and not loss_spike:
+            if loss_spike:
+                # A loss spike that is not huge: a hard batch (a healthy run has them), or the first sign of weights
+                # damaged by the previous update. Nothing is done now; if the next step spikes too, the damage
+                # persists and is rolled back (above).
+                self._suspect_damage = True
+            if loss_spike and not spike:
+                stats.update(norm_v)
+                self._consecutive_bad = 0
+            elif self.spike_action == "clip":
                 threshold = zclip_threshold(stats.mean, stats.std, z, self.z_threshold)
                 clip_grads_(grads, threshold / norm_v)
                 post = threshold
@@ -470,7 +485,7 @@ class GradientGuard(GuardCallback):
                     threshold=threshold,
                     pl_module=pl_module,
                 )
-            elif self.spike_action == "skip" or (self.spike_action == "clip" and loss_spike):
+            elif self.spike_action == "skip":
                 self._skip(trainer, optimizer, grads, scaler, overflow=False)
                 self._consecutive_bad += 1
                 self._event(

@@ -38,8 +38,12 @@ class WarmupCosine(GuardCallback):
     Args:
         warmup: warmup length: an ``int`` number of optimizer steps, or a ``float`` in ``[0, 1)`` as a fraction of
             ``total_steps``. Default ``0.05``.
-        total_steps: schedule length in optimizer steps. Default: ``trainer.estimated_stepping_batches``; an error is
-            raised when that is infinite or unknown (``max_epochs=-1`` or an iterable dataset without ``max_steps``).
+        total_steps: schedule length in optimizer steps: an ``int`` for every optimizer, or one ``int`` per optimizer
+            (a list) when they step at different rates (a discriminator stepping every batch, a generator every
+            fifth). Default: ``trainer.estimated_stepping_batches`` for every optimizer; an error is raised when that
+            is infinite or unknown (``max_epochs=-1`` or an iterable dataset without ``max_steps``). With several
+            optimizers, a ``schedule_mismatch`` warning tells at the end of training when one of them took far
+            fewer steps than its schedule's length while another completed its schedule.
         min_lr_ratio: the floor, as a fraction of each base LR, reached exactly after ``total_steps``. Default ``0.0``.
         start_factor: LR multiplier of the first warmup step, in ``(0, 1]``; never 0, so the first step is not
             wasted. Default ``0.01``.
@@ -52,11 +56,13 @@ class WarmupCosine(GuardCallback):
 
     Events (reported by rank 0; the schedule is identical on every rank):
         ``phase`` (info) when the schedule enters decay or floor; ``hold`` (info) when a step was not applied and the
-        LR was held, with the reason (``amp_overflow`` or ``guard_skip``).
+        LR was held, with the reason (``amp_overflow`` or ``guard_skip``); ``schedule_mismatch`` (warning) at the
+        end of training, see ``total_steps``.
 
     Raises:
         GuardConfigError: a bad argument (at construction); an optimizer that also has an LR scheduler from
-            ``configure_optimizers``, an infinite step estimate, or ``warmup >= total_steps`` (at fit start).
+            ``configure_optimizers``, an infinite step estimate, ``warmup >= total_steps``, or a ``total_steps`` list
+            whose length is not the number of optimizers (at fit start).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -70,7 +76,7 @@ class WarmupCosine(GuardCallback):
     def __init__(
         self,
         warmup: int | float = 0.05,
-        total_steps: int | None = None,
+        total_steps: int | list[int] | None = None,
         min_lr_ratio: float = 0.0,
         start_factor: float = 0.01,
         cycles: int = 1,
@@ -80,10 +86,13 @@ class WarmupCosine(GuardCallback):
     ) -> None:
         super().__init__()
         validate_warmup(warmup, GuardConfigError)
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise GuardConfigError(f"`total_steps` must be a positive int or None, got {total_steps!r}")
+        if total_steps is not None and not _positive_int(total_steps):
+            if not isinstance(total_steps, list | tuple) or not total_steps or not all(map(_positive_int, total_steps)):
+                raise GuardConfigError(
+                    f"`total_steps` must be a positive int, a list of positive ints (one per optimizer) or None, "
+                    f"got {total_steps!r}"
+                )
+            total_steps = list(total_steps)
         validate_schedule_args(
             start_factor=start_factor,
             min_lr_ratio=min_lr_ratio,
@@ -104,8 +113,8 @@ class WarmupCosine(GuardCallback):
         self.log_lr = log_lr
         # state
         self._base_lrs: list[list[float]] | None = None
-        self._resolved_total: int | None = None
-        self._resolved_warmup: int | None = None
+        self._resolved_total: list[int] | None = None  # per optimizer
+        self._resolved_warmup: list[int] | None = None
         self._phases: list[str] = []
         self._restored = False
 
@@ -117,14 +126,17 @@ class WarmupCosine(GuardCallback):
         )
 
     # ------------------------------------------------------------------ schedule
-    def factor(self, applied_steps: int) -> float:
-        """LR multiplier for the step after ``applied_steps`` applied steps (needs a resolved total)."""
+    def factor(self, applied_steps: int, optimizer_idx: int = 0) -> float:
+        """LR multiplier of optimizer ``optimizer_idx`` for the step after ``applied_steps`` applied steps.
+
+        Needs a resolved total (set at fit start).
+        """
         if self._resolved_total is None or self._resolved_warmup is None:
             raise GuardConfigError("WarmupCosine has no resolved `total_steps` yet: it is set at fit start")
         return warmup_cosine(
             applied_steps,
-            self._resolved_total,
-            self._resolved_warmup,
+            self._resolved_total[optimizer_idx],
+            self._resolved_warmup[optimizer_idx],
             start_factor=self.start_factor,
             min_lr_ratio=self.min_lr_ratio,
             cycles=self.cycles,
@@ -132,9 +144,20 @@ class WarmupCosine(GuardCallback):
             peak_decay=self.peak_decay,
         )
 
+    def _resolve_totals(self, trainer: pl.Trainer) -> list[int]:
+        n = len(trainer.optimizers)
+        if isinstance(self.total_steps, list):
+            if len(self.total_steps) != n:
+                raise GuardConfigError(
+                    f"`total_steps` has {len(self.total_steps)} values ({self.total_steps}) but the module has {n} "
+                    "optimizer(s): give one length per optimizer, in the order of `configure_optimizers`"
+                )
+            return list(self.total_steps)
+        return [self._resolve_total(trainer)] * n
+
     def _resolve_total(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
-            return self.total_steps
+            return int(self.total_steps)  # type: ignore[arg-type]
         estimated = trainer.estimated_stepping_batches
         if estimated is None or not math.isfinite(float(estimated)) or int(estimated) < 1:
             raise GuardConfigError(
@@ -159,19 +182,22 @@ class WarmupCosine(GuardCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_no_scheduler(trainer)
-        total = self._resolve_total(trainer)
-        if self._restored and self._resolved_total is not None and self._resolved_total != total:
+        totals = self._resolve_totals(trainer)
+        if self._restored and self._resolved_total is not None and self._resolved_total != totals:
             from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
             rank_zero_warn(
                 f"WarmupCosine keeps the checkpoint's schedule of {self._resolved_total} steps "
-                f"(the trainer now estimates {total}) so that the resumed LR trajectory is unchanged"
+                f"(the trainer now estimates {totals}) so that the resumed LR trajectory is unchanged"
             )
             return
-        warmup = round(self.warmup * total) if isinstance(self.warmup, float) else self.warmup
-        if warmup >= total:
-            raise GuardConfigError(f"`warmup` ({warmup} steps) must be shorter than `total_steps` ({total})")
-        self._resolved_total, self._resolved_warmup = total, warmup
+        warmups = []
+        for total in totals:
+            warmup = round(self.warmup * total) if isinstance(self.warmup, float) else self.warmup
+            if warmup >= total:
+                raise GuardConfigError(f"`warmup` ({warmup} steps) must be shorter than `total_steps` ({total})")
+            warmups.append(warmup)
+        self._resolved_total, self._resolved_warmup = totals, warmups
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,16 +216,16 @@ class WarmupCosine(GuardCallback):
             )
         for idx in range(len(trainer.optimizers)):
             self._apply(trainer, idx, runtime.applied_steps[idx])
-        self._phases = [self._phase(runtime.applied_steps[i]) for i in range(len(trainer.optimizers))]
+        self._phases = [self._phase(runtime.applied_steps[i], i) for i in range(len(trainer.optimizers))]
 
-    def _phase(self, applied: int) -> str:
+    def _phase(self, applied: int, optimizer_idx: int = 0) -> str:
         assert self._resolved_total is not None
         assert self._resolved_warmup is not None
-        return warmup_cosine_phase(applied, self._resolved_total, self._resolved_warmup)
+        return warmup_cosine_phase(applied, self._resolved_total[optimizer_idx], self._resolved_warmup[optimizer_idx])
 
     def _apply(self, trainer: pl.Trainer, idx: int, applied: int) -> None:
         assert self._base_lrs is not None
-        f = self.factor(applied)
+        f = self.factor(applied, idx)
         for group, base in zip(trainer.optimizers[idx].param_groups, self._base_lrs[idx], strict=False):
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(base * f)
@@ -232,7 +258,7 @@ class WarmupCosine(GuardCallback):
             )
             return
         self._apply(trainer, outcome.optimizer_idx, outcome.applied_steps)
-        phase = self._phase(outcome.applied_steps)
+        phase = self._phase(outcome.applied_steps, outcome.optimizer_idx)
         if outcome.optimizer_idx < len(self._phases) and phase != self._phases[outcome.optimizer_idx]:
             old = self._phases[outcome.optimizer_idx]
             self._phases[outcome.optimizer_idx] = phase
@@ -276,6 +302,27 @@ class WarmupCosine(GuardCallback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        totals = self._resolved_total
+        if totals is None or len(totals) < 2 or trainer.global_rank != 0:
+            return
+        applied = self.runtime(trainer).applied_steps
+        done = [a / t for a, t in zip(applied, totals, strict=False)]
+        if max(done) < 0.9 or min(done) >= 0.5:
+            return
+        short = [i for i, d in enumerate(done) if d < 0.5]
+        self._emit(
+            trainer,
+            "schedule_mismatch",
+            f"optimizer(s) {short} took {[applied[i] for i in short]} steps of schedules "
+            f"{[totals[i] for i in short]} steps long (their LR never decayed), while others completed theirs: "
+            f"pass total_steps={list(applied)} (one length per optimizer)",
+            severity="warning",
+            data={"applied_steps": list(applied), "total_steps": list(totals)},
+        )
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._restored = False
@@ -292,9 +339,15 @@ class WarmupCosine(GuardCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._base_lrs = state_dict.get("base_lrs")
-        self._resolved_total = state_dict.get("total_steps")
-        self._resolved_warmup = state_dict.get("warmup_steps")
+        total, warmup = state_dict.get("total_steps"), state_dict.get("warmup_steps")
+        n = len(self._base_lrs or [None])  # checkpoints of 0.x kept one length for every optimizer
+        self._resolved_total = None if total is None else (list(total) if isinstance(total, list) else [total] * n)
+        self._resolved_warmup = None if warmup is None else (list(warmup) if isinstance(warmup, list) else [warmup] * n)
         self._restored = True
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _lr_value(lr: Any) -> float:

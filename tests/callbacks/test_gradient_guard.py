@@ -184,7 +184,12 @@ def test_warned_and_clipped_spikes_never_back_off_the_lr(tmp_path):
     events = []
     for action in ("warn", "clip"):
         gg = GradientGuard(
-            spike_action=action, warmup_steps=10, backoff_after=2, backoff_window=10, rollback_z=None, monitor_loss=False
+            spike_action=action,
+            warmup_steps=10,
+            backoff_after=2,
+            backoff_window=10,
+            rollback_z=None,
+            monitor_loss=False,
         )
         t = trainer(tmp_path, [gg, LossSpike(factor=100.0, steps=[12, 14])])
         t.fit(DigitsNet(optimizer="sgd", lr=0.05), tr, va)

@@ -90,6 +90,12 @@ ROWS = {
         Row("gradient_guard", lambda out: [GradientGuard()]),
         # its defaults judge spikes only after 25 steps: this row is past its warm-up within the matrix's 16 steps
         Row("gradient_guard_warm", lambda out: [GradientGuard(warmup_steps=4)]),
+        # listed before the schedule it must compose with: the order of the callbacks must not matter
+        Row(
+            "gradient_guard_then_schedule",
+            lambda out: [GradientGuard(warmup_steps=4), WarmupCosine()],
+            Reference(schedule=0.05),
+        ),
         Row("l1_penalty", lambda out: [L1Penalty()], Reference(l1=1e-5)),
         Row("overfit_guard", lambda out: [OverfitGuard()], Reference(restore_best=True)),
         Row("class_balance", lambda out: [ClassBalance()], Reference(prior=True)),
@@ -157,6 +163,8 @@ for _row in ("gradient_guard", "all"):
 
 for _col in ("gradient_clip_val",):
     REFUSED[("gradient_guard_warm", _col)] = REFUSED[("gradient_guard", _col)]
+for _col in ("gradient_clip_val", "user_scheduler_step", "user_scheduler_epoch"):
+    REFUSED[("gradient_guard_then_schedule", _col)] = REFUSED[("all", _col)]
 
 #: cells that fail for a defect named in another open issue: (row, column) -> reason (strict xfail)
 KNOWN: dict[tuple[str, str], str] = {}
