@@ -424,8 +424,10 @@ class GradientGuard(GuardCallback):
                 loss=loss_mean,
                 pl_module=pl_module,
             )
-            self._note_instability(trainer, idx)
+            rollbacks = self._rollbacks
             self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"non-finite {what}", z=math.inf)
+            if self._rollbacks == rollbacks:  # a rollback counts itself once, and clears the skips it undid
+                self._note_instability(trainer, idx)
             self._log(trainer, pl_module, idx, norm_v, math.nan, math.inf)
             return
 
@@ -452,13 +454,15 @@ class GradientGuard(GuardCallback):
                     loss=loss_mean,
                     pl_module=pl_module,
                 )
-                self._note_instability(trainer, idx)
+                rollbacks = self._rollbacks
                 if self._suspect_damage and self._rollback_enabled:
                     self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"spikes persist (z={zz:.1f})")
                     self._suspect_damage = False
                 else:
                     self._suspect_damage = True
                     self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
+                if self._rollbacks == rollbacks:
+                    self._note_instability(trainer, idx)
                 self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
                 return
             if loss_spike:
@@ -498,8 +502,10 @@ class GradientGuard(GuardCallback):
                     loss=loss_mean,
                     pl_module=pl_module,
                 )
-                self._note_instability(trainer, idx)
+                rollbacks = self._rollbacks
                 self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
+                if self._rollbacks == rollbacks:
+                    self._note_instability(trainer, idx)
                 self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
                 return
             else:

@@ -254,9 +254,7 @@ def test_gives_up_with_a_diagnosis(tmp_path):
     ):
         t.fit(DigitsNet(), tr, va)
     kinds = [e["kind"] for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "gradient_guard"]
-    # the rollback and the two skips after it are evidence enough for an LR backoff (backoff_after=3)
-    expected = ["nonfinite_skip", "nonfinite_skip", "rollback", "nonfinite_skip", "nonfinite_skip", "lr_backoff"]
-    assert kinds == [*expected, "gave_up"]
+    assert kinds == ["nonfinite_skip", "nonfinite_skip", "rollback", "nonfinite_skip", "nonfinite_skip", "gave_up"]
 
 
 def test_resume_mid_run_equals_uninterrupted(tmp_path):

@@ -293,3 +293,15 @@ def test_the_guard_brings_a_faulted_char_lm_back(tmp_path):
     assert guarded <= clean * 1.03
     (rb,) = guard_events(t, ["rollback"])
     assert 0 < rb.data["to_step"] < 40 < rb.data["from_step"] <= 43
+
+
+def test_a_rollback_does_not_back_off_the_lr_for_the_skips_it_undid(tmp_path):
+    """The demo's story: a NaN batch, then one LR x1000 step whose damage is skipped twice and rolled back. The
+    rollback counts once as instability; before, the skips it undid also triggered an LR backoff at the same step."""
+    tr, va = digits_loaders(n_train=1280)
+    t = trainer(
+        tmp_path, [GradientGuard(snapshot_every=10), InjectNaN("loss", steps=[15]), LRSpike(1000.0, steps=[29])]
+    )
+    t.fit(DigitsNet(lr=3e-3), tr, va)
+    kinds = [e.kind for e in guard_events(t)]
+    assert kinds == ["nonfinite_skip", "spike_skip", "spike_skip", "rollback"]
