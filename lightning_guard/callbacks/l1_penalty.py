@@ -35,10 +35,12 @@ class L1Penalty(GuardCallback):
     r"""L1 regularisation ``strength * sum(|w|)`` without an extra autograd pass.
 
     * ``mode="subgradient"``: ``grad += strength * sign(w)`` with fused foreach ops in ``on_before_optimizer_step``
-      (after AMP unscaling), once per optimizer step whatever the gradient accumulation - the same gradient as adding
-      the penalty to the loss, without its extra pass through autograd.
+      (after AMP unscaling; for a fused optimizer under the GradScaler, which unscales inside its step, the
+      subgradient is multiplied by the loss scale), once per optimizer step whatever the gradient accumulation -
+      the same gradient as adding the penalty to the loss, without its extra pass through autograd.
     * ``mode="proximal"``: after each *applied* optimizer step, soft-threshold
-      ``w <- sign(w) * max(|w| - lr * strength, 0)`` with the LR that step used (decoupled L1, as AdamW decouples L2).
+      ``w <- sign(w) * max(|w| - lr * strength, 0)`` with the LR that step used, per param group (decoupled L1, as
+      AdamW decouples L2).
       It produces exact zeros that pruning and export can use; a step skipped by the GradScaler or a guard is not
       thresholded.
 
@@ -122,7 +124,7 @@ class L1Penalty(GuardCallback):
         self._groups: list[tuple[float, list[torch.Tensor]]] = []  # (multiplier, params)
         self._selected_names: list[str] = []
         self._numel = 0
-        self._step_lrs: dict[int, float] = {}
+        self._step_lrs: dict[int, list[tuple[float, set[int]]]] = {}
         self._opt_params: list[set[int]] = []
         self._reduce = False
 
@@ -220,22 +222,30 @@ class L1Penalty(GuardCallback):
         if not runtime.has_loss(optimizer):  # training_step returned None: no gradient to penalise, no step to take
             return
         if self.mode == "subgradient":
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            # A fused optimizer under a GradScaler unscales inside its own step: Lightning hands this hook gradients
+            # still multiplied by the loss scale, so the subgradient is scaled alike (or it would be 65536x too weak).
+            scale = getattr(scaler, "_scale", None) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
             for mult, params in self._params_of(idx):
-                l1_subgradient_(params, lam * mult)
-        else:  # remember the LR this step uses (a schedule may change it before the proximal step runs)
-            self._step_lrs[idx] = float(optimizer.param_groups[0]["lr"]) * runtime.lr_scale(idx)
+                l1_subgradient_(params, lam * mult, scale=scale)
+        else:  # remember the LR each param group uses this step (a schedule may change it before the proximal step)
+            factor = runtime.lr_scale(idx)
+            self._step_lrs[idx] = [
+                (float(group["lr"]) * factor, {id(p) for p in group["params"]}) for group in optimizer.param_groups
+            ]
         self._log(trainer, lam)
 
     def _on_step(self, outcome: StepOutcome) -> None:
         if not outcome.applied or self._trainer is None:
             return
         idx = outcome.optimizer_idx
-        lr = self._step_lrs.pop(idx, None)
-        if lr is None:
+        groups = self._step_lrs.pop(idx, None)
+        if groups is None:
             return
         lam = self.current_strength(outcome.applied_steps - 1)
         for mult, params in self._params_of(idx):
-            l1_proximal_(params, lr * lam * mult)
+            for lr, ids in groups:  # each param group with its own LR (a group at lr=0 must not move)
+                l1_proximal_([p for p in params if id(p) in ids], lr * lam * mult)
 
     def _stats(self, trainer: pl.Trainer) -> tuple[float, float]:
         params = [p for _, ps in self._groups for p in ps]

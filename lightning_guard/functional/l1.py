@@ -10,11 +10,12 @@ __all__ = ["l1_norm", "l1_proximal_", "l1_subgradient_", "zero_count"]
 
 
 @torch.no_grad()
-def l1_subgradient_(params: Sequence[torch.Tensor], strength: float) -> None:
-    """Add ``strength * sign(w)`` to each parameter's gradient in place (fused).
+def l1_subgradient_(params: Sequence[torch.Tensor], strength: float, scale: torch.Tensor | None = None) -> None:
+    """Add ``strength * sign(w)`` (times ``scale``) to each parameter's gradient in place (fused).
 
     That is the gradient of ``strength * sum(|w|)`` (subgradient 0 at w = 0). Parameters without a gradient are left
-    alone.
+    alone. ``scale``: a 0-dim tensor multiplying the subgradient, for gradients that are still multiplied by a loss
+    scale (a fused optimizer under a GradScaler unscales inside its own step); no host sync.
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([2.0, -3.0, 0.0]))
@@ -26,7 +27,10 @@ def l1_subgradient_(params: Sequence[torch.Tensor], strength: float) -> None:
     if not with_grad or strength == 0:
         return
     grads = [p.grad for p in with_grad]
-    torch._foreach_add_(grads, torch._foreach_sign([p.detach() for p in with_grad]), alpha=strength)  # type: ignore[arg-type]
+    signs = torch._foreach_sign([p.detach() for p in with_grad])
+    if scale is not None:
+        torch._foreach_mul_(signs, scale.to(signs[0].device))
+    torch._foreach_add_(grads, signs, alpha=strength)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -225,3 +225,54 @@ def test_ddp_spawn_proximal_keeps_ranks_identical(tmp_path):
     w0, w1 = (json.loads((tmp_path / f"w{r}.json").read_text()) for r in (0, 1))
     assert w0 == w1
     assert w0["zeros"] > 0  # the proximal step made exact zeros, identically on both ranks
+
+
+def test_proximal_thresholds_each_param_group_with_its_own_lr(tmp_path):
+    """All groups were thresholded with param_groups[0]'s LR: a group at lr=0 still moved and gained exact zeros."""
+
+    class Frozen(DigitsNet):
+        def configure_optimizers(self):
+            return torch.optim.SGD(
+                [{"params": self.net[0].parameters(), "lr": 0.05}, {"params": self.net[2].parameters(), "lr": 0.0}]
+            )
+
+    tr, va = digits_loaders()
+    torch.manual_seed(0)
+    model = Frozen()
+    head = model.net[2].weight.detach().clone()
+    trainer(tmp_path, [L1Penalty(0.5, mode="proximal")]).fit(model, tr, va)
+    assert torch.equal(model.net[2].weight, head)  # lr=0: the proximal step must not move it either
+    assert (model.net[0].weight == 0).float().mean() > 0.5  # the other group is thresholded at its own LR
+
+
+class FusedDigits(DigitsNet):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
+class UpdateAt0(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            self.update = [p.detach() - b for p, b in zip(pl_module.parameters(), self.before, strict=True)]
+
+
+@pytest.mark.parametrize("net", [DigitsNet, FusedDigits], ids=["adamw", "fused_adamw"])
+def test_16_mixed_subgradient_matches_32_true(tmp_path, net):
+    """Under 16-mixed a fused optimizer unscales inside its step: the subgradient was added to gradients still
+    multiplied by 65536, so the update carried none of it. With a strength that dominates the gradient, the first
+    AdamW update is -lr * sign(w) in both precisions."""
+    updates = {}
+    for precision in ("32-true", "16-mixed"):
+        tr, va = digits_loaders()
+        probe = UpdateAt0()
+        torch.manual_seed(0)
+        model = net(lr=1e-3)
+        trainer(tmp_path, [L1Penalty(10.0), probe], max_steps=1, **precision_kwargs(precision)).fit(model, tr, va)
+        updates[precision] = probe.update
+        w = model.net[0].weight
+    assert torch.allclose(updates["16-mixed"][0], updates["32-true"][0], atol=2e-5)
+    assert updates["16-mixed"][0].abs().mean() > 0.9e-3  # -lr * sign(w): the penalty moved every weight
+    assert w.shape == updates["32-true"][0].shape

@@ -168,11 +168,6 @@ for _col in ("gradient_clip_val", "user_scheduler_step", "user_scheduler_epoch")
 
 #: cells that fail for a defect named in another open issue: (row, column) -> reason (strict xfail)
 KNOWN: dict[tuple[str, str], str] = {}
-for _row in ("l1_penalty", "all"):
-    KNOWN[(_row, "16_mixed_fused")] = (
-        "issue 15: under 16-mixed with a fused optimizer L1Penalty adds its subgradient to the still-scaled "
-        "gradients (65536x too weak)"
-    )
 for _row in ("compress_export", "all"):
     KNOWN[(_row, "no_validation")] = (
         "issue 15: CompressExport finds the missing validation data only after training, and fit() raises then"
