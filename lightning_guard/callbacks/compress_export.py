@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +32,76 @@ from lightning_guard.functional.compress import (
 __all__ = ["CompressExport"]
 
 _MARK = "_lightning_guard_original"
-_HIGHER_IS_BETTER = ("acc", "f1", "auroc", "auc", "precision", "recall", "iou", "map", "bleu", "r2")
+_HIGHER_IS_BETTER = frozenset(
+    {
+        "acc",
+        "accuracy",
+        "f1",
+        "fbeta",
+        "auroc",
+        "auc",
+        "auprc",
+        "ap",
+        "precision",
+        "recall",
+        "iou",
+        "miou",
+        "dice",
+        "map",
+        "bleu",
+        "rouge",
+        "r2",
+        "psnr",
+        "ssim",
+        "top1",
+        "top5",
+        "kappa",
+        "mcc",
+        "spearman",
+        "pearson",
+    }
+)
+_LOWER_IS_BETTER = frozenset(
+    {
+        "loss",
+        "error",
+        "err",
+        "mae",
+        "mse",
+        "rmse",
+        "mape",
+        "smape",
+        "nll",
+        "ppl",
+        "perplexity",
+        "wer",
+        "cer",
+        "bpb",
+        "bpc",
+        "fid",
+        "distance",
+        "dist",
+    }
+)
+
+
+def metric_direction(monitor: str) -> Literal["min", "max"] | None:
+    """``"min"`` or ``"max"`` from the words of a metric's name, or None when they do not say.
+
+    The name is cut into words at every non-alphanumeric character (``val_iou_loss`` -> ``val``, ``iou``, ``loss``)
+    and each word is compared whole, never as a substring (``val_mape`` is an error, not a mean average precision).
+    A word of loss or error wins over a word of quality (``val_iou_loss`` is a loss).
+
+    Example:
+        >>> [metric_direction(m) for m in ("val_acc", "val_mape", "val_iou_loss", "val/mAP", "val_score")]
+        ['max', 'min', 'min', 'max', None]
+    """
+    words = {w for w in re.split(r"[^0-9a-z]+", monitor.lower()) if w}
+    if words & _LOWER_IS_BETTER:
+        return "min"
+    if words & _HIGHER_IS_BETTER:
+        return "max"
+    return None
 
 
 def _inputs_of(batch: Any) -> tuple[Any, ...]:
@@ -87,8 +157,9 @@ class CompressExport(GuardCallback):
     Args:
         dirpath: where the artifacts and the report go (default: ``<default_root_dir>/compressed``).
         monitor: the validation metric that makes the budget (default ``"val_loss"``).
-        mode: ``"min"`` or ``"max"`` for ``monitor``; default: ``"max"`` for names with acc/f1/auroc/precision/
-            recall/iou/map, else ``"min"``.
+        mode: ``"min"`` or ``"max"`` for ``monitor``; default: from the words of its name
+            (:func:`metric_direction`: ``val_acc`` max, ``val_mape`` and ``val_iou_loss`` min); a name that does not
+            say (``val_score``) is refused.
         max_metric_drop: the largest worsening of ``monitor`` accepted, in its own units (default 0.01).
         prune: ``None``, ``"unstructured"`` or ``"structured"``.
         prune_amounts: fractions tried, strongest first (default ``(0.75, 0.5, 0.25)``).
@@ -145,7 +216,13 @@ class CompressExport(GuardCallback):
             raise GuardConfigError(f"`filename` must be a file name without directories, got {filename!r}")
         self.dirpath = dirpath
         self.monitor = monitor
-        self.mode = mode or ("max" if any(k in monitor.lower() for k in _HIGHER_IS_BETTER) else "min")
+        direction = mode or metric_direction(monitor)
+        if direction is None:
+            raise GuardConfigError(
+                f"CompressExport cannot tell from its name whether `monitor={monitor!r}` is better higher or lower: "
+                "pass mode='min' or mode='max'"
+            )
+        self.mode = direction
         self.max_metric_drop = float(max_metric_drop)
         self.prune = prune
         self.prune_amounts = tuple(float(a) for a in prune_amounts)

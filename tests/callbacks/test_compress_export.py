@@ -53,6 +53,13 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_mode_follows_the_metric_name_and_int8_is_an_alias():
     assert CompressExport(monitor="val_acc").mode == "max"
     assert CompressExport(monitor="val_loss").mode == "min"
+    # whole words, not substrings: these were all taken for "max" (mape/smape contain "map", iou_loss "iou")
+    for monitor in ("val_mape", "val_smape", "val_iou_loss", "val/rmse"):
+        assert CompressExport(monitor=monitor).mode == "min", monitor
+    assert CompressExport(monitor="val/mAP").mode == "max"
+    assert CompressExport(monitor="val_score", mode="max").mode == "max"
+    with pytest.raises(GuardConfigError, match=r"cannot tell from its name whether `monitor='val_score'` is better"):
+        CompressExport(monitor="val_score")
     assert CompressExport(quantize="int8").quantize == "int8_weight_only"
 
 
