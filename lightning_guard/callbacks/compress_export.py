@@ -244,6 +244,30 @@ class CompressExport(GuardCallback):
                 f"CompressExport supports single-device and DDP training, got {type(trainer.strategy).__name__}: "
                 "gather the full model yourself and call `lightning_guard.functional.compress_and_export`"
             )
+        if stage == "fit" and not self._has_validation(trainer, pl_module):
+            # Found now, not after hours of training: without validation data there is no metric budget to check
+            # and no input to export with.
+            if self.eval_fn is None:
+                raise GuardConfigError(
+                    "CompressExport needs validation data to measure the metric budget, and this fit has none (no val "
+                    "dataloader, no `validation_step`, or `limit_val_batches=0`): give the fit a val dataloader and a "
+                    "validation_step, or pass `eval_fn` and `example_input`"
+                )
+            if self.example_input is None:
+                raise GuardConfigError(
+                    "CompressExport needs an example input for export, and this fit has no validation data to take "
+                    "one from: pass `example_input`"
+                )
+
+    @staticmethod
+    def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether this fit will have validation batches (read at setup, before any data is loaded)."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if not trainer.limit_val_batches or not is_overridden("validation_step", pl_module):
+            return False
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        return source.instance is not None and source.is_defined()
 
     # ------------------------------------------------------------------ plumbing around the functional search
     def _nested_trainer(self, device: torch.device, root: str, **kwargs: Any) -> pl.Trainer:

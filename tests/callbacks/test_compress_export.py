@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_guard import CompressExport, GuardConfigError, OverfitGuard
@@ -146,12 +147,35 @@ def test_missing_monitor_lists_the_logged_metrics(tmp_path):
     )
 
 
-def test_no_validation_data_is_a_clear_error(tmp_path):
-    tr, _ = digits_loaders()
+class StepCount(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("how", ["no_loader", "limit_val_batches_0"])
+def test_no_validation_data_is_refused_before_training(tmp_path, how):
+    """Found only after training before: fit() trained for hours, then raised."""
+    tr, va = digits_loaders()
+    count = StepCount()
+    kwargs = {"limit_val_batches": 0} if how == "limit_val_batches_0" else {}
     with pytest.raises(GuardConfigError) as err:
-        trainer(tmp_path, [CompressExport()], max_epochs=1).fit(DigitsNet(), tr)
+        trainer(tmp_path, [CompressExport(), count], max_epochs=1, **kwargs).fit(
+            DigitsNet(), tr, va if kwargs else None
+        )
+    assert count.steps == 0
     assert str(err.value) == (
-        "CompressExport needs an example input for export: give the fit a val dataloader or pass `example_input`"
+        "CompressExport needs validation data to measure the metric budget, and this fit has none (no val "
+        "dataloader, no `validation_step`, or `limit_val_batches=0`): give the fit a val dataloader and a "
+        "validation_step, or pass `eval_fn` and `example_input`"
+    )
+    with pytest.raises(GuardConfigError) as err:
+        trainer(tmp_path, [CompressExport(eval_fn=lambda m: 0.0)], max_epochs=1).fit(DigitsNet(), tr)
+    assert str(err.value) == (
+        "CompressExport needs an example input for export, and this fit has no validation data to take one from: "
+        "pass `example_input`"
     )
 
 

@@ -169,9 +169,7 @@ for _col in ("gradient_clip_val", "user_scheduler_step", "user_scheduler_epoch")
 #: cells that fail for a defect named in another open issue: (row, column) -> reason (strict xfail)
 KNOWN: dict[tuple[str, str], str] = {}
 for _row in ("compress_export", "all"):
-    KNOWN[(_row, "no_validation")] = (
-        "issue 15: CompressExport finds the missing validation data only after training, and fit() raises then"
-    )
+    REFUSED[(_row, "no_validation")] = r"CompressExport needs validation data.*pass `eval_fn` and `example_input`"
 
 #: the rows worth a ddp_spawn cell (about 10 s each): all guards together covers every guard
 DDP_ROWS = ("all",)
