@@ -123,29 +123,61 @@ def prune_unstructured(model: nn.Module, amount: float) -> nn.Module:
     return pruned
 
 
+def _shapes(out: Any) -> Any:
+    """The shapes of a model output's tensors, in its structure (the output signature)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, list | tuple):
+        return [_shapes(v) for v in out]
+    return type(out).__name__
+
+
 def _output_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[nn.Module]:
-    """The prunable layers whose output reaches the model output unchanged in width (the classifier head)."""
-    with torch.no_grad():
-        out = model(*example_inputs)
-    out_t = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
-    width = out_t.shape[-1] if out_t.dim() > 1 else 1
+    """The prunable layer that produces the model's output width (the classifier or segmentation head).
+
+    It is the last layer run whose output channels equal the output's: dim 1 of a channels-first ``(N, C, ...)``
+    output, the last dim of an ``(N, F)`` one. Found by running the model once and recording the order in which the
+    prunable layers run, so a hidden layer that happens to have the output's width, or the spatial size of a
+    segmentation map, is not taken for the head.
+    """
+    order: list[nn.Module] = []
     layers = prunable_layers(model)
-    last = layers[-1][1] if layers else None
-    heads = [m for _, m in layers if getattr(m, "out_features", getattr(m, "out_channels", None)) == width]
-    return heads[-1:] if heads else ([last] if last is not None else [])
+    hooks = [m.register_forward_hook(lambda mod, args, out: order.append(mod)) for _, m in layers]
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    out_t = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
+    width = (out_t.shape[1] if out_t.dim() > 2 else out_t.shape[-1]) if out_t.dim() > 1 else 1
+    ran = list(dict.fromkeys(order))  # first-run order, each layer once
+    heads = [m for m in ran if getattr(m, "out_features", getattr(m, "out_channels", None)) == width]
+    if heads:
+        return heads[-1:]
+    return ran[-1:] if ran else [m for _, m in layers][-1:]
 
 
 def prune_structured(
-    model: nn.Module, amount: float, example_inputs: tuple[Any, ...], ignored: Sequence[nn.Module] = ()
+    model: nn.Module,
+    amount: float,
+    example_inputs: tuple[Any, ...],
+    ignored: Sequence[nn.Module] = (),
+    *,
+    protect_head: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` whose hidden layers physically lose neurons / channels (structured pruning).
 
     The ``amount`` fraction of neurons / channels of every hidden layer is removed by L2 magnitude (torch-pruning's
     dependency graph keeps the shapes consistent), so the layers really shrink: fewer
-    parameters, smaller files, faster inference. The output layer (and ``ignored``) keeps its width.
+    parameters, smaller files, faster inference. The output layer (and ``ignored``) keeps its width
+    (``protect_head=False`` leaves the head to the caller's ``ignored``), and the pruned model's output signature
+    (the shapes of its outputs on ``example_inputs``) must equal the original's.
 
     Raises:
-        GuardConfigError: ``amount`` outside [0, 1), or torch-pruning missing.
+        GuardConfigError: ``amount`` outside [0, 1), torch-pruning missing, or an output signature that changed.
     """
     _check_amount(amount)
     _require("torch_pruning")
@@ -156,7 +188,8 @@ def prune_structured(
         return pruned
     training = pruned.training
     pruned.eval()
-    keep = [*_output_layers(pruned, example_inputs), *(_same_module(pruned, model, m) for m in ignored)]
+    heads = _output_layers(pruned, example_inputs) if protect_head else []
+    keep = [*heads, *(_same_module(pruned, model, m) for m in ignored)]
     pruner = tp.pruner.MagnitudePruner(
         pruned,
         example_inputs,
@@ -165,6 +198,14 @@ def prune_structured(
         ignored_layers=keep,
     )
     pruner.step()
+    with torch.no_grad():
+        before, after = _shapes(model.eval()(*example_inputs)), _shapes(pruned(*example_inputs))
+    model.train(training)
+    if before != after:
+        raise GuardConfigError(
+            f"structured pruning changed the model's output signature from {before} to {after}: pass the layers "
+            "that produce the output as `ignored`, or prune with mode='unstructured'"
+        )
     pruned.train(training)
     return pruned
 

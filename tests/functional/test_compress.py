@@ -69,6 +69,40 @@ def test_structured_pruning_really_shrinks_the_layers():
     assert model[0].out_features == 128
 
 
+class SegNet(nn.Module):
+    """A segmentation net whose hidden conv has as many channels (8) as the map is wide; the head has 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.hidden = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(torch.relu(self.stem(x)))))
+
+
+def test_structured_pruning_keeps_a_segmentation_heads_classes():
+    """The head was found by the output's last dim: for (N, C, H, W) maps with W = 8 it protected the hidden conv and
+    pruned the real head, the output went from (2, 3, 8, 8) to (2, 1, 8, 8), and verification (pruned vs pruned)
+    passed."""
+    model, x = SegNet(), torch.randn(2, 1, 8, 8)
+    pruned = C.prune_structured(model, 0.5, (x,))
+    assert pruned(x).shape == (2, 3, 8, 8)
+    assert pruned.head.out_channels == 3
+    assert pruned.hidden.out_channels == 4  # the hidden conv is what shrinks
+
+
+def test_structured_pruning_refuses_to_change_the_output_signature():
+    model, x = SegNet(), torch.randn(2, 1, 8, 8)
+    with pytest.raises(
+        GuardConfigError,
+        match=r"output signature from \(2, 3, 8, 8\) to \(2, 1, 8, 8\): pass the layers that produce the output",
+    ):
+        C.prune_structured(model, 0.5, (x,), ignored=[model.hidden], protect_head=False)
+
+
 @pytest.mark.parametrize("mode", ["int8_weight_only", "int8_dynamic"])
 def test_quantize_int8_keeps_outputs_close_and_shrinks_the_state(trained, mode):
     model, accuracy, x = trained
