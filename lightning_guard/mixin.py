@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lightning_guard.events import GuardEvent, event_stream
-from lightning_guard.functional.class_balance import balanced_loss
+from lightning_guard.functional.class_balance import Task, balanced_loss
 from lightning_guard.functional.oom import split_batch
 
 __all__ = ["GuardMixin"]
@@ -21,8 +20,9 @@ class GuardMixin:
     """Mix into a ``LightningModule`` (before it in the bases) to use the guards' module-side features.
 
     * :meth:`balanced_loss` - the classification loss the guards can steer: with a ``ClassBalance`` callback,
-      class-weighted or logit-adjusted (or focal, or BCE with ``pos_weight``) as it configures; without one, plain
-      cross-entropy (or BCE-with-logits for float targets shaped like the logits). Always computed in fp32, whatever
+      class-weighted or logit-adjusted (or focal, or BCE with ``pos_weight``) as it configures; without one, exactly
+      ``F.cross_entropy`` (segmentation maps, ``ignore_index``, ``label_smoothing`` and class-probability targets
+      included; BCE-with-logits for ``task="binary"``/``"multilabel"``). Always computed in fp32, whatever
       the autocast dtype, and normalised by the number of samples so that micro-batches and ranks add up to the
       whole batch.
     * :meth:`track_classes` - per-class recall and balanced accuracy on validation (torchmetrics), logged by
@@ -45,22 +45,36 @@ class GuardMixin:
         (1.0986, torch.float32)
     """
 
-    def balanced_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Classification loss in fp32; plain cross-entropy when no ClassBalance guard is configured.
+    def balanced_loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        task: Task | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Classification loss in fp32; exactly ``F.cross_entropy`` when no ClassBalance guard is configured.
 
         Args:
-            logits: ``(N, C)`` class scores, or logits shaped like ``target`` for binary/multilabel.
-            target: ``(N,)`` integer class indices, or float targets shaped like ``logits``.
+            logits: what ``F.cross_entropy`` takes: ``(N, C)`` or ``(N, C, d1, ...)`` class scores (classes on dim 1);
+                for ``task="binary"``/``"multilabel"``, logits shaped like ``target``.
+            target: class indices (``(N,)`` or ``(N, d1, ...)``), or class probabilities shaped like ``logits``; for
+                binary/multilabel, 0/1 floats shaped like ``logits``.
+            task: ``"multiclass"``, ``"binary"`` or ``"multilabel"`` (BCE-with-logits); default: the task of the
+                configured ClassBalance, else ``"multiclass"``.
+            ignore_index: target value that is ignored (index targets), as in ``F.cross_entropy``.
+            label_smoothing: as in ``F.cross_entropy``.
 
         Returns:
             The loss as an fp32 scalar tensor.
         """
         cfg = self.__dict__.get("_guard_balance")
+        task = task or (cfg["task"] if cfg is not None else "multiclass")
+        if task not in ("multiclass", "binary", "multilabel"):
+            raise ValueError(f"`task` must be 'multiclass', 'binary', 'multilabel' or None, got {task!r}")
         if cfg is None:
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                if target.is_floating_point() and target.shape == logits.shape:
-                    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-                return F.cross_entropy(logits.float(), target)
+            return balanced_loss(logits, target, task=task, ignore_index=ignore_index, label_smoothing=label_smoothing)
         buffers: dict[str, torch.Tensor] = self._buffers  # type: ignore[attr-defined]
         training = bool(getattr(self, "training", True))
         return balanced_loss(
@@ -71,6 +85,9 @@ class GuardMixin:
             tau=cfg["tau"],
             gamma=cfg["gamma"],
             pos_weight=buffers.get("guard_pos_weight"),
+            task=task,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
         )
 
     def track_classes(self, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -78,7 +95,8 @@ class GuardMixin:
         metrics = self.__dict__.get("_guard_class_metrics")
         if metrics is None:
             return
-        preds = logits.detach().float().argmax(-1) if logits.dim() > target.dim() else logits.detach().float()
+        # classes on dim 1, as in cross-entropy ((N, C) logits, or (N, C, H, W) maps against (N, H, W) targets)
+        preds = logits.detach().float().argmax(1) if logits.dim() > target.dim() else logits.detach().float()
         for metric in metrics.values():
             metric.update(preds, target)
 

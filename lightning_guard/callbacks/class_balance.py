@@ -232,6 +232,7 @@ class ClassBalance(GuardCallback):
             "adjust": self.task == "multiclass" and self.method == "logit_adjustment",
             "tau": self.tau,
             "gamma": self.gamma if self.loss == "focal" else 0.0,
+            "task": self.task,
         }
         if self.task == "multiclass":
             from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall

@@ -57,6 +57,9 @@ def log_prior(counts: torch.Tensor) -> torch.Tensor:
     return (n / n.sum()).log().float()
 
 
+Task = Literal["multiclass", "binary", "multilabel"]
+
+
 def balanced_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -66,15 +69,25 @@ def balanced_loss(
     tau: float = 1.0,
     gamma: float = 0.0,
     pos_weight: torch.Tensor | None = None,
+    task: Task = "multiclass",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Classification loss in fp32 whose value does not depend on how a batch is split.
 
-    Multiclass (``target`` of class indices): cross-entropy of ``logits + tau * log_prior`` (logit adjustment, Menon
-    et al. 2021, when ``log_prior`` is given), focal modulation ``(1 - p_t) ** gamma`` when ``gamma > 0``, each sample
-    weighted by ``weights[target]``; the sum is divided by the number of samples - not by the sum of weights as
-    PyTorch's weighted ``CrossEntropyLoss(reduction="mean")`` does - so the mean over equal-size pieces of a batch
-    (micro-batches, ranks) equals the loss of the whole batch. Binary/multilabel (float ``target`` shaped like
-    ``logits``): BCE-with-logits with ``pos_weight``, mean over elements.
+    Multiclass (``task="multiclass"``) takes what ``F.cross_entropy`` takes: ``(N, C)``, ``(C,)`` or
+    ``(N, C, d1, ...)`` logits (classes on dim 1, e.g. segmentation maps), ``target`` of class indices (``(N,)`` or
+    ``(N, d1, ...)``, entries equal to ``ignore_index`` ignored) or of class probabilities shaped like the logits,
+    and ``label_smoothing``. It is the cross-entropy of ``logits + tau * log_prior`` (logit adjustment, Menon et al.
+    2021, when ``log_prior`` is given), with focal modulation ``(1 - p_t) ** gamma`` when ``gamma > 0`` (index
+    targets), each sample weighted by ``weights[target]`` (``sum_c weights[c] * p_c * log q_c`` for probability
+    targets); the sum is divided by the number of (non-ignored) samples - not by the sum of their weights as PyTorch's
+    weighted ``CrossEntropyLoss(reduction="mean")`` does - so the mean over equal-size pieces of a batch
+    (micro-batches, ranks) equals the loss of the whole batch. Without weights, prior and focal term it equals
+    ``F.cross_entropy`` with the same ``ignore_index`` and ``label_smoothing``.
+
+    Binary/multilabel (``task="binary"`` or ``"multilabel"``: float ``target`` shaped like ``logits``):
+    BCE-with-logits with ``pos_weight``, mean over elements.
 
     Example:
         >>> logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
@@ -83,19 +96,45 @@ def balanced_loss(
         >>> halves = (balanced_loss(logits[:4], y[:4], weights=w) + balanced_loss(logits[4:], y[4:], weights=w)) / 2
         >>> bool(torch.isclose(whole, halves))
         True
+        >>> seg, mask = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+        >>> bool(torch.isclose(balanced_loss(seg, mask), F.cross_entropy(seg, mask)))
+        True
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.float()
-        if target.is_floating_point() and target.shape == z.shape:
+        if task != "multiclass":
             pw = pos_weight.float().to(z.device) if pos_weight is not None else None
             return F.binary_cross_entropy_with_logits(z, target.float(), pos_weight=pw)
+        cdim = 1 if z.dim() >= 2 else 0
+        n_classes = z.shape[cdim]
+
+        def along_classes(v: torch.Tensor) -> torch.Tensor:  # a (C,) vector shaped to broadcast on the class dim
+            shape = [1] * z.dim()
+            shape[cdim] = n_classes
+            return v.float().to(z.device).view(shape)
+
         if log_prior is not None:
-            z = z + tau * log_prior.float().to(z.device)
-        logp = F.log_softmax(z, dim=-1)
-        logp_t = logp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+            z = z + tau * along_classes(log_prior)
+        logp = F.log_softmax(z, dim=cdim)
+        if target.is_floating_point() and target.shape == z.shape:  # class probabilities
+            if gamma > 0:
+                raise ValueError("the focal term (`gamma` > 0) needs class-index targets, got class probabilities")
+            p = target.float()
+            if label_smoothing > 0:
+                p = p * (1.0 - label_smoothing) + label_smoothing / n_classes
+            terms = p * logp if weights is None else p * logp * along_classes(weights)
+            per_sample = -terms.sum(cdim)
+            return per_sample.sum() / max(per_sample.numel(), 1)
+        t = target.long()
+        keep = t != ignore_index
+        t_safe = torch.where(keep, t, torch.zeros_like(t))
+        logp_t = logp.gather(cdim, t_safe.unsqueeze(cdim)).squeeze(cdim)
         loss = -logp_t
+        if label_smoothing > 0:
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * logp.mean(cdim)
         if gamma > 0:
             loss = loss * (1.0 - logp_t.exp()).clamp_min(0.0).pow(gamma)
         if weights is not None:
-            loss = loss * weights.float().to(z.device)[target.long()]
-        return loss.sum() / max(int(target.numel()), 1)
+            loss = loss * weights.float().to(z.device)[t_safe]
+        loss = torch.where(keep, loss, torch.zeros_like(loss))
+        return loss.sum() / keep.sum().clamp_min(1)
