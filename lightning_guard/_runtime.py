@@ -106,9 +106,11 @@ class GuardRuntime:
         """
         strategy = self.trainer.strategy
         current = strategy.__dict__.get("optimizer_step")
-        if current is not None and "_lightning_guard_original" not in getattr(current, "__dict__", {}):
-            return  # someone else's instance override: leave it (unscheduled steps resolve at batch end)
-        original = current.__dict__["_lightning_guard_original"] if current is not None else strategy.optimizer_step
+        ours = current is not None and "_lightning_guard_original" in getattr(current, "__dict__", {})
+        # An earlier fit's wrapper is replaced, not stacked; a user's own instance override is wrapped and put back
+        # at detach.
+        previous = current.__dict__["_lightning_guard_previous"] if ours else current
+        original = current.__dict__["_lightning_guard_original"] if ours else strategy.optimizer_step
 
         def optimizer_step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             out = original(optimizer, *args, **kwargs)
@@ -117,8 +119,9 @@ class GuardRuntime:
                 self._resolve_unrun(idx)
             return out
 
-        optimizer_step.__dict__["_lightning_guard_runtime"] = self  # an earlier fit's runtime is replaced, not stacked
+        optimizer_step.__dict__["_lightning_guard_runtime"] = self
         optimizer_step.__dict__["_lightning_guard_original"] = original
+        optimizer_step.__dict__["_lightning_guard_previous"] = previous
         strategy.__dict__["optimizer_step"] = optimizer_step
         self._strategy = strategy
 
@@ -132,7 +135,11 @@ class GuardRuntime:
         strategy = self.__dict__.pop("_strategy", None)
         wrapper = strategy.__dict__.get("optimizer_step") if strategy is not None else None
         if wrapper is not None and getattr(wrapper, "__dict__", {}).get("_lightning_guard_runtime") is self:
-            del strategy.__dict__["optimizer_step"]
+            previous = wrapper.__dict__["_lightning_guard_previous"]
+            if previous is None:
+                del strategy.__dict__["optimizer_step"]
+            else:
+                strategy.__dict__["optimizer_step"] = previous  # the user's own override, as it was
 
     def optimizer_index(self, optimizer: Any) -> int:
         """Index of an optimizer (raw or LightningOptimizer) in ``trainer.optimizers``; -1 if unknown."""

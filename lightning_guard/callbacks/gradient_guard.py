@@ -62,15 +62,16 @@ class GradientGuard(GuardCallback):
        ``mean + (z_threshold**2 / z) * std``, ``"skip"``, or ``"warn"``. The loss is watched the same way, per
        optimizer (``monitor_loss``): a loss spike is above ``z_threshold`` and at least ``loss_min_rise`` (relative)
        above its running mean. A loss spike alone is watched, not acted on (healthy runs have hard batches): if the
-       next step spikes too, the weights were damaged and are rolled back. An optional fixed ``max_norm`` clip
-       applies after the adaptive one.
+       loss spikes on three steps in a row, the weights were damaged and are rolled back. An optional fixed
+       ``max_norm`` clip applies after the adaptive one.
     4. **LR backoff**, only on evidence of instability: ``backoff_after`` skipped steps (non-finite gradients or
        loss, skipped spikes; a rollback counts as one) within ``backoff_window`` steps scale that optimizer's LR by
        ``backoff_factor``, recovering linearly over ``backoff_recovery`` applied steps. Clipped spikes never back
        off. It composes with WarmupCosine and with torch schedulers (the scale is applied around the step only).
-    5. **Rollback**: after ``rollback_after`` consecutive bad steps (non-finite or skipped spikes), or when a spike
-       of the gradient norm or the loss with z above ``rollback_z`` is followed by another spike (the weights were
-       damaged, e.g. by one huge update, which no clipping can undo; a lone bad batch is only skipped), the state
+    5. **Rollback**: after ``rollback_after`` consecutive bad steps of one optimizer (non-finite or skipped spikes),
+       when a gradient-norm spike with z above ``rollback_z`` is followed by another spike, or when the loss spikes
+       on three steps in a row (the weights were damaged, e.g. by one huge update, which no clipping can undo; a
+       lone bad batch is only skipped), the state
        of the last *validated* snapshot is restored: weights and buffers, optimizer state, GradScaler, the user's
        LR schedulers, the applied-step counter (so WarmupCosine resumes its schedule from there) and the guard's
        own norm and loss statistics (the restored model is judged against statistics of its own time). The next
@@ -97,16 +98,16 @@ class GradientGuard(GuardCallback):
         warmup_steps: finite norms observed before spikes are detected. Default ``25``.
         ema_alpha: EMA decay of the norm statistics, in ``(0, 1)``. Default ``0.97``.
         max_norm: optional fixed clip of the global norm (applied after adaptive clipping). Default ``None``.
-        monitor_loss: also detect spikes of the training loss (same threshold): a loss spike above ``rollback_z``
-            is skipped, a smaller one followed by another spike is rolled back. Default ``True``.
+        monitor_loss: also detect spikes of the training loss (same threshold): three in a row are damage and are
+            rolled back. Default ``True``.
         backoff_after: skipped steps (non-finite, skipped spikes, rollbacks) within ``backoff_window`` steps that
             trigger an LR backoff; ``None`` disables it. Default ``3``.
         backoff_window: window, in optimizer steps, for counting spikes. Default ``50``.
         backoff_factor: LR multiplier during a backoff, in ``(0, 1)``. Default ``0.5``.
         backoff_recovery: applied steps over which the LR recovers linearly to its schedule. Default ``100``.
         rollback_after: consecutive bad steps that trigger a rollback; ``None`` disables it. Default ``3``.
-        rollback_z: a gradient-norm or loss spike above this z-score is skipped and, if the next step spikes too
-            (the weights were damaged), triggers a rollback; ``None`` disables it. Default ``12.0``.
+        rollback_z: a gradient-norm spike above this z-score is skipped and, if the next step spikes too (the
+            weights were damaged), triggers a rollback; ``None`` disables it. Default ``12.0``.
         snapshot_every: applied steps between rollback snapshots. Default ``25``.
         skip_after_rollback: batches skipped after a rollback (PaLM skipped 200-500). Default ``0``.
         max_rollbacks: rollbacks allowed before giving up with ``GradientExplosionError``. Default ``3``.
@@ -215,8 +216,9 @@ class GradientGuard(GuardCallback):
     def _reset_state(self) -> None:
         self._stats: list[EmaStats] = []  # per optimizer: gradient-norm statistics
         self._loss_stats: list[EmaStats] = []  # per optimizer: loss statistics
-        self._consecutive_bad = 0
-        self._suspect_damage = False
+        self._bad: list[int] = []  # per optimizer: consecutive bad (skipped) steps
+        self._suspect: list[bool] = []  # per optimizer: the last step was a huge spike (damage suspected)
+        self._loss_streak: list[int] = []  # per optimizer: consecutive loss spikes
         self._rollbacks = 0
         self._unstable_steps: list[deque[int]] = []  # per optimizer: steps of skips (the backoff's evidence)
         self._backoff_scale: list[float] = []
@@ -274,6 +276,9 @@ class GradientGuard(GuardCallback):
                 per_opt.append(self._new_stats())
         while len(self._unstable_steps) < n:
             self._unstable_steps.append(deque())
+        self._bad += [0] * (n - len(self._bad))
+        self._suspect += [False] * (n - len(self._suspect))
+        self._loss_streak += [0] * (n - len(self._loss_streak))
         while len(self._backoff_scale) < n:
             self._backoff_scale.append(1.0)
             self._backoff_progress.append(0)
@@ -412,7 +417,7 @@ class GradientGuard(GuardCallback):
                 )
                 self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
                 return
-            self._consecutive_bad += 1
+            self._bad[idx] += 1
             what = "loss" if any_loss_bad else "gradients"
             self._event(
                 trainer,
@@ -437,13 +442,25 @@ class GradientGuard(GuardCallback):
             loss_stats.update(loss_mean)
         if spike or loss_spike:
             zz = max(z if spike else 0.0, loss_z if loss_spike else 0.0)
-            hard = self.rollback_z is not None and zz > self.rollback_z
-            if hard or self._suspect_damage:
+            # Huge: the gradient norm's z is above rollback_z. The loss's z alone does not make a step huge: a hard
+            # batch of a healthy small-batch run had a loss z of 12.6 with a norm z of 3.5 (its update was ordinary,
+            # and clipping bounds it); a loss that stays high is damage and is handled below.
+            hard = self.rollback_z is not None and spike and z > self.rollback_z
+            self._loss_streak[idx] = self._loss_streak[idx] + 1 if loss_spike else 0
+            persistent = self._loss_streak[idx] >= 3  # the loss stays high: the weights were damaged
+            if hard or self._suspect[idx] or persistent:
                 # A huge spike may be one bad batch or weights damaged by the previous update: skip it, and roll
-                # back only if the next step still spikes (damage persists); a lone bad batch costs one step.
+                # back only if the next step still spikes (damage persists); a lone bad batch costs one step. A loss
+                # that spikes on two steps in a row is damage too (a hard batch does not repeat).
                 self._skip(trainer, optimizer, grads, scaler, overflow=False)
-                self._consecutive_bad += 1
-                why = "above rollback_z" if hard else "right after another spike"
+                self._bad[idx] += 1
+                why = (
+                    "above rollback_z"
+                    if hard and not self._suspect[idx]
+                    else "right after a huge spike"
+                    if self._suspect[idx]
+                    else "the loss stays high"
+                )
                 self._event(
                     trainer,
                     "spike_skip",
@@ -455,30 +472,29 @@ class GradientGuard(GuardCallback):
                     pl_module=pl_module,
                 )
                 rollbacks = self._rollbacks
-                if self._suspect_damage and self._rollback_enabled:
+                if (self._suspect[idx] or persistent) and self._rollback_enabled:
                     self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"spikes persist (z={zz:.1f})")
-                    self._suspect_damage = False
+                    self._suspect[idx] = False
+                    self._loss_streak[idx] = 0
                 else:
-                    self._suspect_damage = True
+                    self._suspect[idx] = True
                     self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
                 if self._rollbacks == rollbacks:
                     self._note_instability(trainer, idx)
                 self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
                 return
-            if loss_spike:
-                # A loss spike that is not huge: a hard batch (a healthy run has them), or the first sign of weights
-                # damaged by the previous update. Nothing is done now; if the next step spikes too, the damage
-                # persists and is rolled back (above).
-                self._suspect_damage = True
             if loss_spike and not spike:
+                # A loss spike that is not huge: a hard batch (a healthy run has them), or the first sign of weights
+                # damaged by the previous update. Nothing is done now; if the loss spikes again on the next step,
+                # the damage persists and is rolled back (above).
                 stats.update(norm_v)
-                self._consecutive_bad = 0
+                self._bad[idx] = 0
             elif self.spike_action == "clip":
                 threshold = zclip_threshold(stats.mean, stats.std, z, self.z_threshold)
                 clip_grads_(grads, threshold / norm_v)
                 post = threshold
                 stats.update(threshold)
-                self._consecutive_bad = 0
+                self._bad[idx] = 0
                 self._event(
                     trainer,
                     "spike_clip",
@@ -491,7 +507,7 @@ class GradientGuard(GuardCallback):
                 )
             elif self.spike_action == "skip":
                 self._skip(trainer, optimizer, grads, scaler, overflow=False)
-                self._consecutive_bad += 1
+                self._bad[idx] += 1
                 self._event(
                     trainer,
                     "spike_skip",
@@ -510,7 +526,7 @@ class GradientGuard(GuardCallback):
                 return
             else:
                 stats.update(norm_v)
-                self._consecutive_bad = 0
+                self._bad[idx] = 0
                 self._event(
                     trainer,
                     "spike_warn",
@@ -523,8 +539,9 @@ class GradientGuard(GuardCallback):
                 )
         else:
             stats.update(norm_v)
-            self._consecutive_bad = 0
-            self._suspect_damage = False
+            self._bad[idx] = 0
+            self._suspect[idx] = False
+            self._loss_streak[idx] = 0
         if self.max_norm is not None and post > self.max_norm:
             clip_grads_(grads, self.max_norm / post)
             post = self.max_norm
@@ -583,8 +600,8 @@ class GradientGuard(GuardCallback):
         reason: str,
         z: float,
     ) -> None:
-        if self.rollback_after is not None and self._consecutive_bad >= self.rollback_after:
-            self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"{self._consecutive_bad} bad steps")
+        if self.rollback_after is not None and self._bad[idx] >= self.rollback_after:
+            self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"{self._bad[idx]} bad steps")
 
     def _rollback_or_give_up(
         self,
@@ -634,7 +651,8 @@ class GradientGuard(GuardCallback):
         self._rollback_lrs = [[_lr_copy(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
         _drop_grads(optimizer)  # the restored step must not apply this step's gradients
         self._rollbacks += 1
-        self._consecutive_bad = 0
+        n = len(trainer.optimizers)
+        self._bad, self._suspect, self._loss_streak = [0] * n, [False] * n, [0] * n
         self._skip_remaining = self.skip_after_rollback
         self._event(
             trainer,
@@ -721,7 +739,7 @@ class GradientGuard(GuardCallback):
         if (
             stepped  # an accumulating micro-batch changes nothing to capture
             and applied
-            and self._consecutive_bad == 0
+            and not any(self._bad)
             and applied[0] - self._last_capture_applied >= self.snapshot_every
         ):
             self._take_snapshot(trainer, pl_module, self._candidate)
@@ -820,8 +838,9 @@ class GradientGuard(GuardCallback):
         return {
             "stats": [s.state_dict() for s in self._stats],
             "loss_stats": [s.state_dict() for s in self._loss_stats],
-            "consecutive_bad": self._consecutive_bad,
-            "suspect_damage": self._suspect_damage,
+            "consecutive_bad": list(self._bad),
+            "suspect_damage": list(self._suspect),
+            "loss_streak": list(self._loss_streak),
             "rollbacks": self._rollbacks,
             "unstable_steps": [list(w) for w in self._unstable_steps],
             "backoff_scale": list(self._backoff_scale),
@@ -840,8 +859,9 @@ class GradientGuard(GuardCallback):
 
         self._stats = [self._stats_from(s) for s in state_dict.get("stats", [])]
         self._loss_stats = [self._stats_from(s) for s in per_optimizer(state_dict.get("loss_stats", []))]
-        self._consecutive_bad = int(state_dict.get("consecutive_bad", 0))
-        self._suspect_damage = bool(state_dict.get("suspect_damage", False))
+        self._bad = [int(v) for v in per_optimizer(state_dict.get("consecutive_bad", []))]
+        self._suspect = [bool(v) for v in per_optimizer(state_dict.get("suspect_damage", []))]
+        self._loss_streak = [int(v) for v in per_optimizer(state_dict.get("loss_streak", []))]
         self._rollbacks = int(state_dict.get("rollbacks", 0))
         self._unstable_steps = [deque(int(s) for s in w) for w in state_dict.get("unstable_steps", [])]
         self._backoff_scale = [float(v) for v in per_optimizer(state_dict.get("backoff_scale", []))]

@@ -306,3 +306,74 @@ def test_a_rollback_does_not_back_off_the_lr_for_the_skips_it_undid(tmp_path):
     t.fit(DigitsNet(lr=3e-3), tr, va)
     kinds = [e.kind for e in guard_events(t)]
     assert kinds == ["nonfinite_skip", "spike_skip", "spike_skip", "rollback"]
+
+
+class TwoHeads(DigitsNet):
+    """Manual optimization, one backward per optimizer (toggle_optimizer); head 2's loss is 10x and NaN on chosen
+    batches."""
+
+    def __init__(self, nan_batches):
+        super().__init__()
+        self.automatic_optimization = False
+        self.head2 = torch.nn.Linear(64, 10)
+        self.nan_batches = set(nan_batches)
+
+    def configure_optimizers(self):
+        return [torch.optim.AdamW(self.net.parameters(), lr=1e-2), torch.optim.AdamW(self.head2.parameters(), lr=1e-2)]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for i, opt in enumerate(self.optimizers()):
+            self.toggle_optimizer(opt)
+            loss = self.balanced_loss(self.net(x), y) if i == 0 else 10 * self.balanced_loss(self.head2(x), y)
+            if i == 1 and batch_idx in self.nan_batches:
+                loss = loss * float("nan")
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
+            self.untoggle_optimizer(opt)
+
+
+def test_each_optimizer_counts_its_own_bad_steps(tmp_path):
+    """One optimizer's healthy steps reset the bad-step count of all: the second optimizer skipped NaN after NaN (60
+    in a row) and never rolled back or gave up."""
+    tr, va = digits_loaders(n_train=1280)
+    t = trainer(tmp_path, [GradientGuard(warmup_steps=3, snapshot_every=4)])
+    t.fit(TwoHeads(nan_batches=range(10, 14)), tr, va)
+    kinds = [e.kind for e in guard_events(t)]
+    assert kinds == ["nonfinite_skip"] * 3 + ["rollback", "nonfinite_skip"]
+
+
+def test_a_noisy_small_batch_run_gets_no_warning(tmp_path):
+    """Batches of 4: hard batches give loss z-scores above 12 and runs of loss spikes. Before, a loss spike followed
+    by a norm spike was taken for damage (a warning skip and a rollback on a clean run); a huge loss alone was
+    skipped. Only clips (info) remain."""
+    tr, va = digits_loaders(n_train=640, batch_size=4)
+    torch.manual_seed(0)
+    t = trainer(tmp_path, [GradientGuard()], max_epochs=3)
+    t.fit(DigitsNet(), tr, va)
+    assert [(e.kind, e.step) for e in guard_events(t) if e.severity != "info"] == []
+
+
+def test_a_users_instance_override_of_the_strategy_step_is_wrapped_and_put_back(tmp_path):
+    """The runtime declined to wrap a strategy whose optimizer_step a user had patched on the instance, so a step
+    the scaler skipped under an LR scale undid the scheduler's decay again."""
+
+    class Exp(DigitsNet):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class Patch(Callback):  # a profiling callback wrapping the strategy's step on the instance
+        def setup(self, trainer, pl_module, stage):
+            inner = trainer.strategy.optimizer_step
+            self.wrapped = lambda *args, **kwargs: inner(*args, **kwargs)
+            trainer.strategy.optimizer_step = self.wrapped
+
+    patch = Patch()
+    tr, va = digits_loaders(n_train=320)
+    t = trainer(tmp_path, [GradientGuard(), patch, LRSpike(factor=2.0, steps=[4]), ScaleOverflow(steps=[4])], **_fp16())
+    t.fit(Exp(), tr, va)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**10)
+    assert t.strategy.__dict__["optimizer_step"] is patch.wrapped
