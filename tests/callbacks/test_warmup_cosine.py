@@ -186,8 +186,7 @@ def test_warmup_longer_than_training(tmp_path):
         ({"warmup": True}, r"`warmup` must be an int \(steps\) or a float in \[0, 1\) \(fraction\), got True"),
         ({"warmup": 1.5}, r"`warmup` as a fraction must be in \[0, 1\), got 1.5"),
         ({"warmup": -2}, r"`warmup` as a number of steps must be >= 0, got -2"),
-        ({"total_steps": 0}, r"`total_steps` must be a positive int, a list of positive ints \(one per optimizer\) "
-         r"or None, got 0"),
+        (
             {"total_steps": 0},
             r"`total_steps` must be a positive int, a list of positive ints \(one per optimizer\) or None, got 0",
         ),
