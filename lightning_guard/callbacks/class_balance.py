@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import IterableDataset, Subset, TensorDataset
+from torch.utils.data import DistributedSampler, IterableDataset, Subset, TensorDataset
 from typing_extensions import override
 
 from lightning_guard.callbacks._base import GuardCallback
@@ -37,7 +37,10 @@ def _default_label(item: Any) -> Any:
 
 
 def _dataset_labels(dataset: Any) -> torch.Tensor | None:
-    """All labels of a map-style dataset without reading its items, when the dataset exposes them."""
+    """All labels of a map-style dataset without reading its items, when the dataset exposes them.
+
+    A ``targets``/``labels`` attribute is used only when it has one entry per sample.
+    """
     if isinstance(dataset, Subset):
         base = _dataset_labels(dataset.dataset)
         return None if base is None else base[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
@@ -45,18 +48,60 @@ def _dataset_labels(dataset: Any) -> torch.Tensor | None:
         return dataset.tensors[1]
     for attr in ("targets", "labels"):
         values = getattr(dataset, attr, None)
-        if values is not None and not callable(values):
-            return torch.as_tensor(values)
+        if values is None or callable(values):
+            continue
+        labels = torch.as_tensor(values)
+        n = len(dataset) if hasattr(dataset, "__len__") else None
+        if labels.dim() == 0 or (n is not None and labels.shape[0] != n):
+            raise GuardConfigError(
+                f"ClassBalance: the dataset's `{attr}` attribute has {labels.shape[0] if labels.dim() else 0} entries "
+                f"but the dataset has {n} samples: pass `label_fn`, or `class_counts`"
+            )
+        return labels
     return None
+
+
+def _sampler_indices(loader: Any) -> list[int] | None:
+    """The dataset indices this rank's training loader draws in an epoch (None when they cannot be known).
+
+    Read from the sampler the loader really uses (Lightning's DistributedSampler under DDP, a user's
+    SubsetRandomSampler or weighted sampler), so the counts are those of the data training sees.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    # A RandomSampler or a weighted sampler without its own generator draws from torch's global one: drawing here
+    # must not change the order training will see.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+                # Its padding repeats samples so that every rank gets as many: position r + k * R of the padded list
+                # is rank r's k-th index, padding from len(dataset) on. Counted once, the ranks add up exactly.
+                n, rank, replicas = len(sampler.dataset), sampler.rank, sampler.num_replicas  # type: ignore[arg-type]
+                return [int(i) for k, i in enumerate(sampler) if rank + k * replicas < n]
+            if sampler is not None:
+                return [int(i) for i in sampler]
+            if batch_sampler is not None:
+                return [int(i) for batch in batch_sampler for i in batch]
+        except TypeError:  # an iterable dataset's dummy sampler, or one yielding other things than indices
+            return None
+    return None
+
+
+def _identity(items: Any) -> Any:
+    return items
 
 
 class ClassBalance(GuardCallback):
     r"""Count the training labels once, then make ``GuardMixin.balanced_loss`` fight the class imbalance.
 
-    At train start the labels are counted: from the dataset itself when it exposes them (``targets``/``labels``
-    attributes, a ``TensorDataset``'s second tensor, ``Subset``\s of those - no data pass), otherwise in one pass over
-    the dataset split by index across ranks (or over the loader for iterable datasets), counts summed over ranks so
-    every rank holds the counts of the whole data set. Then, by ``method``:
+    At train start the labels are counted over the samples training really draws: the indices of the sampler the
+    training loader uses on each rank (Lightning's ``DistributedSampler`` under DDP, a ``SubsetRandomSampler`` split,
+    a weighted sampler), counts summed over ranks. Labels come from the dataset itself when it exposes them
+    (``targets``/``labels`` attributes with one entry per sample, a ``TensorDataset``'s second tensor, ``Subset``\s of
+    those - no data pass), otherwise from one pass that reads those items with the loader's own worker processes
+    (with a progress bar); an iterable dataset is counted by iterating its loader. ``class_counts`` skips counting.
+    One-hot or soft labels are counted by their class probabilities, segmentation masks per pixel, and labels equal
+    to ``ignore_index`` not at all. Then, by ``method``:
 
     * ``"inverse"``: weights :math:`\propto 1/n_c`; ``"sqrt_inverse"``: :math:`1/\sqrt{n_c}`;
     * ``"effective_number"`` (Cui et al. 2019): :math:`(1-\beta)/(1-\beta^{n_c})`;
@@ -83,6 +128,9 @@ class ClassBalance(GuardCallback):
         gamma: focal exponent, >= 0. Default ``2.0``.
         label_fn: function from a dataset item (or a batch, for iterable datasets) to its label(s); default: the
             second element of a tuple/list or the ``label``/``labels``/``target``/``y`` entry of a dict.
+        class_counts: samples per class (multiclass), given instead of counted: a list or 1-D tensor of numbers
+            >= 0, one per class.
+        ignore_index: label value that is not counted (multiclass, e.g. unlabelled pixels). Default ``-100``.
 
     Zero-count classes: a ``zero_class`` warning event; stated policy: such a class is treated as the rarest (its
     weight is the largest present weight, its prior that of half a sample).
@@ -114,6 +162,8 @@ class ClassBalance(GuardCallback):
         tau: float = 1.0,
         gamma: float = 2.0,
         label_fn: LabelFn | None = None,
+        class_counts: Sequence[float] | torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> None:
         super().__init__()
         if method not in self.METHODS:
@@ -139,6 +189,38 @@ class ClassBalance(GuardCallback):
             raise GuardConfigError(f"`gamma` must be a number >= 0, got {gamma!r}")
         if label_fn is not None and not callable(label_fn):
             raise GuardConfigError(f"`label_fn` must be callable or None, got {label_fn!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise GuardConfigError(f"`ignore_index` must be an int, got {ignore_index!r}")
+        given = None
+        if class_counts is not None:
+            if task != "multiclass":
+                raise GuardConfigError(
+                    f"`class_counts` is for task='multiclass' (samples per class), got task={task!r}: binary and "
+                    "multilabel positives are counted"
+                )
+            try:
+                given = torch.as_tensor(class_counts, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                given = None
+            if (
+                given is None
+                or given.dim() != 1
+                or given.numel() < 1
+                or not bool(torch.isfinite(given).all())
+                or bool((given < 0).any())
+                or float(given.sum()) <= 0
+            ):
+                raise GuardConfigError(
+                    f"`class_counts` must be a list of numbers >= 0 (one per class, not all 0), got {class_counts!r}"
+                )
+            if num_classes is not None and given.numel() != num_classes:
+                raise GuardConfigError(
+                    f"`class_counts` has {given.numel()} entries but `num_classes` is {num_classes}: give one count "
+                    "per class"
+                )
+        self.class_counts = class_counts
+        self.ignore_index = ignore_index
+        self._given_counts = given
         self.method, self.num_classes, self.task, self.loss = method, num_classes, task, loss
         self.beta, self.tau, self.gamma, self.label_fn = float(beta), float(tau), float(gamma), label_fn
         self.counts: torch.Tensor | None = None  # positives per class for binary/multilabel
@@ -154,41 +236,69 @@ class ClassBalance(GuardCallback):
         label = self.label_fn(item) if self.label_fn is not None else _default_label(item)
         return torch.as_tensor(label)
 
-    def _collect(self, trainer: pl.Trainer) -> tuple[torch.Tensor, bool]:
-        """Labels visible to this rank, and whether they are the whole data set already (no reduction needed)."""
+    def _collect(self, trainer: pl.Trainer) -> torch.Tensor:
+        """The labels of the samples this rank's training loader draws (summed over ranks by the caller)."""
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
-        labels = _dataset_labels(dataset) if dataset is not None and self.label_fn is None else None
-        if labels is not None:
-            return labels, True
         from rich.progress import track
 
-        rank, world = trainer.global_rank, trainer.world_size
-        quiet = rank != 0 or not trainer.progress_bar_callback
+        quiet = trainer.global_rank != 0 or not trainer.progress_bar_callback
         if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
-            indices = range(rank, len(dataset), world)
+            indices = _sampler_indices(loader)
+            if indices is None:
+                indices = list(range(trainer.global_rank, len(dataset), trainer.world_size))
+            labels = _dataset_labels(dataset) if self.label_fn is None else None
+            if labels is not None:
+                return labels[torch.as_tensor(indices, dtype=torch.long)]
+            # One pass over those items, read by the loader's own worker processes.
+            reader = torch.utils.data.DataLoader(
+                Subset(dataset, indices),
+                batch_size=64,
+                num_workers=int(getattr(loader, "num_workers", 0) or 0),
+                collate_fn=_identity,
+            )
             items = [
-                self._extract(dataset[i])
-                for i in track(indices, description="ClassBalance: counting labels", disable=quiet)
+                self._extract(item)
+                for chunk in track(reader, description="ClassBalance: counting labels", disable=quiet)
+                for item in chunk
             ]
         else:
             batches = track(loader, description="ClassBalance: counting labels", disable=quiet)  # type: ignore[arg-type]
             items = [self._extract(batch) for batch in batches]
         if not items:
-            return torch.zeros(0, dtype=torch.long), False
-        return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in items]), False
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in items])
 
     def _count(self, trainer: pl.Trainer) -> None:
-        labels, whole = self._collect(trainer)
+        if self._given_counts is not None:
+            self.counts, self.num_classes = self._given_counts.clone(), int(self._given_counts.numel())
+            self.total = round(float(self._given_counts.sum()))
+            return
+        labels = self._collect(trainer)
         device = trainer.strategy.root_device
         if self.task == "multiclass":
+            if labels.is_floating_point() and labels.dim() == 2 and labels.shape[1] > 1:
+                # one-hot or soft labels: each sample counts by its class probabilities
+                n_classes = self.num_classes if self.num_classes is not None else labels.shape[1]
+                if labels.shape[1] != n_classes:
+                    raise GuardConfigError(
+                        f"ClassBalance: num_classes={n_classes} but the one-hot/soft labels have width "
+                        f"{labels.shape[1]}"
+                    )
+                counts, total = labels.double().sum(0), torch.tensor(float(labels.shape[0]))
+                stats = all_reduce_sum(trainer, torch.cat([counts, total.double().reshape(1)]).to(device))
+                self.counts, self.num_classes = stats[:-1].cpu(), n_classes
+                self.total = round(float(stats[-1]))
+                return
             labels = labels.long().reshape(-1)
+            labels = labels[labels != self.ignore_index]
             if labels.numel() and int(labels.min()) < 0:
                 raise GuardConfigError(
-                    f"ClassBalance found negative labels: {sorted(set(labels[labels < 0].tolist()))[:10]}"
+                    f"ClassBalance found negative labels: {sorted(set(labels[labels < 0].tolist()))[:10]} "
+                    f"(ignore_index={self.ignore_index})"
                 )
             seen = torch.tensor(int(labels.max()) + 1 if labels.numel() else 0, device=device)
-            seen_max = int(seen.item() if whole else all_reduce_max(trainer, seen).item())
+            seen_max = int(all_reduce_max(trainer, seen).item())
             n_classes = self.num_classes if self.num_classes is not None else seen_max
             if seen_max > n_classes:
                 bad = sorted(set(labels[labels >= n_classes].tolist()))[:10]
@@ -208,9 +318,8 @@ class ClassBalance(GuardCallback):
                 raise GuardConfigError("ClassBalance: binary/multilabel labels must be 0 or 1")
             counts = labels.sum(0).double()
             total = torch.tensor(float(labels.shape[0]))
-        if not whole:
-            stats = all_reduce_sum(trainer, torch.cat([counts, total.double().reshape(1)]).to(device))
-            counts, total = stats[:-1].cpu(), stats[-1].cpu()
+        stats = all_reduce_sum(trainer, torch.cat([counts, total.double().reshape(1)]).to(device))
+        counts, total = stats[:-1].cpu(), stats[-1].cpu()
         self.counts, self.total, self.num_classes = counts.cpu(), int(total.item()), n_classes
 
     # ------------------------------------------------------------------ set-up

@@ -303,3 +303,111 @@ def test_runtime_errors(tmp_path):
 def test_constructor_errors(kwargs, match):
     with pytest.raises(GuardConfigError, match=match):
         ClassBalance(**kwargs)
+
+
+class Labelled(Dataset):
+    """60 samples, classes [40, 15, 5] in blocks, with a `targets` attribute (or a wrong one)."""
+
+    def __init__(self, targets_len=None):
+        self.y = torch.tensor([0] * 40 + [1] * 15 + [2] * 5)
+        self.x = torch.randn(60, 64, generator=torch.Generator().manual_seed(0))
+        self.targets = self.y.tolist()[: targets_len or 60]
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class NoLabelAttr(Labelled):
+    def __init__(self):
+        super().__init__()
+        del self.targets
+
+
+@pytest.mark.parametrize("dataset", [Labelled, NoLabelAttr], ids=["targets_attribute", "item_pass"])
+def test_counts_follow_the_sampler_the_loader_uses(tmp_path, dataset):
+    """A SubsetRandomSampler split counted the whole data set ([40, 15, 5] where the split has [30, 5, 1])."""
+    split = list(range(0, 30)) + list(range(40, 45)) + [55]
+    loader = DataLoader(dataset(), batch_size=8, sampler=torch.utils.data.SubsetRandomSampler(split))
+    cb = ClassBalance(method="inverse")
+    trainer(tmp_path, [cb], max_steps=1).fit(DigitsNet(), loader)
+    assert cb.counts.tolist() == [30.0, 5.0, 1.0]
+    assert cb.total == 36
+
+
+def test_counting_through_a_random_sampler_leaves_the_training_order_alone(tmp_path):
+    """Drawing the sampler's indices uses torch's global generator: the batches training sees must not change."""
+
+    class FirstBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.y = batch[1].clone()
+
+    seen = []
+    for cbs in ([ClassBalance(num_classes=10)], []):
+        probe = FirstBatch()
+        torch.manual_seed(0)
+        loader = DataLoader(Labelled(), batch_size=8, shuffle=True)
+        trainer(tmp_path, [*cbs, probe], max_steps=1).fit(DigitsNet(), loader)
+        seen.append(probe.y)
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_a_label_attribute_of_the_wrong_length_is_refused(tmp_path):
+    with pytest.raises(
+        GuardConfigError,
+        match=r"the dataset's `targets` attribute has 50 entries but the dataset has 60 samples: pass `label_fn`",
+    ):
+        trainer(tmp_path, [ClassBalance()], max_steps=1).fit(DigitsNet(), DataLoader(Labelled(50), batch_size=8))
+
+
+def test_class_counts_skip_counting(tmp_path):
+    cb = ClassBalance(method="inverse", class_counts=[10, 30, 60])
+    model = DigitsNet()
+    trainer(tmp_path, [cb], max_steps=1).fit(model, DataLoader(Labelled(), batch_size=8))
+    assert cb.counts.tolist() == [10.0, 30.0, 60.0]
+    assert model.guard_class_weights.tolist() == pytest.approx(class_weights(torch.tensor([10, 30, 60.0])).tolist())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"class_counts": [1, -2]},
+            r"`class_counts` must be a list of numbers >= 0 \(one per class, not all 0\), got \[1, -2\]",
+        ),
+        ({"class_counts": [0, 0]}, r"`class_counts` must be a list of numbers >= 0 .*got \[0, 0\]"),
+        ({"class_counts": "abc"}, r"`class_counts` must be a list of numbers >= 0 .*got 'abc'"),
+        ({"class_counts": [1, 2], "num_classes": 3}, r"`class_counts` has 2 entries but `num_classes` is 3"),
+        (
+            {"class_counts": [1, 2], "task": "binary", "loss": "bce"},
+            r"`class_counts` is for task='multiclass' \(samples per class\), got task='binary'",
+        ),
+        ({"ignore_index": 1.5}, r"`ignore_index` must be an int, got 1.5"),
+    ],
+)
+def test_counting_argument_errors(kwargs, match):
+    with pytest.raises(GuardConfigError, match=match):
+        ClassBalance(**kwargs)
+
+
+def test_one_hot_and_masked_labels_are_counted_as_cross_entropy_reads_them(tmp_path):
+    """One-hot labels were miscounted with a bogus zero-class warning; masks with ignore_index raised."""
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    one_hot = torch.nn.functional.one_hot(y, 10).float()
+    x = torch.randn(10, 64)
+    cb = ClassBalance()
+    trainer(tmp_path, [cb], max_steps=1).fit(DigitsNet(), DataLoader(TensorDataset(x, one_hot), batch_size=5))
+    assert cb.counts.tolist() == [6.0, 3.0, 1.0] + [0.0] * 7
+
+    class PerPixel(DigitsNet):  # (N, C, 3) logits against (N, 3) masks
+        def training_step(self, batch, batch_idx):
+            xx, mask = batch
+            return self.balanced_loss(self(xx).unsqueeze(-1).expand(-1, -1, 3), mask)
+
+    masks = torch.tensor([[0, 0, -100], [1, 2, -100]]).repeat(5, 1)  # per-pixel labels, one pixel unlabelled
+    cb = ClassBalance(num_classes=10)
+    trainer(tmp_path, [cb], max_steps=1).fit(PerPixel(), DataLoader(TensorDataset(x, masks), batch_size=5))
+    assert cb.counts.tolist() == [10.0, 5.0, 5.0] + [0.0] * 7
