@@ -10,8 +10,12 @@ JSONL event log and the wandb run directory are.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +123,46 @@ class DemoNet(GuardMixin, pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
 
 
+@contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Silence, for the demo only, third-party output known to be harmless, so the guards' story is what is read.
+
+    Lightning's per-Trainer banners ("GPU available", the litlogger tip, "`Trainer.fit` stopped"), torchao's notes
+    on optional CUDA kernels it cannot load on CPU, torch's pytree and ONNX-exporter notes (torchvision is not
+    installed: its ops are not registered), onnxruntime's advice to pre-process before quantisation, and one pytree
+    deprecation warning raised inside Lightning. Everything is restored on exit: a user's own runs keep their output.
+    """
+    names = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.rank_zero",
+        "torchao",
+        "torch.utils._pytree",
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+    )
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pre-processing before quantization" not in record.getMessage()
+
+    drop = _Drop()
+    root = logging.getLogger()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    root.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            yield
+    finally:
+        root.removeFilter(drop)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _wandb_configured() -> bool:
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
         return True
@@ -128,6 +172,11 @@ def _wandb_configured() -> bool:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns the test metrics and where the outputs are."""
+    with _quiet_third_party():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m lightning_guard.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     parser.add_argument(
@@ -158,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
         logger = WandbLogger(project="lightning_guard_demo", save_dir=str(out), name="demo")
+        # Lightning passes wandb an `anonymous=None` that wandb 0.2x warns about on every run: leave it out.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
 
     history = MetricHistory()
     callbacks: list[pl.Callback] = [

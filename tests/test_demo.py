@@ -26,3 +26,51 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     assert logits.shape == (3, 10)
     assert Path(result["figure"]).stat().st_size > 10_000  # the PNG of the run with its events
     assert str(tmp_path) in result["wandb_dir"]
+
+
+@pytest.mark.slow
+def test_demo_output_is_the_guards_story_only(tmp_path):
+    """A new user's first run: no third-party noise to scroll past (Lightning banners per inner Trainer, torchao and
+    ONNX-exporter notes, onnxruntime advice, a pytree deprecation, wandb's `anonymous` warning)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    run = subprocess.run(
+        [sys.executable, "-m", "lightning_guard.demo", "--fast", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=True,
+    )
+    out = run.stdout + run.stderr
+    assert "what the guards did" in out
+    assert "compression (val_balanced_acc)" in out
+    for noise in (
+        "GPU available",
+        "litlogger",
+        "LeafSpec",
+        "Failed to load",
+        "torchvision",
+        "anonymous",
+        "pre-processing",
+    ):
+        assert noise not in out, noise
+    assert len(out.splitlines()) < 80  # two screens, tables included
+
+
+def test_the_demo_silences_only_inside_itself():
+    import logging
+    import warnings
+
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    before = lightning_log.level
+    with demo._quiet_third_party():
+        assert lightning_log.level == logging.ERROR
+    assert lightning_log.level == before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("isinstance(treespec, LeafSpec) is deprecated", FutureWarning, stacklevel=1)
+    assert caught  # a user's own code keeps its warnings
