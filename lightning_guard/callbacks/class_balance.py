@@ -50,7 +50,14 @@ def _dataset_labels(dataset: Any) -> torch.Tensor | None:
         values = getattr(dataset, attr, None)
         if values is None or callable(values):
             continue
-        labels = torch.as_tensor(values)
+        try:
+            labels = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError):
+            sample = list(values[:3]) if hasattr(values, "__getitem__") else values
+            raise GuardConfigError(
+                f"ClassBalance: the dataset's `{attr}` attribute does not hold class indices (first values "
+                f"{sample!r}): pass `label_fn` returning class indices, or `class_counts`"
+            ) from None
         n = len(dataset) if hasattr(dataset, "__len__") else None
         if labels.dim() == 0 or (n is not None and labels.shape[0] != n):
             raise GuardConfigError(
@@ -85,6 +92,17 @@ def _sampler_indices(loader: Any) -> list[int] | None:
         except TypeError:  # an iterable dataset's dummy sampler, or one yielding other things than indices
             return None
     return None
+
+
+def _generators_of(loader: Any) -> list[torch.Generator]:
+    """The torch generators a loader's shuffling draws from (the loader's own, its sampler's), each once."""
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not other for other in found):
+            found.append(g)
+    return found
 
 
 def _identity(items: Any) -> Any:
@@ -237,8 +255,22 @@ class ClassBalance(GuardCallback):
         return torch.as_tensor(label)
 
     def _collect(self, trainer: pl.Trainer) -> torch.Tensor:
-        """The labels of the samples this rank's training loader draws (summed over ranks by the caller)."""
+        """The labels of the samples this rank's training loader draws (summed over ranks by the caller).
+
+        Nothing here may change what training will draw: torch's global generator, and any generator of the loader
+        or its sampler, are restored afterwards (item reads may use randomness too: augmentations).
+        """
         loader = trainer.train_dataloader
+        generators = _generators_of(loader)
+        states = [g.get_state() for g in generators]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return self._read_labels(trainer, loader)
+        finally:
+            for g, state in zip(generators, states, strict=True):
+                g.set_state(state)
+
+    def _read_labels(self, trainer: pl.Trainer, loader: Any) -> torch.Tensor:
         dataset = getattr(loader, "dataset", None)
         from rich.progress import track
 
@@ -256,15 +288,18 @@ class ClassBalance(GuardCallback):
                 batch_size=64,
                 num_workers=int(getattr(loader, "num_workers", 0) or 0),
                 collate_fn=_identity,
+                generator=torch.Generator(),
             )
             items = [
                 self._extract(item)
                 for chunk in track(reader, description="ClassBalance: counting labels", disable=quiet)
                 for item in chunk
             ]
-        else:
-            batches = track(loader, description="ClassBalance: counting labels", disable=quiet)  # type: ignore[arg-type]
-            items = [self._extract(batch) for batch in batches]
+            if not items:
+                return torch.zeros(0, dtype=torch.long)
+            return torch.stack(items)  # one label per sample: an index, a one-hot/soft vector or a mask
+        batches = track(loader, description="ClassBalance: counting labels", disable=quiet)
+        items = [self._extract(batch) for batch in batches]
         if not items:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in items])

@@ -411,3 +411,72 @@ def test_one_hot_and_masked_labels_are_counted_as_cross_entropy_reads_them(tmp_p
     cb = ClassBalance(num_classes=10)
     trainer(tmp_path, [cb], max_steps=1).fit(PerPixel(), DataLoader(TensorDataset(x, masks), batch_size=5))
     assert cb.counts.tolist() == [10.0, 5.0, 5.0] + [0.0] * 7
+
+
+class OneHotItems(Dataset):
+    """No label attribute: labels are read item by item; one-hot (or an index) per item, in a tuple or a dict."""
+
+    def __init__(self, one_hot=True, as_dict=False):
+        self.y = torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
+        self.x = torch.randn(60, 64, generator=torch.Generator().manual_seed(1))
+        self.one_hot, self.as_dict = one_hot, as_dict
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        y = torch.nn.functional.one_hot(self.y[i], 10).float() if self.one_hot else self.y[i]
+        return {"x": self.x[i], "label": y} if self.as_dict else (self.x[i], y)
+
+
+class DictNet(DigitsNet):
+    def training_step(self, batch, batch_idx):
+        x, y = (batch["x"], batch["label"]) if isinstance(batch, dict) else batch
+        return self.balanced_loss(self(x), y)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_one_hot_labels_read_from_items_count_by_class(tmp_path, as_dict):
+    """Per-item one-hot vectors were flattened together: [120, 60, 0] where the classes are [30, 20, 10]."""
+    cb = ClassBalance()
+    loader = DataLoader(OneHotItems(as_dict=as_dict), batch_size=8)
+    trainer(tmp_path, [cb], max_steps=1).fit(DictNet(), loader)
+    assert cb.counts.tolist() == [30.0, 20.0, 10.0] + [0.0] * 7
+
+
+@pytest.mark.parametrize("how", ["item_pass", "loader_generator"])
+def test_counting_never_changes_the_batches_training_draws(tmp_path, how):
+    """The item pass's reader drew its seed from torch's global generator, and iterating a sampler used up the
+    generator the user gave the loader: the first batch changed."""
+
+    class FirstBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.x = batch[0].clone()
+
+    seen = []
+    for cbs in ([ClassBalance(num_classes=10)], []):
+        probe = FirstBatch()
+        torch.manual_seed(0)
+        if how == "item_pass":
+            loader = DataLoader(OneHotItems(one_hot=False), batch_size=8, shuffle=True)
+        else:
+            g = torch.Generator().manual_seed(123)
+            loader = DataLoader(Labelled(), batch_size=8, shuffle=True, generator=g)
+        trainer(tmp_path, [*cbs, probe], max_steps=1).fit(DigitsNet(), loader)
+        seen.append(probe.x)
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_a_label_attribute_of_names_is_refused_with_the_way_out(tmp_path):
+    class Named(Labelled):
+        def __init__(self):
+            super().__init__()
+            self.targets = ["cat"] * 40 + ["dog"] * 20
+
+    with pytest.raises(
+        GuardConfigError,
+        match=r"the dataset's `targets` attribute does not hold class indices "
+        r"\(first values \['cat', 'cat', 'cat'\]\): pass `label_fn` returning class indices, or `class_counts`",
+    ):
+        trainer(tmp_path, [ClassBalance()], max_steps=1).fit(DigitsNet(), DataLoader(Subset(Named(), range(40))))
