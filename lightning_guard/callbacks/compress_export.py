@@ -80,9 +80,19 @@ _LOWER_IS_BETTER = frozenset(
         "bpc",
         "fid",
         "distance",
-        "dist",
     }
 )
+
+
+#: words that turn a metric into a change of another (``val_acc_drop``): its direction cannot be told from the name
+_CHANGE_WORDS = frozenset({"drop", "gap", "gain", "improvement", "delta", "diff", "change", "increase", "decrease"})
+
+
+def _maybe_len(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
 
 
 def metric_direction(monitor: str) -> Literal["min", "max"] | None:
@@ -90,13 +100,22 @@ def metric_direction(monitor: str) -> Literal["min", "max"] | None:
 
     The name is cut into words at every non-alphanumeric character (``val_iou_loss`` -> ``val``, ``iou``, ``loss``)
     and each word is compared whole, never as a substring (``val_mape`` is an error, not a mean average precision).
-    A word of loss or error wins over a word of quality (``val_iou_loss`` is a loss).
+    A word of loss or error wins over a word of quality (``val_iou_loss`` is a loss); camelCase is split
+    (``valLoss``), trailing digits dropped (``val_map50``); a word of change (``val_acc_drop``, ``val_loss_gain``)
+    makes the name ambiguous.
 
     Example:
         >>> [metric_direction(m) for m in ("val_acc", "val_mape", "val_iou_loss", "val/mAP", "val_score")]
         ['max', 'min', 'min', 'max', None]
+        >>> [metric_direction(m) for m in ("valLoss", "val_map50", "val_errors", "val_acc_drop")]
+        ['min', 'max', 'min', None]
     """
-    words = {w for w in re.split(r"[^0-9a-z]+", monitor.lower()) if w}
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", monitor)  # camelCase: valLoss -> val_Loss
+    words = {w for w in re.split(r"[^0-9a-z]+", spaced.lower()) if w}
+    words |= {w.rstrip("0123456789") for w in words}  # map50 -> map, top5 stays top5 too
+    words |= {w[:-1] for w in words if w.endswith("s") and w[:-1] in _LOWER_IS_BETTER}  # errors -> error
+    if words & _CHANGE_WORDS:
+        return None
     if words & _LOWER_IS_BETTER:
         return "min"
     if words & _HIGHER_IS_BETTER:
@@ -267,7 +286,14 @@ class CompressExport(GuardCallback):
         if not trainer.limit_val_batches or not is_overridden("validation_step", pl_module):
             return False
         source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        return source.instance is not None and source.is_defined()
+        if source.instance is None or not source.is_defined():
+            return False
+        try:  # the loaders themselves (a datamodule's or the module's method is called, as Lightning will)
+            loaders = source.dataloader()
+        except Exception:  # building it fails later, in Lightning, with its own message
+            return True
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        return any(loader is not None and _maybe_len(loader) != 0 for loader in loaders)
 
     # ------------------------------------------------------------------ plumbing around the functional search
     def _nested_trainer(self, device: torch.device, root: str, **kwargs: Any) -> pl.Trainer:

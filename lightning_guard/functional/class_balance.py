@@ -84,7 +84,10 @@ def balanced_loss(
     targets); the sum is divided by the number of (non-ignored) samples - not by the sum of their weights as PyTorch's
     weighted ``CrossEntropyLoss(reduction="mean")`` does - so the mean over equal-size pieces of a batch
     (micro-batches, ranks) equals the loss of the whole batch. Without weights, prior and focal term it equals
-    ``F.cross_entropy`` with the same ``ignore_index`` and ``label_smoothing``.
+    ``F.cross_entropy`` with the same ``ignore_index`` and ``label_smoothing``, with two stated differences: with
+    ignored targets the pieces of a batch add up only when weighted by their counts of non-ignored targets (not by
+    their sample counts: an OOMGuard split of such a batch is not exact), and a batch whose targets are all ignored
+    has loss 0 (``F.cross_entropy`` gives NaN), so that it contributes nothing instead of poisoning the step.
 
     Binary/multilabel (``task="binary"`` or ``"multilabel"``: float ``target`` shaped like ``logits``):
     BCE-with-logits with ``pos_weight``, mean over elements.

@@ -134,30 +134,55 @@ def _shapes(out: Any) -> Any:
     return type(out).__name__
 
 
-def _output_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[nn.Module]:
-    """The prunable layer that produces the model's output width (the classifier or segmentation head).
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in _tensors(v)]
+    return []
 
-    It is the last layer run whose output channels equal the output's: dim 1 of a channels-first ``(N, C, ...)``
-    output, the last dim of an ``(N, F)`` one. Found by running the model once and recording the order in which the
-    prunable layers run, so a hidden layer that happens to have the output's width, or the spatial size of a
+
+def _output_layers(model: nn.Module, example_inputs: tuple[Any, ...]) -> list[nn.Module]:
+    """The prunable layers that produce the model's outputs (classifier, segmentation or LM heads), one per output.
+
+    The model runs once with forward hooks: a layer whose output *is* a model output (the same storage: views and
+    permutes included) is that output's head. Otherwise the head is the last layer run whose output channels equal
+    the output's width (dim 1 of a channels-first ``(N, C, ...)`` map, or the last dim: ``(N, F)`` logits, ``(N, T,
+    V)`` sequence logits), so a hidden layer that happens to have the output's width, or the spatial size of a
     segmentation map, is not taken for the head.
     """
-    order: list[nn.Module] = []
+    ran: list[tuple[nn.Module, int]] = []
     layers = prunable_layers(model)
-    hooks = [m.register_forward_hook(lambda mod, args, out: order.append(mod)) for _, m in layers]
+
+    def record(module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            ran.append((module, out.untyped_storage().data_ptr()))
+
+    hooks = [m.register_forward_hook(record) for _, m in layers]
     try:
         with torch.no_grad():
-            out = model(*example_inputs)
+            outputs = _tensors(model(*example_inputs))
     finally:
         for h in hooks:
             h.remove()
-    out_t = out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
-    width = (out_t.shape[1] if out_t.dim() > 2 else out_t.shape[-1]) if out_t.dim() > 1 else 1
-    ran = list(dict.fromkeys(order))  # first-run order, each layer once
-    heads = [m for m in ran if getattr(m, "out_features", getattr(m, "out_channels", None)) == width]
-    if heads:
-        return heads[-1:]
-    return ran[-1:] if ran else [m for _, m in layers][-1:]
+    heads: list[nn.Module] = []
+    for out_t in outputs:
+        storage = out_t.untyped_storage().data_ptr()
+        same = [m for m, ptr in ran if ptr == storage]
+        if same:
+            head = same[-1]
+        else:
+            widths = {out_t.shape[-1], out_t.shape[1]} if out_t.dim() > 2 else {out_t.shape[-1] if out_t.dim() else 1}
+            matching = [m for m, _ in ran if getattr(m, "out_features", getattr(m, "out_channels", None)) in widths]
+            head = matching[-1] if matching else (ran[-1][0] if ran else None)  # type: ignore[assignment]
+        if head is not None and all(head is not h for h in heads):
+            heads.append(head)
+    if not heads and layers:
+        heads.append(layers[-1][1])
+    return heads
 
 
 def prune_structured(

@@ -58,6 +58,11 @@ def test_mode_follows_the_metric_name_and_int8_is_an_alias():
     for monitor in ("val_mape", "val_smape", "val_iou_loss", "val/rmse"):
         assert CompressExport(monitor=monitor).mode == "min", monitor
     assert CompressExport(monitor="val/mAP").mode == "max"
+    for monitor, mode in (("valLoss", "min"), ("val_map50", "max"), ("val_errors", "min"), ("val_dist_acc", "max")):
+        assert CompressExport(monitor=monitor).mode == mode, monitor
+    for ambiguous in ("val_acc_drop", "val_accuracy_gap", "val_loss_improvement", "val_mse_gain"):
+        with pytest.raises(GuardConfigError, match="cannot tell from its name"):
+            CompressExport(monitor=ambiguous)
     assert CompressExport(monitor="val_score", mode="max").mode == "max"
     with pytest.raises(GuardConfigError, match=r"cannot tell from its name whether `monitor='val_score'` is better"):
         CompressExport(monitor="val_score")
@@ -155,16 +160,29 @@ class StepCount(Callback):
         self.steps += 1
 
 
-@pytest.mark.parametrize("how", ["no_loader", "limit_val_batches_0"])
+@pytest.mark.parametrize("how", ["no_loader", "limit_val_batches_0", "empty_list", "datamodule_empty"])
 def test_no_validation_data_is_refused_before_training(tmp_path, how):
     """Found only after training before: fit() trained for hours, then raised."""
+    import lightning.pytorch as pl
+
     tr, va = digits_loaders()
     count = StepCount()
     kwargs = {"limit_val_batches": 0} if how == "limit_val_batches_0" else {}
+    val = {"no_loader": None, "limit_val_batches_0": va, "empty_list": []}.get(how)
+
+    class EmptyVal(pl.LightningDataModule):
+        def train_dataloader(self):
+            return tr
+
+        def val_dataloader(self):
+            return []
+
+    t = trainer(tmp_path, [CompressExport(), count], max_epochs=1, **kwargs)
+    data = (
+        {"datamodule": EmptyVal()} if how == "datamodule_empty" else {"train_dataloaders": tr, "val_dataloaders": val}
+    )
     with pytest.raises(GuardConfigError) as err:
-        trainer(tmp_path, [CompressExport(), count], max_epochs=1, **kwargs).fit(
-            DigitsNet(), tr, va if kwargs else None
-        )
+        t.fit(DigitsNet(), **data)
     assert count.steps == 0
     assert str(err.value) == (
         "CompressExport needs validation data to measure the metric budget, and this fit has none (no val "

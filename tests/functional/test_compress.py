@@ -94,6 +94,66 @@ def test_structured_pruning_keeps_a_segmentation_heads_classes():
     assert pruned.hidden.out_channels == 4  # the hidden conv is what shrinks
 
 
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h = nn.Linear(8, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.h(torch.relu(self.a(x)))}
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h1, self.h2 = nn.Linear(8, 32), nn.Linear(32, 5), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.relu(self.a(x))
+        return self.h1(z), self.h2(z)
+
+
+class FeaturesAndLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.relu(self.b(torch.relu(self.a(x))))
+        return f, self.h(f)
+
+
+class SequenceLM(nn.Module):
+    """(N, T, V) logits with T = 16, the width of a hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize(
+    ("model", "x"),
+    [
+        (DictOut, torch.randn(4, 8)),
+        (TwoHeads, torch.randn(4, 8)),
+        (FeaturesAndLogits, torch.randn(4, 8)),
+        (SequenceLM, torch.randn(2, 16, 8)),
+    ],
+    ids=["dict", "two_heads", "features_and_logits", "sequence_logits"],
+)
+def test_structured_pruning_keeps_every_output(model, x):
+    """A dict output raised a bare StopIteration; only the first output's head was protected (a second head lost its
+    classes); (N, T, V) logits were read as T channels and the head was pruned."""
+    torch.manual_seed(0)
+    m = model()
+    pruned = C.prune_structured(m, 0.5, (x,))
+    assert C._shapes(pruned(x)) == C._shapes(m(x))
+    assert C.param_count(pruned) < C.param_count(m)
+
+
 def test_structured_pruning_refuses_to_change_the_output_signature():
     model, x = SegNet(), torch.randn(2, 1, 8, 8)
     with pytest.raises(
