@@ -170,8 +170,8 @@ class CompressExport(GuardCallback):
        ``<dirpath>/compress_report.json``, a rich table, and with a WandbLogger a ``guard/compress`` table plus a
        model artifact with the files.
 
-    Events: ``compressed``, ``budget_backoff``, ``exported``, ``verify_failed``. The result is kept in
-    :attr:`result` (rank 0).
+    Events: ``compressed``, ``budget_backoff``, ``exported``, ``verify_failed``, ``export_failed``. The result is kept
+    in :attr:`result` (rank 0).
 
     Args:
         dirpath: where the artifacts and the report go (default: ``<default_root_dir>/compressed``).
@@ -191,6 +191,9 @@ class CompressExport(GuardCallback):
         verify_batches: validation batches used to verify the artifacts (default 4).
         tolerance: largest relative output error of a verified artifact (default 1e-4; onnxruntime int8 gets 0.05).
         filename: artifact file name without suffix (default ``"model"``).
+        strict: raise from ``fit()`` when compression or export fails. Default ``False``: the failure is an
+            ``export_failed`` error event (with the message; kept in :attr:`error`) and ``fit()`` returns normally -
+            the trained model and its checkpoints are left as they are, since compression works on a copy.
 
     Example:
         >>> CompressExport(monitor="val_acc", max_metric_drop=0.01, prune="structured").mode
@@ -215,6 +218,7 @@ class CompressExport(GuardCallback):
         verify_batches: int = 4,
         tolerance: float = 1e-4,
         filename: str = "model",
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if quantize == "int8":
@@ -252,8 +256,12 @@ class CompressExport(GuardCallback):
         self.example_input = example_input
         self.verify_batches = verify_batches
         self.tolerance = float(tolerance)
+        if not isinstance(strict, bool):
+            raise GuardConfigError(f"`strict` must be a bool, got {strict!r}")
         self.filename = filename
+        self.strict = strict
         self.result: CompressionResult | None = None
+        self.error: BaseException | None = None  # why the compression failed (rank 0), with strict=False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -420,14 +428,24 @@ class CompressExport(GuardCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         error: BaseException | None = None
+        self.result, self.error = None, None
         if trainer.global_rank == 0:
             try:
                 self.result = self.compress(trainer, pl_module)
             except Exception as exc:
-                if trainer.world_size == 1:
+                if trainer.world_size == 1 and self.strict:
                     raise
-                error = exc  # raised below on every rank, so no rank waits for rank 0 forever
-        if trainer.world_size > 1 and agree(trainer, error is not None).any:
+                error = exc  # with strict=True raised below on every rank, so no rank waits for rank 0 forever
+                if not self.strict:
+                    self.error = exc
+                    self._emit(
+                        trainer,
+                        "export_failed",
+                        f"compression/export failed, the trained model is left as it is: {type(exc).__name__}: {exc}",
+                        severity="error",
+                        data={"error": type(exc).__name__, "message": str(exc)[:2000]},
+                    )
+        if trainer.world_size > 1 and agree(trainer, error is not None).any and self.strict:
             message = trainer.strategy.broadcast(f"{type(error).__name__}: {error}", src=0)
             if error is not None:
                 raise error

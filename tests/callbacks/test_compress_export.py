@@ -38,6 +38,7 @@ def _events(root: Path) -> list[dict]:
         ({"tolerance": 0}, "`tolerance` must be a number > 0, got 0"),
         ({"eval_fn": 3}, "`eval_fn` must be callable or None, got 3"),
         ({"filename": "a/b"}, "`filename` must be a file name without directories, got 'a/b'"),
+        ({"strict": "yes"}, "`strict` must be a bool, got 'yes'"),
         (
             {"quantize": "int2"},
             "`quantize` must be one of ('int8_weight_only', 'int8_dynamic', 'int4_weight_only'), got 'int2'",
@@ -144,7 +145,7 @@ def test_unstructured_pruning_with_finetune_keeps_its_zeros(tmp_path):
 
 def test_missing_monitor_lists_the_logged_metrics(tmp_path):
     tr, va = digits_loaders()
-    t = trainer(tmp_path, [CompressExport(monitor="val_f1")], max_epochs=1)
+    t = trainer(tmp_path, [CompressExport(monitor="val_f1", strict=True)], max_epochs=1)
     with pytest.raises(GuardConfigError) as err:
         t.fit(DigitsNet(), tr, va)
     assert str(err.value) == (
@@ -219,6 +220,31 @@ def test_a_failure_on_rank_0_stops_every_rank(tmp_path):
     """Rank 0's compression fails (the monitor is not logged): rank 1 must not wait for it forever; the error comes
     out of fit()."""
     tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
-    t = trainer(tmp_path, [CompressExport(monitor="val_f1")], devices=2, strategy="ddp_spawn", max_epochs=1)
+    t = trainer(
+        tmp_path, [CompressExport(monitor="val_f1", strict=True)], devices=2, strategy="ddp_spawn", max_epochs=1
+    )
     with pytest.raises(Exception, match="`monitor='val_f1'` is not logged by the validation loop"):
         t.fit(DigitsNet(), tr, va)
+
+
+def test_a_failed_export_leaves_the_trained_run_alone_unless_strict(tmp_path):
+    """A compression failure after hours of training ended fit() with an exception; by default it is an error event
+    now, the fit returns, the checkpoint and the module are as training left them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
+    ce = CompressExport(dirpath=str(tmp_path / "x"), monitor="val_f1", mode="max")
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck")
+    model = DigitsNet()
+    t = trainer(tmp_path, [ce, ck], max_epochs=1, enable_checkpointing=True)
+    t.fit(model, tr, va)
+    (event,) = [e for e in _events(tmp_path / EVENTS_FILENAME) if e["kind"] == "export_failed"]
+    assert event["severity"] == "error"
+    assert "`monitor='val_f1'` is not logged by the validation loop" in event["message"]
+    assert ce.result is None
+    assert "val_f1" in str(ce.error)
+    assert list((tmp_path / "ck").glob("*.ckpt"))
+    with pytest.raises(GuardConfigError, match=r"`monitor=.val_f1.` is not logged"):
+        trainer(tmp_path, [CompressExport(monitor="val_f1", mode="max", strict=True)], max_epochs=1).fit(
+            DigitsNet(), tr, va
+        )
