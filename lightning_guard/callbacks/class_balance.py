@@ -383,8 +383,12 @@ class ClassBalance(GuardCallback):
 
             assert self.num_classes is not None
             pl_module.__dict__["_guard_class_metrics"] = {
-                "recall": MulticlassRecall(num_classes=self.num_classes, average=None).to(device),
-                "balanced_acc": MulticlassAccuracy(num_classes=self.num_classes, average="macro").to(device),
+                "recall": MulticlassRecall(
+                    num_classes=self.num_classes, average=None, ignore_index=self.ignore_index
+                ).to(device),
+                "balanced_acc": MulticlassAccuracy(
+                    num_classes=self.num_classes, average="macro", ignore_index=self.ignore_index
+                ).to(device),
             }
 
     @override

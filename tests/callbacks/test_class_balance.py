@@ -480,3 +480,33 @@ def test_a_label_attribute_of_names_is_refused_with_the_way_out(tmp_path):
         r"\(first values \['cat', 'cat', 'cat'\]\): pass `label_fn` returning class indices, or `class_counts`",
     ):
         trainer(tmp_path, [ClassBalance()], max_steps=1).fit(DigitsNet(), DataLoader(Subset(Named(), range(40))))
+
+
+def test_track_classes_on_segmentation_masks_skips_ignored_pixels(tmp_path):
+    """(N, C, H, W) maps against (N, H, W) masks with unlabelled pixels: argmax on the class dim, ignore_index honoured
+    (the metrics raised on -100 before, and took argmax over W)."""
+
+    class Seg(DigitsNet):
+        def forward(self, x):  # (N, 10, 2, 3) maps: the same logits at every pixel
+            return self.net(x)[:, :, None, None].expand(-1, -1, 2, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, mask = batch
+            return self.balanced_loss(self(x), mask)
+
+        def validation_step(self, batch, batch_idx):
+            x, mask = batch
+            self.track_classes(self(x), mask)
+
+    x, y = digits()
+    masks = y[:, None, None].expand(-1, 2, 3).clone()
+    masks[:, 0, 0] = -100
+    loader = DataLoader(TensorDataset(x[:256], masks[:256]), batch_size=64)
+    t = trainer(tmp_path, [ClassBalance(num_classes=10)], max_epochs=1)
+    model = Seg()
+    t.fit(model, loader, loader)
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    with torch.no_grad():  # every pixel of a sample has its label: the pixels' balanced accuracy is the samples'
+        expected = multiclass_accuracy(model.net(x[:256]).argmax(-1), y[:256], num_classes=10, average="macro")
+    assert float(t.callback_metrics["guard/class_balance/balanced_acc"]) == pytest.approx(float(expected), abs=1e-6)
