@@ -164,8 +164,9 @@ class CompressExport(GuardCallback):
     3. torchao quantisation (``int8_weight_only``, ``int8_dynamic``; ``int4_weight_only`` on CUDA) is kept if it
        stays within the budget too;
     4. ``<dirpath>/<filename>.pt2`` (``torch.export``) always, ``.onnx`` when ``formats`` asks (exported from the fp32
-       pruned model, quantised by onnxruntime); each is loaded back without pickle and must reproduce the in-memory
-       model's outputs on held-out validation batches, or the run fails loudly (``verify_failed``);
+       pruned model, quantised by onnxruntime); each is loaded back through a fresh load path and must reproduce the
+       in-memory model's outputs on held-out validation batches, or the export fails (``verify_failed``); the report
+       says how each artifact loads (a torchao-quantised ``.pt2`` runs pickle and needs torchao, ONNX does not);
     5. the report - per stage: size, parameters, sparsity, metric, CPU latency (median), decision - goes to
        ``<dirpath>/compress_report.json``, a rich table, and with a WandbLogger a ``guard/compress`` table plus a
        model artifact with the files.

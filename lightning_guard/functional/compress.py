@@ -344,10 +344,11 @@ def export_onnx(
 
 
 def load_artifact(path: str | Path) -> Callable[..., torch.Tensor]:
-    """Load an exported artifact through a fresh load path (no pickle).
+    """Load an exported artifact through a fresh load path (not the in-memory model).
 
     ``torch.export.load`` for ``.pt2``, an onnxruntime session for ``.onnx``. Returns a function from input tensors to
-    the output tensor.
+    the output tensor. A torchao-quantised ``.pt2`` loads through pickle and needs torchao
+    (:attr:`CompressionResult.loading` says which artifact does); load only files you trust.
     """
     path = Path(path)
     if path.suffix == ".pt2":
@@ -449,6 +450,27 @@ class CompressionResult:
     prune_amount: float = 0.0
     quantized: str | None = None
 
+    @property
+    def loading(self) -> dict[str, str]:
+        """How each artifact loads, stated truthfully: what it needs and whether its loading runs pickle.
+
+        A ``.pt2`` of fp32 weights loads with ``torch.export.load`` through ``torch.load(weights_only=True)`` (no
+        arbitrary pickle). A ``.pt2`` quantised by torchao holds tensor subclasses that ``torch.export.load`` reads
+        with ``torch.load(weights_only=False)`` (pickle: load only files you trust) and that need torchao installed
+        where it is served. An ONNX file loads in onnxruntime, without pickle, and needs neither torch nor torchao.
+        """
+        out: dict[str, str] = {}
+        if "pt2" in self.artifacts:
+            out["pt2"] = (
+                f"torch.export.load; {self.quantized} weights are torchao tensor subclasses: loading runs pickle "
+                "(torch.load weights_only=False) and needs torchao"
+                if self.quantized
+                else "torch.export.load; fp32 weights through torch.load(weights_only=True): no pickle"
+            )
+        if "onnx" in self.artifacts:
+            out["onnx"] = "onnxruntime.InferenceSession: no pickle, no torch needed"
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (without the model)."""
         return {
@@ -457,6 +479,7 @@ class CompressionResult:
             "prune_amount": self.prune_amount,
             "quantized": self.quantized,
             "artifacts": dict(self.artifacts),
+            "loading": self.loading,
             "stages": [asdict(s) for s in self.stages],
         }
 
@@ -533,7 +556,7 @@ def compress_and_export(
     3. Quantisation (``quantize_mode``, torchao) on top, kept only within the budget.
     4. Export: ``<filename>.pt2`` always (``torch.export``), ``<filename>.onnx`` when asked (exported from the fp32
        pruned model, then int8-quantised by onnxruntime if quantisation was kept).
-    5. Verification: each file is loaded back through a fresh load path (no pickle) and its outputs compared with the
+    5. Verification: each file is loaded back through a fresh load path and its outputs compared with the
        in-memory model on ``verify_inputs`` (default: ``example_inputs``): relative error at most ``tolerance``
        (``onnx_int8_tolerance`` for onnxruntime's int8, whose kernels differ from torchao's). A failure raises.
 
