@@ -17,7 +17,13 @@ from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_sum
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, emit
-from lightning_guard.functional.l1 import l1_norm, l1_proximal_, l1_subgradient_, zero_count
+from lightning_guard.functional.l1 import (
+    l1_adaptive_proximal_,
+    l1_norm,
+    l1_proximal_,
+    l1_subgradient_,
+    zero_count,
+)
 
 __all__ = ["L1Penalty"]
 
@@ -44,6 +50,12 @@ class L1Penalty(GuardCallback):
       It produces exact zeros that pruning and export can use; a step skipped by the GradScaler or a guard is not
       thresholded.
 
+    * ``mode="adaptive_proximal"``: the proximal step in Adam's metric (proximal Adam), for Adam-family optimizers:
+      each coordinate's threshold ``lr * strength`` is divided by Adam's bias-corrected ``sqrt(v) + eps``, the same
+      per-coordinate scaling as Adam's own update. Plain ``proximal`` under AdamW hardly zeroes anything at useful
+      strengths (Adam moves every weight by about ``lr`` a step, far more than ``lr * strength``); this mode does (see
+      the docs page for the measured trade-off).
+
     Parameters: by default every parameter with at least 2 dimensions outside normalisation and embedding modules
     (so biases, norm weights and embeddings are excluded); ``include`` / ``exclude`` take name patterns
     (``fnmatch``, e.g. ``"encoder.*.weight"``), ``group_strength`` multiplies the strength per name pattern (the first
@@ -57,7 +69,8 @@ class L1Penalty(GuardCallback):
 
     Args:
         strength: lambda, >= 0. Default ``1e-5``.
-        mode: ``"subgradient"`` or ``"proximal"``. Default ``"subgradient"``.
+        mode: ``"subgradient"``, ``"proximal"`` or ``"adaptive_proximal"`` (Adam-family optimizers). Default
+            ``"subgradient"``.
         include: name patterns to penalise (default: the rule above).
         exclude: name patterns never penalised.
         exclude_1d: exclude parameters with fewer than 2 dimensions (biases, norm scales). Default ``True``.
@@ -78,12 +91,12 @@ class L1Penalty(GuardCallback):
     """
 
     guard_name = "l1_penalty"
-    MODES: tuple[str, ...] = ("subgradient", "proximal")
+    MODES: tuple[str, ...] = ("subgradient", "proximal", "adaptive_proximal")
 
     def __init__(
         self,
         strength: float = 1e-5,
-        mode: Literal["subgradient", "proximal"] = "subgradient",
+        mode: Literal["subgradient", "proximal", "adaptive_proximal"] = "subgradient",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         exclude_1d: bool = True,
@@ -183,7 +196,16 @@ class L1Penalty(GuardCallback):
         self._reduce = trainer.world_size > 1 and (
             isinstance(trainer.strategy, FSDPStrategy) or type(trainer.strategy).__name__ == "ModelParallelStrategy"
         )
-        if self.mode == "proximal":
+        if self.mode == "adaptive_proximal":
+            for i, opt in enumerate(trainer.optimizers):
+                owns = any(id(p) in self._opt_params[i] for _, ps in self._groups for p in ps)
+                if owns and "betas" not in opt.defaults:
+                    raise GuardConfigError(
+                        f"L1Penalty(mode='adaptive_proximal') scales its threshold by Adam's second moments, but "
+                        f"optimizer {i} is {type(opt).__name__}: use mode='proximal' with it (plain soft-thresholding "
+                        "is already exact for SGD)"
+                    )
+        if self.mode != "subgradient":
             self.runtime(trainer).add_listener(self._on_step)
         if trainer.global_rank == 0 and not self._reported(trainer, "selected"):  # once per run, not per resume
             emit(
@@ -243,9 +265,28 @@ class L1Penalty(GuardCallback):
         if groups is None:
             return
         lam = self.current_strength(outcome.applied_steps - 1)
+        optimizer = self._trainer.optimizers[idx] if self.mode == "adaptive_proximal" else None
         for mult, params in self._params_of(idx):
             for lr, ids in groups:  # each param group with its own LR (a group at lr=0 must not move)
-                l1_proximal_([p for p in params if id(p) in ids], lr * lam * mult)
+                chosen = [p for p in params if id(p) in ids]
+                if optimizer is None:
+                    l1_proximal_(chosen, lr * lam * mult)
+                else:
+                    self._adaptive_step(optimizer, chosen, lr * lam * mult)
+
+    @staticmethod
+    def _adaptive_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], threshold: float) -> None:
+        """Proximal Adam: each param's threshold divided by Adam's bias-corrected sqrt(v) + eps."""
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for p in params:
+            state = optimizer.state.get(p, {})
+            v = state.get("exp_avg_sq")
+            if v is None:  # not stepped yet (no gradient so far)
+                continue
+            group = group_of[id(p)]
+            step = float(state["step"]) if "step" in state else 1.0
+            bias_correction = 1.0 - group["betas"][1] ** step
+            l1_adaptive_proximal_([p], [v], threshold, bias_correction=bias_correction, eps=group.get("eps", 1e-8))
 
     def _stats(self, trainer: pl.Trainer) -> tuple[float, float]:
         params = [p for _, ps in self._groups for p in ps]

@@ -19,7 +19,7 @@ from lightning_guard.functional.grad import (
     top_k_grad_norms,
     zclip_threshold,
 )
-from lightning_guard.functional.l1 import l1_norm, l1_proximal_, l1_subgradient_, zero_count
+from lightning_guard.functional.l1 import l1_adaptive_proximal_, l1_norm, l1_proximal_, l1_subgradient_, zero_count
 from lightning_guard.functional.oom import (
     batch_size,
     combine_outputs,
@@ -57,6 +57,7 @@ __all__ = [
     "generalization_loss",
     "global_grad_norm",
     "is_oom_error",
+    "l1_adaptive_proximal_",
     "l1_norm",
     "l1_proximal_",
     "l1_subgradient_",

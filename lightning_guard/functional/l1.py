@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["l1_norm", "l1_proximal_", "l1_subgradient_", "zero_count"]
+__all__ = ["l1_adaptive_proximal_", "l1_norm", "l1_proximal_", "l1_subgradient_", "zero_count"]
 
 
 @torch.no_grad()
@@ -51,6 +51,36 @@ def l1_proximal_(params: Sequence[torch.Tensor], threshold: float) -> None:
     clipped = torch._foreach_clamp_min(ws, -threshold)
     torch._foreach_clamp_max_(clipped, threshold)
     torch._foreach_sub_(ws, clipped)
+
+
+@torch.no_grad()
+def l1_adaptive_proximal_(
+    params: Sequence[torch.Tensor],
+    second_moments: Sequence[torch.Tensor],
+    threshold: float,
+    *,
+    bias_correction: float = 1.0,
+    eps: float = 1e-8,
+) -> None:
+    """Soft-threshold in place with Adam's per-coordinate step size (proximal Adam).
+
+    ``w <- sign(w) * max(|w| - t, 0)`` with ``t = threshold / (sqrt(v / bias_correction) + eps)``, ``v`` Adam's
+    second-moment estimate: the proximal operator of ``threshold * |w|`` in the metric Adam's update uses. A
+    coordinate whose gradients are small (large adaptive step) is thresholded hard; one with large gradients, lightly.
+    With plain L1 after an Adam step the threshold ``lr * lambda`` is tiny next to Adam's normalised updates, which
+    move every weight by about ``lr`` each step, so hardly any weight stays at 0.
+
+    Example:
+        >>> w = torch.tensor([0.5, 0.5])
+        >>> l1_adaptive_proximal_([w], [torch.tensor([1.0, 1e-4])], 0.01); w
+        tensor([0.4900, 0.0000])
+    """
+    if not params or threshold <= 0:
+        return
+    for w, v in zip(params, second_moments, strict=True):
+        t = threshold / ((v.float() / bias_correction).sqrt_().add_(eps))
+        w_ = w.detach()
+        w_.sub_(torch.maximum(torch.minimum(w_, t.to(w_.dtype)), -t.to(w_.dtype)))
 
 
 @torch.no_grad()
