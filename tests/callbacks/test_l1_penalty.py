@@ -187,7 +187,7 @@ def test_ramp_resumes_exactly(tmp_path):
     [
         ({"strength": -1.0}, r"`strength` must be a finite number >= 0, got -1.0"),
         ({"strength": float("nan")}, r"`strength` must be a finite number >= 0, got nan"),
-        ({"mode": "l2"}, r"`mode` must be one of \('subgradient', 'proximal'\), got 'l2'"),
+        ({"mode": "l2"}, r"`mode` must be one of \('subgradient', 'proximal', 'adaptive_proximal'\), got 'l2'"),
         ({"include": "body.*"}, r"`include` must be a list of name patterns or None, got 'body.\*'"),
         ({"exclude": [3]}, r"`exclude` must be a list of name patterns or None, got \[3\]"),
         ({"exclude_1d": "no"}, r"`exclude_1d` must be a bool, got 'no'"),
