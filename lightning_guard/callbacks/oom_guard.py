@@ -50,6 +50,10 @@ def _memory_lists(ranks: tuple[int, ...], memory: dict[int, dict[str, float]]) -
     return {k: [memory.get(r, {}).get(k, 0.0) for r in ranks] for k in present}
 
 
+def _error_text(exc: BaseException) -> str:
+    return " ".join(str(a) for a in exc.args)
+
+
 def _loss_of(out: Any) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
@@ -136,6 +140,7 @@ class OOMGuard(GuardCallback):
         self.split_eval = split_eval
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0
+        self._oom_text = ""  # the message of this rank's last out-of-memory error
         self._clean_steps = 0
         self._grow_wait = grow_after or 0
         self._growing_from: int | None = None
@@ -246,6 +251,7 @@ class OOMGuard(GuardCallback):
         return self.micro_batch_size is not None and self._batch_n > self.micro_batch_size
 
     def _note_oom(self, where: str, size: int) -> None:
+        """Record this rank's out-of-memory (the first one of the attempt)."""
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         if self._oom is None:
             self._oom = (where, size, memory_stats(device))
@@ -283,6 +289,7 @@ class OOMGuard(GuardCallback):
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
+                self._oom_text = _error_text(exc)
             else:
                 if self._mode == "last":
                     loss = _loss_of(out)
@@ -314,6 +321,7 @@ class OOMGuard(GuardCallback):
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
+                self._oom_text = _error_text(exc)
             self._note_oom("backward", self._current_size())
             raise _Retry(self._local_agreement())
         with self._track_reduced() as reduced:
@@ -322,6 +330,7 @@ class OOMGuard(GuardCallback):
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
+                self._oom_text = _error_text(exc)
                 self._note_oom("backward", self._current_size())
             if self._oom is not None and self._oom[0] == "backward":
                 self._complete_reduction(reduced())
@@ -426,6 +435,7 @@ class OOMGuard(GuardCallback):
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
+                self._oom_text = _error_text(exc)
                 self._note_oom(where, size)
             finally:
                 self._busy = False
@@ -508,6 +518,14 @@ class OOMGuard(GuardCallback):
             f"OOMGuard: out of memory at micro-batch size 1 on rank {list(ranks)} ({figures}): one sample does not "
             "fit; reduce the model, the sequence length or the precision, or shard the model"
         )
+        if "cudnn_status_not_supported" in self._oom_text.lower():
+            message = (
+                f"OOMGuard: cuDNN kept answering CUDNN_STATUS_NOT_SUPPORTED down to micro-batch size 1 on rank "
+                f"{list(ranks)}. cuDNN says this when its workspace does not fit, which is why the batch was halved, "
+                "but also for an input it has no kernel for (dtype, layout, shape): at one sample this is most "
+                "likely not an out-of-memory. Check the layer's input, or run with "
+                f"torch.backends.cudnn.enabled=False to see the real error. The error was: {self._oom_text[:500]}"
+            )
         data = {"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)}
         self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
         raise OOMGuardError(message, 1, ranks, memory)
@@ -553,6 +571,7 @@ class OOMGuard(GuardCallback):
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
+                self._oom_text = _error_text(exc)
             size = n
             self._eval_oom(stage, size)
             size = max(1, n // 2) if n > 1 else 0
@@ -568,6 +587,7 @@ class OOMGuard(GuardCallback):
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
+                    self._oom_text = _error_text(exc)
                     failed = True
                 if failed:
                     break

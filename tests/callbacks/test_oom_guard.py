@@ -180,6 +180,29 @@ def test_non_oom_errors_pass_through_untouched(tmp_path):
     assert _events(tmp_path) == []
 
 
+def test_cudnn_not_supported_down_to_one_sample_says_it_is_likely_not_memory(tmp_path):
+    """cuDNN answers NOT_SUPPORTED both when its workspace does not fit and when it has no kernel for an input: it was
+    halved down to a fatal "one sample does not fit". At one sample the error now says what it most likely is."""
+
+    class NoKernel(DigitsNet):
+        def forward(self, x):
+            raise RuntimeError(
+                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                "non-contiguous input."
+            )
+
+    tr, _ = digits_loaders(batch_size=4)
+    with pytest.raises(OOMGuardError) as err:
+        trainer(tmp_path, [OOMGuard()], max_steps=1).fit(NoKernel(), tr)
+    assert str(err.value).startswith(
+        "OOMGuard: cuDNN kept answering CUDNN_STATUS_NOT_SUPPORTED down to micro-batch size 1 on rank [0]. cuDNN says "
+        "this when its workspace does not fit, which is why the batch was halved, but also for an input it has no "
+        "kernel for (dtype, layout, shape): at one sample this is most likely not an out-of-memory."
+    )
+    assert "The error was: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear" in str(err.value)
+    assert [e["kind"] for e in _events(tmp_path)] == ["oom_retry", "oom_retry", "oom_fatal"]
+
+
 def test_out_of_memory_at_one_sample_raises_with_the_figures(tmp_path):
     tr, _ = digits_loaders(batch_size=4)
     t = trainer(tmp_path, [SimulatedOOM(0), OOMGuard()], max_steps=1)
