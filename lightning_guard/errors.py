@@ -27,10 +27,12 @@ class GradientExplosionError(GuardRuntimeError):
 
 
 class OOMGuardError(GuardRuntimeError):
-    """OOMGuard gave up: the device ran out of memory even at a micro-batch of one sample.
+    """OOMGuard gave up: out of memory at a micro-batch of one sample, or inside ``optimizer.step``.
+
+    Inside ``optimizer.step`` (the optimizer allocating its state) smaller micro-batches cannot help.
 
     Attributes:
-        micro_batch_size: the micro-batch size that failed (1).
+        micro_batch_size: the micro-batch size that failed (1, or the size in use for an optimizer-step OOM).
         ranks: the ranks that ran out of memory.
         memory: per failing rank, its allocated / reserved / peak memory in MiB (empty off CUDA).
     """

@@ -391,6 +391,10 @@ class OOMGuard(GuardCallback):
                 return inner(epoch, batch_idx, optimizer, closure, **kwargs)
             except _Retry as retry:
                 verdict = retry.agreement
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self._optimizer_oom(exc)  # forward and backward are caught inside: this is the optimizer's own step
             finally:
                 self._mode, self._hold_grads, self._last_part, self._earlier = "idle", False, None, None
             # outside the handler: the failed attempt's frames, graph and activations are unreachable now
@@ -505,6 +509,23 @@ class OOMGuard(GuardCallback):
             ranks=verdict.ranks,
             rank_zero_only=True,
         )
+
+    def _optimizer_oom(self, exc: BaseException) -> None:
+        """Out of memory inside ``optimizer.step`` (after backward): smaller micro-batches cannot help."""
+        trainer = self._trainer
+        assert trainer is not None
+        rank = trainer.global_rank
+        memory = {rank: memory_stats(trainer.strategy.root_device)}
+        message = (
+            f"OOMGuard: out of memory inside optimizer.step on rank {rank}, after backward (the optimizer allocating "
+            "its state or a workspace: AdamW keeps two fp32 copies of every parameter): smaller micro-batches cannot "
+            "help. Use a leaner optimizer (8-bit AdamW, Adafactor), shard the optimizer state (FSDP, DeepSpeed ZeRO) "
+            f"or a smaller model. The error was: {_error_text(exc)[:500]}"
+        )
+        data = {"where": "optimizer_step", "oom_ranks": [rank], **_memory_lists((rank,), memory)}
+        # this rank alone knows: its event is forwarded with the next exchange, or dumped by on_exception
+        self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=(rank,))
+        raise OOMGuardError(message, self._current_size(), (rank,), memory) from exc
 
     def _fatal(self, ranks: tuple[int, ...], memory: dict[int, dict[str, float]]) -> None:
         trainer = self._trainer

@@ -203,6 +203,32 @@ def test_cudnn_not_supported_down_to_one_sample_says_it_is_likely_not_memory(tmp
     assert [e["kind"] for e in _events(tmp_path)] == ["oom_retry", "oom_retry", "oom_fatal"]
 
 
+def test_out_of_memory_inside_the_optimizer_step_is_reported_not_retried(tmp_path):
+    """Adam allocating its state at the first step ran out of memory: the raw error escaped with no event. Halving the
+    micro-batch cannot help there: an oom_fatal event says so, and OOMGuardError carries it."""
+
+    class StateHungry(torch.optim.AdamW):
+        def step(self, closure=None):
+            loss = closure() if closure is not None else None  # forward and backward go through
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return loss
+
+    class Net(DigitsNet):
+        def configure_optimizers(self):
+            return StateHungry(self.parameters(), lr=1e-3)
+
+    tr, _ = digits_loaders(batch_size=8)
+    with pytest.raises(OOMGuardError) as err:
+        trainer(tmp_path, [OOMGuard()], max_steps=1).fit(Net(), tr)
+    assert str(err.value).startswith(
+        "OOMGuard: out of memory inside optimizer.step on rank 0, after backward (the optimizer allocating its state "
+        "or a workspace: AdamW keeps two fp32 copies of every parameter): smaller micro-batches cannot help."
+    )
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+    (event,) = _events(tmp_path)
+    assert (event["kind"], event["data"]["where"]) == ("oom_fatal", "optimizer_step")
+
+
 def test_out_of_memory_at_one_sample_raises_with_the_figures(tmp_path):
     tr, _ = digits_loaders(batch_size=4)
     t = trainer(tmp_path, [SimulatedOOM(0), OOMGuard()], max_steps=1)
