@@ -154,12 +154,17 @@ def combine_outputs(outputs: Sequence[Any], sizes: Sequence[int]) -> Any:
     """Recombine the outputs of the micro-batches of one evaluation batch into the whole batch's output.
 
     Tensors with a batch dimension are concatenated; floating-point scalars (tensors or floats) are averaged weighted
-    by micro-batch size (a mean over the samples); integer scalars (counts) are summed; dicts, lists, tuples and
-    dataclasses are combined field by field; ``None`` stays ``None``; any other value is taken from the last part.
+    by micro-batch size (a mean over the samples); integer scalars (counts) are summed; lists with one entry per
+    sample in every part (a list as long as its micro-batch, or a tuple of plain values such as names) are
+    concatenated; dicts, other lists and tuples, namedtuples and dataclasses are combined field by field; ``None``
+    stays ``None``; any other value is taken from the last part. A list of *fields* exactly as long as every
+    micro-batch reads as per-sample: return a tuple for fields.
 
     Example:
         >>> combine_outputs([{"loss": torch.tensor(1.0), "n": 2}, {"loss": torch.tensor(4.0), "n": 1}], [2, 1])
         {'loss': tensor(2.), 'n': 3}
+        >>> combine_outputs([["a", "b"], ["c"]], [2, 1])
+        ['a', 'b', 'c']
     """
     first = outputs[0]
     total = float(sum(sizes))
@@ -183,6 +188,11 @@ def combine_outputs(outputs: Sequence[Any], sizes: Sequence[int]) -> Any:
         return type(first)({k: combine_outputs([o[k] for o in outputs], sizes) for k in first})  # type: ignore[call-arg]
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first))))
+    per_sample = all(isinstance(o, list) and len(o) == n for o, n in zip(outputs, sizes, strict=True)) or all(
+        _is_leaf_sequence(o, n) for o, n in zip(outputs, sizes, strict=True)
+    )
+    if per_sample and len(outputs) > 1:  # one entry per sample (names, per-image dicts): the parts are concatenated
+        return type(first)(x for o in outputs for x in o)
     if isinstance(first, list | tuple):
         return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
     if dataclasses.is_dataclass(first) and not isinstance(first, type):

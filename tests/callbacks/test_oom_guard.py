@@ -323,7 +323,8 @@ class EvalOOMNet(DigitsNet):
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         if batch[0].shape[0] > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (test)")
-        return {"logits": self(batch[0]), "n": batch[0].shape[0]}
+        names = [f"sample {int(v)}" for v in batch[1]]  # per-sample values that are no tensor
+        return {"logits": self(batch[0]), "n": batch[0].shape[0], "names": names, "pairs": [(n, 1) for n in names]}
 
     def validation_step(self, batch, batch_idx):
         if batch[0].shape[0] > self.limit:
@@ -342,6 +343,8 @@ def test_predict_splitting_gives_identical_outputs(tmp_path):
     for a, b in zip(plain, split, strict=True):
         assert torch.equal(a["logits"], b["logits"])
         assert a["n"] == b["n"]
+        assert a["names"] == b["names"]  # per-sample lists: 32 names became 16 before
+        assert a["pairs"] == b["pairs"]
     assert guard.eval_micro_batch_size == {"predict": 4}
 
 
