@@ -251,8 +251,13 @@ class OOMGuard(GuardCallback):
         return self.micro_batch_size is not None and self._batch_n > self.micro_batch_size
 
     def _note_oom(self, where: str, size: int) -> None:
-        """Record this rank's out-of-memory (the first one of the attempt)."""
+        """Record this rank's out-of-memory (the first one of the attempt).
+
+        The size recorded is the micro-batch size in force, not the failing part's: the short last part of a batch
+        (50 in parts of 12 ends with 2) must not make the next size 1.
+        """
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        size = max(size, self._current_size())
         if self._oom is None:
             self._oom = (where, size, memory_stats(device))
 

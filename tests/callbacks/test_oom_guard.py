@@ -480,3 +480,24 @@ def test_ddp_fatal_on_rank_1_only_stops_every_rank(tmp_path):
         trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=2).fit(DigitsNet(), tr)
     events = _events(tmp_path)
     assert [(e["kind"], e["ranks"]) for e in events] == [("oom_retry", [1]), ("oom_retry", [1]), ("oom_fatal", [1])]
+
+
+def test_an_oom_in_the_short_last_micro_batch_halves_the_configured_size(tmp_path):
+    """Batch 50 in micro-batches of 12 (12, 12, 12, 12, 2): an OOM in the last, short one halved *its* size (2 -> 1)
+    instead of the configured 12, and the next such OOM ended training."""
+
+    class ShortTailOOM(DigitsNet):
+        fired = 0
+
+        def training_step(self, batch, batch_idx):
+            if batch[0].shape[0] == 2 and self.fired < 1:
+                type(self).fired += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (test)")
+            return super().training_step(batch, batch_idx)
+
+    tr, _ = digits_loaders(n_train=100, batch_size=50)
+    guard = OOMGuard(micro_batch_size=12)
+    trainer(tmp_path, [guard], max_steps=2).fit(ShortTailOOM(), tr)
+    (retry,) = [e for e in _events(tmp_path) if e["kind"] == "oom_retry"]
+    assert (retry["data"]["old_micro_batch_size"], retry["data"]["new_micro_batch_size"]) == (12, 6)
+    assert guard.micro_batch_size == 6
