@@ -266,13 +266,8 @@ class GuardRuntime:
 
     def _restore_lrs(self, idx: int, optimizer: torch.optim.Optimizer) -> None:
         saved = self._saved_lrs.pop(idx, None)
-        if saved is None:
-            return
-        for group, lr in zip(optimizer.param_groups, saved, strict=False):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].copy_(lr)
-            else:
-                group["lr"] = lr
+        if saved is not None:
+            set_group_lrs(optimizer, saved)
 
     def _make_post_hook(self, idx: int) -> Callable[..., None]:
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -330,6 +325,15 @@ class GuardRuntime:
         if self._optimizers:
             self.applied_steps = list(self._restored_steps) + [0] * (len(self._optimizers) - len(self._restored_steps))
         self.events.load_state_dict(state.get("events", {}))
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lrs: list[Any]) -> None:
+    """Set each param group's LR, in place for a tensor LR (a fused optimizer keeps a reference to it)."""
+    for group, lr in zip(optimizer.param_groups, lrs, strict=False):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].copy_(lr)
+        else:
+            group["lr"] = lr
 
 
 def _lr_copy(value: Any) -> float | torch.Tensor:

@@ -76,21 +76,20 @@ def _sampler_indices(loader: Any) -> list[int] | None:
     """
     batch_sampler = getattr(loader, "batch_sampler", None)
     sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
-    # A RandomSampler or a weighted sampler without its own generator draws from torch's global one: drawing here
-    # must not change the order training will see.
-    with torch.random.fork_rng(devices=[]):
-        try:
-            if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-                # Its padding repeats samples so that every rank gets as many: position r + k * R of the padded list
-                # is rank r's k-th index, padding from len(dataset) on. Counted once, the ranks add up exactly.
-                n, rank, replicas = len(sampler.dataset), sampler.rank, sampler.num_replicas  # type: ignore[arg-type]
-                return [int(i) for k, i in enumerate(sampler) if rank + k * replicas < n]
-            if sampler is not None:
-                return [int(i) for i in sampler]
-            if batch_sampler is not None:
-                return [int(i) for batch in batch_sampler for i in batch]
-        except TypeError:  # an iterable dataset's dummy sampler, or one yielding other things than indices
-            return None
+    # The caller (`ClassBalance._collect`) restores torch's global generator and the loader's own ones: a
+    # RandomSampler or a weighted sampler drawing here must not change the order training will see.
+    try:
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            # Its padding repeats samples so that every rank gets as many: position r + k * R of the padded list
+            # is rank r's k-th index, padding from len(dataset) on. Counted once, the ranks add up exactly.
+            n, rank, replicas = len(sampler.dataset), sampler.rank, sampler.num_replicas  # type: ignore[arg-type]
+            return [int(i) for k, i in enumerate(sampler) if rank + k * replicas < n]
+        if sampler is not None:
+            return [int(i) for i in sampler]
+        if batch_sampler is not None:
+            return [int(i) for batch in batch_sampler for i in batch]
+    except TypeError:  # an iterable dataset's dummy sampler, or one yielding other things than indices
+        return None
     return None
 
 

@@ -12,7 +12,7 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number
-from lightning_guard._runtime import StepOutcome
+from lightning_guard._runtime import StepOutcome, _lr_copy, set_group_lrs
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.distributed import agree, all_reduce_sum
@@ -752,11 +752,7 @@ class GradientGuard(GuardCallback):
         for cfg, state in zip(trainer.lr_scheduler_configs, schedulers or [], strict=False):
             cfg.scheduler.load_state_dict(copy.deepcopy(state))
         for opt, group_lrs in zip(trainer.optimizers, lrs or [], strict=False):
-            for group, lr in zip(opt.param_groups, group_lrs, strict=False):
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].copy_(lr)
-                else:
-                    group["lr"] = lr
+            set_group_lrs(opt, group_lrs)
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, into: Snapshot) -> None:
         into.capture(
@@ -871,7 +867,3 @@ class GradientGuard(GuardCallback):
         self._counts = dict(state_dict.get("counts", {}))
         self._last_capture_applied = int(state_dict.get("last_capture_applied", -1))
         self._loaded_snapshot_step = int(state_dict.get("snapshot_step", -1))
-
-
-def _lr_copy(lr: Any) -> Any:
-    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
