@@ -528,8 +528,10 @@ class OOMGuard(GuardCallback):
             f"or a smaller model. The error was: {_error_text(exc)[:500]}"
         )
         data = {"where": "optimizer_step", "oom_ranks": [rank], **_memory_lists((rank,), memory)}
-        # this rank alone knows: its event is forwarded with the next exchange, or dumped by on_exception
+        # This rank alone knows, and it is about to fail: its event goes to disk now (a ddp_spawn worker that raises
+        # runs no on_exception hook to dump it later).
         self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=(rank,))
+        self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), memory) from exc
 
     def _fatal(self, ranks: tuple[int, ...], memory: dict[int, dict[str, float]]) -> None:

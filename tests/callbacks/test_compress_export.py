@@ -248,3 +248,14 @@ def test_a_failed_export_leaves_the_trained_run_alone_unless_strict(tmp_path):
         trainer(tmp_path, [CompressExport(monitor="val_f1", mode="max", strict=True)], max_epochs=1).fit(
             DigitsNet(), tr, va
         )
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_a_failure_on_rank_0_is_an_event_and_every_rank_returns(tmp_path):
+    """Without strict, rank 0's failed compression is an export_failed event; no rank raises or waits."""
+    tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
+    t = trainer(tmp_path, [CompressExport(monitor="val_f1", mode="max")], devices=2, strategy="ddp_spawn", max_epochs=1)
+    t.fit(DigitsNet(), tr, va)
+    kinds = [e["kind"] for e in _events(tmp_path / EVENTS_FILENAME)]
+    assert kinds.count("export_failed") == 1

@@ -355,6 +355,8 @@ def test_refuses_trainer_clipping_together_with_its_own(tmp_path):
     [
         ({"spike_action": "drop"}, r"`spike_action` must be one of \('clip', 'skip', 'warn'\), got 'drop'"),
         ({"z_threshold": 0}, r"`z_threshold` must be a number > 0.0, got 0"),
+        ({"min_ratio": 0.5}, r"`min_ratio` must be a number >= 1.0, got 0.5"),
+        ({"loss_min_rise": -0.1}, r"`loss_min_rise` must be a number >= 0.0, got -0.1"),
         ({"warmup_steps": 0}, r"`warmup_steps` must be an int >= 1, got 0"),
         ({"ema_alpha": 1.0}, r"`ema_alpha` must be a number > 0.0 and < 1.0, got 1.0"),
         ({"ema_alpha": 1.5}, r"`ema_alpha` must be a number > 0.0 and <= 1.0, got 1.5"),

@@ -501,3 +501,30 @@ def test_an_oom_in_the_short_last_micro_batch_halves_the_configured_size(tmp_pat
     (retry,) = [e for e in _events(tmp_path) if e["kind"] == "oom_retry"]
     assert (retry["data"]["old_micro_batch_size"], retry["data"]["new_micro_batch_size"]) == (12, 6)
     assert guard.micro_batch_size == 6
+
+
+class StateHungryOnRank1(torch.optim.AdamW):
+    def step(self, closure=None):
+        if closure is not None:
+            closure()
+        if torch.distributed.get_rank() == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (rank 1)")
+        return super().step()
+
+
+class HungryNet(DigitsNet):
+    def configure_optimizers(self):
+        return StateHungryOnRank1(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_ddp_optimizer_step_oom_on_one_rank_ends_the_run_with_its_event(tmp_path):
+    """Rank 1 alone runs out of memory inside optimizer.step: the run ends (no rank left waiting forever) with the
+    OOMGuardError, and rank 1's oom_fatal event is on disk."""
+    tr, _ = digits_loaders(batch_size=8)
+    t = trainer(tmp_path, [OOMGuard()], devices=2, strategy="ddp_spawn", max_steps=3)
+    with pytest.raises(Exception, match=r"out of memory inside optimizer\.step on rank 1"):
+        t.fit(HungryNet(), tr)
+    events = [e for p in tmp_path.rglob("guard_events*.jsonl") for e in read_jsonl(p)]
+    assert [(e["kind"], e["data"]["where"]) for e in events if e["guard"] == "oom"] == [("oom_fatal", "optimizer_step")]
