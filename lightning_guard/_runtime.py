@@ -245,13 +245,9 @@ class GuardRuntime:
         if saved is None:
             if scale == 1.0:
                 return
-            saved = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+            saved = [_lr_copy(g["lr"]) for g in optimizer.param_groups]
             self._saved_lrs[idx] = saved
-        for group, lr in zip(optimizer.param_groups, saved, strict=False):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].copy_(lr * scale)
-            else:
-                group["lr"] = lr * scale
+        set_group_lrs(optimizer, [lr * scale for lr in saved])
 
     def forget_step_lrs(self, optimizer_idx: int) -> None:
         """Drop the LRs saved for this step (after a rollback loaded the optimizer's own param groups)."""
