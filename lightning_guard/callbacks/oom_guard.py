@@ -5,19 +5,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 import torch
+import torchmetrics
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer import call
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
+from lightning_guard._fence import AT_END, FAILED, FenceAbort, FenceTimeout, StepFence
 from lightning_guard._wrapping import takes_batch_idx, wraps_method
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.distributed import Agreement, agree
+from lightning_guard.distributed import Agreement
 from lightning_guard.errors import GuardConfigError, OOMGuardError
 from lightning_guard.functional.oom import (
     batch_size,
@@ -35,6 +37,7 @@ _CODE = {"forward": 1.0, "backward": 2.0}
 _MEM_KEYS = ("allocated_mib", "reserved_mib", "peak_mib")
 _MARK = "_lightning_guard_original"
 _EVAL_HOOKS = {"validation_step": "validate", "test_step": "test", "predict_step": "predict"}
+_AFTER_BACKWARD = 4.0  # a fence place: the agreement after the backward of the step's last part
 
 
 class _Retry(Exception):
@@ -65,6 +68,154 @@ def _loss_of(out: Any) -> torch.Tensor | None:
 
 def _with_loss(out: Any, loss: torch.Tensor) -> Any:
     return {**out, "loss": loss} if isinstance(out, dict) else loss
+
+
+def _sequences_of_mappings(batch: Any, path: str = "batch") -> str | None:
+    """The path of a list/tuple of dicts inside ``batch`` (per-sample items from a custom ``collate_fn``), if any."""
+    if isinstance(batch, Mapping):
+        items: Any = ((f"{path}[{k!r}]", v) for k, v in batch.items())
+    elif isinstance(batch, list | tuple):
+        if batch and all(isinstance(v, Mapping) for v in batch):
+            return path
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(batch))
+    else:
+        return None
+    for sub, value in items:
+        found = _sequences_of_mappings(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _default_split(module: Any) -> bool:
+    """True when the module's ``split_batch`` is GuardMixin's default (the functional split), not its own."""
+    from lightning_guard.mixin import GuardMixin
+
+    method = getattr(type(module), "split_batch", None)
+    return method is GuardMixin.split_batch
+
+
+class _AttemptState:
+    """What one attempt at a batch changes besides the gradients, taken before it so a failed attempt leaves no trace.
+
+    * persistent buffers of the module (BatchNorm's running statistics and ``num_batches_tracked``), cloned;
+    * the states of every torchmetrics ``Metric`` in the module (tensors cloned; list states by length, since an
+      update only appends), with their update counts and caches;
+    * the values Lightning accumulated for ``self.log`` (references: Lightning rebinds them, never writes in place);
+    * whatever the module's ``oom_attempt_state()`` returns, handed back to its ``restore_oom_attempt_state(state)``.
+    """
+
+    def __init__(self, module: torch.nn.Module, results: Any, buffers: bool = True) -> None:
+        self.buffers = [
+            (buf, buf.detach().clone())
+            for mod in (module.modules() if buffers else ())
+            for name, buf in mod._buffers.items()
+            if buf is not None and name not in mod._non_persistent_buffers_set
+        ]
+        self.metrics: list[tuple[Any, dict[str, Any], tuple[Any, ...]]] = []
+        for mod in module.modules():
+            if isinstance(mod, torchmetrics.Metric):
+                states = {}
+                for name in mod._defaults:
+                    value = getattr(mod, name)
+                    states[name] = (value, len(value)) if isinstance(value, list) else value.detach().clone()
+                extra = (mod._update_count, mod._computed, mod._forward_cache)
+                self.metrics.append((mod, states, extra))
+        self.results = results
+        self.logged: dict[str, tuple[Any, ...]] = {}
+        if results is not None:
+            for key, rm in results.items():
+                self.logged[key] = (
+                    rm.value,
+                    getattr(rm, "cumulated_batch_size", None),
+                    rm._forward_cache,
+                    rm._update_count,
+                    rm._computed,
+                    rm.has_reset,
+                )
+        capture = getattr(module, "oom_attempt_state", None)
+        self.module = module
+        self.user = capture() if callable(capture) else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+        for mod, states, (count, computed, cache) in self.metrics:
+            for name, saved in states.items():
+                if isinstance(saved, tuple):
+                    values, n = saved
+                    del values[n:]
+                    setattr(mod, name, values)
+                else:
+                    setattr(mod, name, saved.clone())
+            mod._update_count, mod._computed, mod._forward_cache = count, computed, cache
+        if self.results is not None:
+            for key in [k for k in self.results if k not in self.logged]:
+                del self.results[key]
+            for key, (value, cumulated, cache, count, computed, has_reset) in self.logged.items():
+                rm = self.results[key]
+                rm.value = value
+                if cumulated is not None:
+                    rm.cumulated_batch_size = cumulated
+                rm._forward_cache, rm._update_count, rm._computed, rm.has_reset = cache, count, computed, has_reset
+        restore = getattr(self.module, "restore_oom_attempt_state", None)
+        if callable(restore):
+            restore(self.user)
+
+
+class _PartLog:
+    """Makes ``self.log`` in the micro-batches of one split batch add up to what the whole batch would have logged.
+
+    Before each part, Lightning's batch is set to the part (so an inferred ``batch_size`` weighs the epoch mean by
+    the part's samples); after the last one, each value logged ``on_step`` is combined over the parts (a mean weighted
+    by samples, a sum, a max or a min, by its ``reduce_fx``) instead of keeping the last part's.
+    """
+
+    def __init__(self, results: Any, batch: Any) -> None:
+        self.results = results
+        self.batch = batch
+        self.parts: dict[str, list[tuple[torch.Tensor, float]]] = {}
+        self._before: dict[str, Any] = {}
+
+    def enter(self, part: Any) -> None:
+        if self.results is None:
+            return
+        self.results.batch, self.results.batch_size = part, None
+        self._before = {k: rm._forward_cache for k, rm in self.results.items()}
+
+    def leave(self, weight: float) -> None:
+        if self.results is None:
+            return
+        for key, rm in self.results.items():
+            cache = rm._forward_cache
+            if rm.is_tensor and rm.meta.on_step and cache is not None and cache is not self._before.get(key):
+                self.parts.setdefault(key, []).append((cache, weight))
+
+    def finish(self) -> None:
+        if self.results is None:
+            return
+        self.results.batch, self.results.batch_size = self.batch, None
+        for key, values in self.parts.items():
+            rm = self.results.get(key)
+            if rm is None or len(values) < 2:
+                continue
+            stacked = torch.stack([v for v, _ in values])
+            if rm.meta.is_mean_reduction:
+                weights = torch.tensor([w for _, w in values], dtype=stacked.dtype, device=stacked.device)
+                combined = (stacked * weights).sum() / weights.sum()
+            elif rm.meta.is_sum_reduction:
+                combined = stacked.sum()
+            elif rm.meta.is_max_reduction:
+                combined = stacked.max()
+            elif rm.meta.is_min_reduction:
+                combined = stacked.min()
+            else:
+                continue
+            rm._forward_cache = combined
+            if not rm.meta.on_epoch:
+                rm.value = combined
+        self.parts = {}
 
 
 class OOMGuard(GuardCallback):
@@ -126,6 +277,7 @@ class OOMGuard(GuardCallback):
         grow_after: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         split_eval: bool = True,
+        collective_timeout: float = 300.0,
     ) -> None:
         super().__init__()
         check_int("micro_batch_size", micro_batch_size, low=1, optional=True)
@@ -137,7 +289,16 @@ class OOMGuard(GuardCallback):
         self.micro_batch_size = micro_batch_size
         self.grow_after = grow_after
         self.loss_reduction = loss_reduction
+        if (
+            isinstance(collective_timeout, bool)
+            or not isinstance(collective_timeout, int | float)
+            or not (collective_timeout > 0)
+        ):
+            raise GuardConfigError(f"`collective_timeout` must be a number of seconds > 0, got {collective_timeout!r}")
         self.split_eval = split_eval
+        self.collective_timeout = float(collective_timeout)
+        self._fence = StepFence(self.collective_timeout, payload_size=len(_MEM_KEYS) + 2)
+        self._checked_batch = False
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0
         self._oom_text = ""  # the message of this rank's last out-of-memory error
@@ -152,12 +313,14 @@ class OOMGuard(GuardCallback):
         self._batch: Any = None
         self._batch_n = -1  # its size (dim 0), read once per batch
         self._busy = False  # inside one of our own calls: nested wrappers pass through
-        self._mode: Literal["idle", "last", "dummy"] = "idle"
+        self._mode: Literal["idle", "last"] = "idle"
         self._last_part: Any = None
         self._last_share = 1.0
         self._earlier: torch.Tensor | None = None
         self._hold_grads = False
         self._oom: tuple[str, int, dict[str, float]] | None = None  # this rank's failure in this attempt
+        self._abandoned: Agreement | None = None  # the ranks agreed to drop this attempt before its backward
+        self._part_log: _PartLog | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -167,6 +330,9 @@ class OOMGuard(GuardCallback):
             self._check_trainer(trainer, pl_module)
             for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
                 self._install(pl_module, name)
+            self._checked_batch = False
+            if trainer.world_size > 1:
+                self._fence.setup()  # every rank, at the same point: creating a group is a collective
         if self.split_eval:
             for name in _EVAL_HOOKS:
                 self._install(pl_module, name)
@@ -236,8 +402,49 @@ class OOMGuard(GuardCallback):
         # outermost, so that a fault injector installed after us still raises inside our handling
         self._install(pl_module, "training_step")
         self._reset_step()
-        self._batch, self._batch_n = batch, batch_size(batch)
+        if not self._checked_batch:
+            self._check_batch(pl_module, batch)
+            self._checked_batch = True
+        self._batch, self._batch_n = batch, self._samples(batch)
         self._largest_batch = max(self._largest_batch, self._batch_n)
+
+    # ------------------------------------------------------------------ the batch protocol
+    def _samples(self, batch: Any) -> int:
+        hook = getattr(self._module() if self._trainer is not None else None, "batch_samples", None)
+        return int(hook(batch)) if callable(hook) else batch_size(batch)
+
+    def _weight(self, batch: Any) -> float:
+        hook = getattr(self._module(), "loss_weight", None)
+        return float(hook(batch)) if callable(hook) else float(self._samples(batch))
+
+    def _check_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """At the first batch, not at the first out-of-memory hours later: can this batch be measured and split?"""
+        kind = type(batch).__name__
+        own_split = callable(getattr(pl_module, "split_batch", None)) and not _default_split(pl_module)
+        n = self._samples(batch)
+        if n < 1:
+            raise GuardConfigError(
+                f"OOMGuard cannot tell how many samples a batch of type {kind} holds (it found no tensor with a batch "
+                "dimension): implement `batch_samples(batch) -> int` and `split_batch(batch, micro_batch_size)` on "
+                "the LightningModule (see the OOMGuard docs, 'Custom batches')"
+            )
+        if not own_split:
+            where = _sequences_of_mappings(batch)
+            if where is not None:
+                raise GuardConfigError(
+                    f"OOMGuard cannot split this batch safely: {where} is a list of dicts (per-sample items from a "
+                    "custom `collate_fn`, e.g. detection targets), which the default split cannot tell from batched "
+                    "fields; implement `split_batch(batch, micro_batch_size)` and `batch_samples(batch) -> int` on "
+                    "the LightningModule"
+                )
+        if n > 1:
+            parts = self._split(batch, max(1, n // 2))
+            sizes = [self._samples(p) for p in parts]
+            if sum(sizes) != n or min(sizes) < 1:
+                raise GuardConfigError(
+                    f"OOMGuard: splitting a batch of {n} samples into halves gave parts of {sizes} samples; "
+                    "`split_batch` and `batch_samples` must agree (every sample in exactly one part)"
+                )
 
     @property
     def _distributed(self) -> bool:
@@ -278,39 +485,114 @@ class OOMGuard(GuardCallback):
     def _wrapped_training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._busy:
             return inner(*args, **kwargs)
-        pl_module = self._module()
-        self._busy = True
-        try:
-            if self._mode == "dummy":
-                return self._dummy_loss(pl_module)
-            if self._mode == "last":
-                if args:
-                    args = (self._last_part, *args[1:])
-                else:
-                    kwargs = {**kwargs, "batch": self._last_part}
-            size = batch_size(args[0] if args else kwargs.get("batch"))
-            try:
-                out = inner(*args, **kwargs)
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                self._oom_text = _error_text(exc)
+        if self._mode == "last":
+            if args:
+                args = (self._last_part, *args[1:])
             else:
-                if self._mode == "last":
-                    loss = _loss_of(out)
-                    if loss is not None:
-                        total = loss * self._last_share
-                        if self._earlier is not None:
-                            total = total + self._earlier.to(total.dtype)
-                        out = _with_loss(out, total)
-                return out
-            # out of memory in forward; the exception and the frames it held are gone here
-            self._note_oom("forward", size)
-            if not self._distributed:
-                raise _Retry(self._local_agreement())
-            return self._dummy_loss(pl_module)  # the others are about to all-reduce: take part with zeros
+                kwargs = {**kwargs, "batch": self._last_part}
+        part = args[0] if args else kwargs.get("batch")
+        out = self._guarded_step(lambda: inner(*args, **kwargs), part, synced=True)
+        if self._mode == "last":
+            loss = _loss_of(out)
+            if loss is not None:
+                total = loss * self._last_share
+                if self._earlier is not None:
+                    total = total + self._earlier.to(total.dtype)
+                out = _with_loss(out, total)
+        return out
+
+    def _guarded_step(self, step: Callable[[], Any], part: Any, synced: bool) -> Any:
+        """Run one ``training_step`` call; on out-of-memory here (or, under DDP, on any rank) abandon the attempt.
+
+        Under DDP the call runs inside the fence: every collective it issues is preceded by an agreement, and one
+        ends it, so a rank that failed meets the others at their next agreement and no rank is left inside a
+        collective. An abandoned call raises ``_Retry`` (``synced=False``: a micro-batch under ``no_sync``, where DDP
+        expects no backward) or returns a zero loss whose backward completes DDP's armed all-reduce and then raises.
+        """
+        pl_module = self._module()
+        size = self._samples(part)
+        log = self._part_log
+        if log is not None:
+            log.enter(part)
+        self._busy = True
+        rows: list[list[float]] | None = None
+        try:
+            if self._oom is not None:  # this rank failed earlier in the attempt (a micro-batch's backward)
+                rows = self._agree_fence(FAILED)
+            else:
+                try:
+                    with self._fence.watching():
+                        out = step()
+                except FenceAbort as abort:
+                    rows = abort.rows
+                except Exception as exc:
+                    if not is_oom_error(exc):
+                        raise
+                    self._oom_text = _error_text(exc)
+                    self._note_oom("forward", size)
+                    if not self._fence.active:
+                        raise _Retry(self._local_agreement()) from None
+                    rows = self._agree_fence(FAILED)
+                else:
+                    if not self._fence.active:
+                        if log is not None:
+                            log.leave(self._weight(part))
+                        return out
+                    rows = self._agree_fence(AT_END)
+                    if not StepFence.failed(rows):
+                        if log is not None:
+                            log.leave(self._weight(part))
+                        return out
+                    del out
         finally:
             self._busy = False
+        verdict = self._fence_verdict(rows)
+        if not synced:
+            raise _Retry(verdict)
+        self._abandoned = verdict
+        return self._dummy_loss(pl_module)  # every rank: DDP armed its all-reduce in this forward
+
+    def _agree_fence(self, place: float) -> list[list[float]]:
+        try:
+            rows = self._fence.agree(place, list(self._payload()))
+        except FenceTimeout as exc:
+            self._fence_timed_out(place, exc)
+        if not StepFence.failed(rows) and len({r[0] for r in rows}) > 1:
+            raise OOMGuardError(
+                f"OOMGuard: the ranks are out of step inside training_step ({StepFence.describe(rows)}): the step "
+                "issues a different number of collectives on different ranks (a collective under a data-dependent "
+                "condition, or micro-batch counts that differ because the ranks' batches differ in size)",
+                self._current_size(),
+                tuple(range(len(rows))),
+                {},
+            )
+        return rows
+
+    def _fence_timed_out(self, place: float, exc: BaseException) -> NoReturn:
+        trainer = self._trainer
+        assert trainer is not None
+        rank = trainer.global_rank
+        if place == FAILED:
+            cause = (
+                f"rank {rank} ran out of memory and waited {self.collective_timeout:.0f} s for the other ranks to "
+                "reach OOMGuard's agreement. They are most likely blocked inside a collective of your training_step "
+                "that OOMGuard cannot see (a collective function imported before the fit, `torch.distributed."
+                "_functional_collectives`, a compiled graph's or a C++ extension's collective): call collectives as "
+                "`torch.distributed.<name>` or through Lightning (`self.log(sync_dist=True)`, `self.all_gather`)"
+            )
+        else:
+            cause = (
+                f"rank {rank} waited {self.collective_timeout:.0f} s at OOMGuard's agreement for the other ranks "
+                "(a rank that crashed or is stalled, or a step slower than `collective_timeout` on some rank)"
+            )
+        message = f"OOMGuard: {cause}. The error was: {_error_text(exc)[:300]}"
+        self._emit(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
+        self.runtime(trainer).events.dump_outbox()
+        raise OOMGuardError(message, self._current_size(), (rank,), {}) from exc
+
+    def _fence_verdict(self, rows: list[list[float]] | None) -> Agreement:
+        assert rows is not None
+        return Agreement(tuple(r[0] == FAILED for r in rows), tuple(tuple(r[1:]) for r in rows))
 
     def _wrapped_optimizer_zero_grad(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._hold_grads:
@@ -320,6 +602,9 @@ class OOMGuard(GuardCallback):
     def _wrapped_backward(self, inner: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self._busy:
             return inner(loss, *args, **kwargs)
+        if self._abandoned is not None:  # the zero loss of an abandoned attempt: complete DDP's all-reduce, re-run
+            inner(loss, *args, **kwargs)
+            raise _Retry(self._abandoned)
         if not self._distributed:
             try:
                 return inner(loss, *args, **kwargs)
@@ -339,10 +624,9 @@ class OOMGuard(GuardCallback):
                 self._note_oom("backward", self._current_size())
             if self._oom is not None and self._oom[0] == "backward":
                 self._complete_reduction(reduced())
-        assert self._trainer is not None
-        verdict = agree(self._trainer, self._oom is not None, torch.tensor(self._payload()))
-        if verdict.any:
-            raise _Retry(verdict)
+        rows = self._agree_fence(FAILED if self._oom is not None else _AFTER_BACKWARD)
+        if StepFence.failed(rows):
+            raise _Retry(self._fence_verdict(rows))
         return None
 
     @contextlib.contextmanager
@@ -387,13 +671,21 @@ class OOMGuard(GuardCallback):
     ) -> Any:
         if optimizer_closure is None or self._batch is None:
             return inner(epoch, batch_idx, optimizer, optimizer_closure, **kwargs)
+        trainer = self._trainer
+        assert trainer is not None
+        attempt = _AttemptState(self._module(), trainer._results)
         while True:
-            self._oom = None
+            self._oom, self._abandoned = None, None
             closure = optimizer_closure
+            self._part_log = None
             if self._chunked():
                 closure = functools.partial(self._run_chunks, optimizer_closure, optimizer, epoch, batch_idx)
+                self._part_log = _PartLog(trainer._results, self._batch)
             try:
-                return inner(epoch, batch_idx, optimizer, closure, **kwargs)
+                result = inner(epoch, batch_idx, optimizer, closure, **kwargs)
+                if self._part_log is not None:
+                    self._part_log.finish()
+                return result
             except _Retry as retry:
                 verdict = retry.agreement
             except Exception as exc:
@@ -403,6 +695,9 @@ class OOMGuard(GuardCallback):
             finally:
                 self._mode, self._hold_grads, self._last_part, self._earlier = "idle", False, None, None
             # outside the handler: the failed attempt's frames, graph and activations are unreachable now
+            if self._part_log is not None:
+                self._part_log.finish()
+            attempt.restore()  # buffers, metrics and logged values as before the failed attempt
             self._recover(optimizer, verdict)
 
     def _split(self, batch: Any, size: int) -> list[Any]:
@@ -417,9 +712,9 @@ class OOMGuard(GuardCallback):
         assert trainer is not None
         assert self.micro_batch_size is not None
         parts = self._split(self._batch, self.micro_batch_size)
-        sizes = [batch_size(p) for p in parts]
-        total = float(sum(sizes))
-        shares = [n / total if self.loss_reduction == "mean" else 1.0 for n in sizes]
+        weights = [self._weight(p) for p in parts]
+        total = float(sum(weights))
+        shares = [w / total if self.loss_reduction == "mean" else 1.0 for w in weights]
         self._inner["optimizer_zero_grad"](epoch, batch_idx, optimizer)
         self._hold_grads = True
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -427,35 +722,37 @@ class OOMGuard(GuardCallback):
         no_sync = getattr(model, "no_sync", None) if self._distributed else None
         earlier: torch.Tensor | None = None
         step_args = (batch_idx,) if takes_batch_idx(self._module().training_step) else ()
-        for part, share, size in zip(parts[:-1], shares[:-1], sizes[:-1], strict=True):
-            where = "forward"
-            self._busy = True
-            try:
-                with no_sync() if no_sync is not None else contextlib.nullcontext():
-                    out = call._call_strategy_hook(trainer, "training_step", part, *step_args)
-                    loss = _loss_of(out)
-                    if loss is not None:
-                        where = "backward"
-                        part_loss = loss.detach().float() * share
-                        earlier = part_loss if earlier is None else earlier + part_loss
-                        scaled = loss * share
-                        self._inner["backward"](scaler.scale(scaled) if scaler is not None else scaled)
-                    del out, loss
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                self._oom_text = _error_text(exc)
-                self._note_oom(where, size)
-            finally:
-                self._busy = False
-            if self._oom is not None:
-                break
-        if self._oom is not None:
-            if not self._distributed:
+        for part, share in zip(parts[:-1], shares[:-1], strict=True):
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                out = self._guarded_step(
+                    functools.partial(call._call_strategy_hook, trainer, "training_step", part, *step_args),
+                    part,
+                    synced=False,
+                )
+                loss = _loss_of(out)
+                del out
+                if loss is None:
+                    continue
+                part_loss = loss.detach().float() * share
+                earlier = part_loss if earlier is None else earlier + part_loss
+                scaled = loss * share
+                del loss
+                self._busy = True
+                try:
+                    self._inner["backward"](scaler.scale(scaled) if scaler is not None else scaled)
+                except Exception as exc:
+                    if not is_oom_error(exc):
+                        raise
+                    self._oom_text = _error_text(exc)
+                    self._note_oom("backward", self._samples(part))
+                finally:
+                    self._busy = False
+                    del scaled
+            if self._oom is not None and not self._distributed:
                 raise _Retry(self._local_agreement())
-            self._mode = "dummy"  # run the last part as a zero loss, so the all-reduce and the agreement happen
-        else:
-            self._mode, self._last_part, self._last_share, self._earlier = "last", parts[-1], shares[-1], earlier
+        # the last part runs through Lightning's closure (its backward is DDP's own, overlapped all-reduce); a rank
+        # that failed in an earlier part's backward meets the others at that part's first agreement
+        self._mode, self._last_part, self._last_share, self._earlier = "last", parts[-1], shares[-1], earlier
         del parts
         return closure()
 
@@ -591,25 +888,33 @@ class OOMGuard(GuardCallback):
         if self._busy or not args:
             return inner(*args, **kwargs)
         batch, rest = args[0], args[1:]
-        n = batch_size(batch)
+        n = self._samples(batch)
         size = self.eval_micro_batch_size.get(stage)
+        results = self._trainer._results if self._trainer is not None else None
+        attempt: _AttemptState | None = None
         if size is None or n <= size:
+            attempt = _AttemptState(self._module(), results, buffers=False)
             try:
                 return inner(*args, **kwargs)
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
                 self._oom_text = _error_text(exc)
+            attempt.restore()
             size = n
             self._eval_oom(stage, size)
             size = max(1, n // 2) if n > 1 else 0
         while True:
             if size < 1:
                 self._fatal((self._trainer.global_rank if self._trainer is not None else 0,), {})
+            if attempt is None:
+                attempt = _AttemptState(self._module(), results, buffers=False)
             parts = self._split(batch, size)
+            log = _PartLog(results, batch)
             outputs: list[Any] = []
             failed = False
             for part in parts:
+                log.enter(part)
                 try:
                     outputs.append(inner(part, *rest, **kwargs))
                 except Exception as exc:
@@ -619,10 +924,13 @@ class OOMGuard(GuardCallback):
                     failed = True
                 if failed:
                     break
+                log.leave(self._weight(part))
+            log.finish()
             if not failed:
                 self.eval_micro_batch_size[stage] = size
-                return combine_outputs(outputs, [batch_size(p) for p in parts])
+                return combine_outputs(outputs, [self._samples(p) for p in parts])
             del outputs, parts
+            attempt.restore()
             self._eval_oom(stage, size)
             size = size // 2
 
@@ -666,12 +974,15 @@ class OOMGuard(GuardCallback):
         super().teardown(trainer, pl_module, stage)
         self._uninstall(pl_module)
         self._reset_step()
+        if stage == "fit":
+            self._fence.teardown()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._uninstall(pl_module)  # Lightning runs no teardown when fit fails: leave the module as it was
         self._reset_step()
+        self._fence.unwatch()
 
     @override
     def state_dict(self) -> dict[str, Any]:
