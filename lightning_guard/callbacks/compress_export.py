@@ -27,6 +27,7 @@ from lightning_guard.functional.compress import (
     QuantizeMode,
     check_compress_args,
     compress_and_export,
+    export_program,
 )
 
 __all__ = ["CompressExport"]
@@ -263,6 +264,7 @@ class CompressExport(GuardCallback):
         self.strict = strict
         self.result: CompressionResult | None = None
         self.error: BaseException | None = None  # why the compression failed (rank 0), with strict=False
+        self._early_error: GuardConfigError | None = None  # found by the trial export at fit start
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -303,6 +305,56 @@ class CompressExport(GuardCallback):
             return True
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         return any(loader is not None and _maybe_len(loader) != 0 for loader in loaders)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._early_error = None
+        self._trial_export(trainer, pl_module)
+
+    def _trial_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Export the forward once now: an untraceable forward is found before training, not after it.
+
+        Every rank tries, so all decide alike. With ``strict`` a failure refuses the fit; otherwise it is an
+        ``export_failed`` event now, and the compression at fit end is skipped.
+        """
+        device = pl_module.device
+        try:
+            example = self._example_now(trainer, device)
+        except Exception:  # no example to trace with now: the fit-end path reports its own error
+            return
+        try:
+            with torch.no_grad():
+                export_program(pl_module, example)
+        except Exception as exc:
+            first = " ".join(str(exc).split())[:400]
+            error = GuardConfigError(
+                f"CompressExport: torch.export cannot trace this module's forward with the example input "
+                f"({type(exc).__name__}: {first}); the export after training would fail. Make `forward` traceable "
+                "(no data-dependent Python control flow, no unsupported ops; see torch.export's docs), pass an "
+                "`example_input` it accepts, or remove CompressExport"
+            )
+            if self.strict:
+                raise error from exc
+            self._early_error = error
+            self._emit(
+                trainer,
+                "export_failed",
+                f"{error} (found at fit start: training goes on, compression will be skipped)",
+                severity="error",
+                data={"error": type(exc).__name__, "message": first, "when": "fit_start"},
+                rank_zero_only=True,
+            )
+
+    def _example_now(self, trainer: pl.Trainer, device: torch.device) -> tuple[Any, ...]:
+        """The export's example input before any validation ran: ``example_input`` or the first val batch's."""
+        if self.example_input is not None:
+            example = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
+        else:
+            loaders = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+            loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+            example = _inputs_of(next(iter(loader)))
+        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 
     # ------------------------------------------------------------------ plumbing around the functional search
     def _nested_trainer(self, device: torch.device, root: str, **kwargs: Any) -> pl.Trainer:
@@ -430,6 +482,9 @@ class CompressExport(GuardCallback):
         super().on_fit_end(trainer, pl_module)
         error: BaseException | None = None
         self.result, self.error = None, None
+        if self._early_error is not None:  # on every rank alike; reported at fit start
+            self.error = self._early_error
+            return
         if trainer.global_rank == 0:
             try:
                 self.result = self.compress(trainer, pl_module)

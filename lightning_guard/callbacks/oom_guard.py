@@ -233,22 +233,31 @@ class OOMGuard(GuardCallback):
       with ``grow_after``, is doubled again after that many clean steps; a failed grow-back returns to the size that
       worked and waits twice as long before the next try.
     * Works with an unchanged ``training_step``: tensors, tuples, lists, dicts, namedtuples and dataclasses are split
-      along dim 0 (:func:`~lightning_guard.functional.split_batch`); for anything else implement
-      ``split_batch(batch, micro_batch_size)`` on the module (``GuardMixin`` provides the default).
+      along dim 0 (:func:`~lightning_guard.functional.split_batch`). For anything else the module says how to split
+      and measure: ``split_batch(batch, micro_batch_size)``, ``batch_samples(batch) -> int`` and, for a loss that is
+      not a mean over samples (a token-normalised LM loss), ``loss_weight(batch) -> float`` (the weight of a
+      micro-batch's mean loss, e.g. its token count). The first batch is checked: a batch that cannot be measured or
+      split safely is refused then, not at the first out-of-memory.
+    * A failed attempt leaves no trace: BatchNorm buffers (every persistent buffer), torchmetrics states and the
+      values of ``self.log`` are put back as they were before it (anything else: the module's
+      ``oom_attempt_state()`` / ``restore_oom_attempt_state(state)``). In micro-batches, ``self.log`` adds up to the
+      whole batch: epoch means weigh each micro-batch by its samples and step values are combined by ``reduce_fx``.
     * Validation, test and predict steps that run out of memory are split the same way (no gradients) and their
       outputs recombined (:func:`~lightning_guard.functional.combine_outputs`).
-    * DDP: all ranks agree on every re-run with one small all-gather per step. A rank that fails in forward still
-      takes part in the gradient all-reduce (with zero gradients) and a rank that fails in backward completes the
-      all-reduce for the parameters it had not reached, so the other ranks never hang; then every rank re-runs the
-      batch together. Micro-batches before the last one run under ``no_sync``; the last one's backward is DDP's own,
-      overlapped all-reduce.
+    * DDP: the training step is fenced. Every ``torch.distributed`` collective it issues (``self.log(...,
+      sync_dist=True)``, ``self.all_gather``, torchmetrics syncs) is preceded by a small agreement on a dedicated gloo
+      group, and one ends the step, so a rank that ran out of memory meets the others before their next collective
+      and all abandon the attempt together; one more agreement after backward covers an out-of-memory there (the
+      failed rank completes DDP's all-reduce for the parameters it had not reached). A collective the fence cannot
+      see (a function bound at import time, a compiled graph's) ends the run with ``OOMGuardError`` after
+      ``collective_timeout`` seconds instead of a silent hang. Micro-batches before the last one run under
+      ``no_sync``; the last one's backward is DDP's own, overlapped all-reduce.
     * At micro-batch 1, still out of memory: :class:`~lightning_guard.errors.OOMGuardError` with the memory figures.
 
     Caveats: layers that use batch statistics (``BatchNorm``) see micro-batches, not the batch. The loss must be a
-    mean over the batch (``loss_reduction="mean"``) or a sum (``"sum"``). ``self.log`` calls in ``training_step`` run
-    once per micro-batch; with the default batch size inference each is weighted by the whole batch. Extra keys of a
-    dict returned by ``training_step`` come from the last micro-batch. Lightning's ``accumulate_grad_batches`` is not
-    supported (pass a larger DataLoader batch and ``micro_batch_size`` instead), nor manual optimization, nor
+    mean over the batch (``loss_reduction="mean"``, weighted by ``loss_weight``) or a sum (``"sum"``). Extra keys of
+    a dict returned by ``training_step`` come from the last micro-batch. Lightning's ``accumulate_grad_batches`` is
+    not supported (pass a larger DataLoader batch and ``micro_batch_size`` instead), nor manual optimization, nor
     multi-process strategies other than DDP (FSDP, DeepSpeed: a one-rank OOM there cannot be recovered without a
     hang today).
 
@@ -262,6 +271,7 @@ class OOMGuard(GuardCallback):
         loss_reduction: how ``training_step``'s loss reduces over samples: ``"mean"`` (each micro-batch loss is
             weighted by its share of the batch) or ``"sum"`` (added as is).
         split_eval: also split validation/test/predict batches that run out of memory.
+        collective_timeout: DDP: seconds an agreement waits for the other ranks before ``OOMGuardError``.
 
     Example:
         >>> guard = OOMGuard(grow_after=100)

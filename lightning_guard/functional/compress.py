@@ -291,18 +291,24 @@ def _batch_dims(example_inputs: tuple[Any, ...]) -> dict[str, Any]:
     return {"args": tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)}
 
 
+def export_program(model: nn.Module, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """``torch.export`` the model's forward in eval mode with a dynamic batch dimension.
+
+    Every submodule's train/eval flag is put back as it was afterwards (a frozen BatchNorm stays in eval).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return torch.export.export(_Forward(model).eval(), example_inputs, dynamic_shapes=_batch_dims(example_inputs))
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def export_pt2(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path) -> Path:
     """``torch.export`` the model's forward (dynamic batch dimension) and save it as a ``.pt2`` file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    try:
-        dims = _batch_dims(example_inputs)
-        program = torch.export.export(_Forward(model).eval(), example_inputs, dynamic_shapes=dims)
-    finally:
-        model.train(was_training)
-    torch.export.save(program, str(path))
+    torch.export.save(export_program(model, example_inputs), str(path))
     return path
 
 

@@ -259,3 +259,45 @@ def test_a_failure_on_rank_0_is_an_event_and_every_rank_returns(tmp_path):
     t.fit(DigitsNet(), tr, va)
     kinds = [e["kind"] for e in _events(tmp_path / EVENTS_FILENAME)]
     assert kinds.count("export_failed") == 1
+
+
+class UntraceableNet(DigitsNet):
+    """A forward with data-dependent Python control flow, which torch.export cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_run = 0
+
+    def forward(self, x):
+        if x.sum() > 0:  # a branch on a tensor's value
+            return self.net(x)
+        return -self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+
+_UNTRACEABLE = "CompressExport: torch.export cannot trace this module's forward with the example input ("
+
+
+def test_an_untraceable_forward_is_found_at_fit_start_not_after_training(tmp_path):
+    """Main: a forward torch.export cannot trace was found only after training. Now the trial export at fit start
+    refuses the fit with strict=True (no step run), and otherwise reports export_failed before the first step and
+    skips the compression at the end (the fit returns normally)."""
+    tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
+    model = UntraceableNet()
+    with pytest.raises(GuardConfigError) as err:
+        trainer(tmp_path / "a", [CompressExport(strict=True)], max_epochs=1).fit(model, tr, va)
+    assert str(err.value).startswith(_UNTRACEABLE)
+    assert "the export after training would fail" in str(err.value)
+    assert model.steps_run == 0
+    ce = CompressExport(dirpath=str(tmp_path / "b" / "out"))
+    trainer(tmp_path / "b", [ce], max_epochs=1).fit(model, tr, va)
+    assert model.steps_run == 4
+    (event,) = [e for e in _events(tmp_path / "b" / EVENTS_FILENAME) if e["kind"] == "export_failed"]
+    assert (event["step"], event["data"]["when"]) == (0, "fit_start")
+    assert event["message"].startswith(_UNTRACEABLE)
+    assert ce.result is None
+    assert str(ce.error).startswith(_UNTRACEABLE)
+    assert not (tmp_path / "b" / "out").exists()
