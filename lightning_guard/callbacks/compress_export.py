@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 import tempfile
@@ -137,6 +138,19 @@ def _inputs_of(batch: Any) -> tuple[Any, ...]:
     raise GuardConfigError(
         f"CompressExport cannot find the model input in a batch of type {type(batch).__name__}; pass `example_input`"
     )
+
+
+class _EveryOther:
+    """Every other batch of a loader, in order: ``parity`` 0 the even-numbered ones, 1 the odd-numbered ones."""
+
+    def __init__(self, loader: Any, parity: int) -> None:
+        self.loader, self.parity = loader, parity
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.loader), self.parity, None, 2)
+
+    def __len__(self) -> int:
+        return (len(self.loader) - self.parity + 1) // 2
 
 
 def _detached_copy(module: pl.LightningModule) -> pl.LightningModule:
@@ -389,23 +403,43 @@ class CompressExport(GuardCallback):
             )
         return loaders
 
-    def _evaluator(self, trainer: pl.Trainer, device: torch.device, root: str) -> Callable[[torch.nn.Module], float]:
+    def _evaluators(
+        self, trainer: pl.Trainer, device: torch.device, root: str
+    ) -> tuple[Callable[[torch.nn.Module], float], Callable[[torch.nn.Module], float] | None, str]:
+        """The evaluation that chooses (pruning, quantisation) and one on held-out data that chooses nothing.
+
+        The validation batches are dealt alternately: even-numbered ones choose, odd-numbered ones are held out and
+        only measure the baseline and the exported files. With ``eval_fn``, or fewer than two validation batches,
+        there is no held-out split (the third value says so, for the report).
+        """
         if self.eval_fn is not None:
-            return self.eval_fn
+            return self.eval_fn, None, "none: `eval_fn` measures the metric"
         loader = self._val_loader(trainer)
+        n = _maybe_len(loader)
 
-        def evaluate(model: torch.nn.Module) -> float:
-            if isinstance(model, pl.LightningModule):
-                model._metric_attributes = None  # a copy's cached ids point at the original's torchmetrics
-            metrics = self._nested_trainer(device, root).validate(model, dataloaders=loader, verbose=False)[0]  # type: ignore[arg-type]
-            if self.monitor not in metrics:
-                raise GuardConfigError(
-                    f"CompressExport: `monitor={self.monitor!r}` is not logged by the validation loop; logged: "
-                    f"{sorted(metrics)}"
-                )
-            return float(metrics[self.monitor])
+        def evaluator(data: Any) -> Callable[[torch.nn.Module], float]:
+            def evaluate(model: torch.nn.Module) -> float:
+                if isinstance(model, pl.LightningModule):
+                    model._metric_attributes = None  # a copy's cached ids point at the original's torchmetrics
+                trainer_ = self._nested_trainer(device, root)
+                metrics = trainer_.validate(model, dataloaders=data, verbose=False)[0]  # type: ignore[arg-type]
+                if self.monitor not in metrics:
+                    raise GuardConfigError(
+                        f"CompressExport: `monitor={self.monitor!r}` is not logged by the validation loop; logged: "
+                        f"{sorted(metrics)}"
+                    )
+                return float(metrics[self.monitor])
 
-        return evaluate
+            return evaluate
+
+        if n is None or n < 2:
+            return evaluator(loader), None, f"none: the validation data has {n if n is not None else 'unknown'} batches"
+        choose, held = _EveryOther(loader, 0), _EveryOther(loader, 1)
+        note = (
+            f"the odd-numbered {len(held)} of {n} validation batches: not used to choose the pruning or the "
+            f"quantisation (chosen on the other {len(choose)})"
+        )
+        return evaluator(choose), evaluator(held), note
 
     def _finetuner(self, trainer: pl.Trainer, device: torch.device, root: str) -> Callable[[torch.nn.Module], None]:
         loader = trainer.train_dataloader
@@ -446,9 +480,10 @@ class CompressExport(GuardCallback):
         model = _detached_copy(pl_module).eval()
         example, verify = self._inputs(trainer, device)
         with tempfile.TemporaryDirectory() as root:
+            evaluate, evaluate_held_out, held_out = self._evaluators(trainer, device, root)
             result = compress_and_export(
                 model,
-                self._evaluator(trainer, device, root),
+                evaluate,
                 example,
                 dirpath,
                 higher_is_better=self.mode == "max",
@@ -468,8 +503,14 @@ class CompressExport(GuardCallback):
                     severity="error" if kind == "verify_failed" else "info",
                     data={k: v for k, v in data.items() if v is not None},
                 ),
+                evaluate_held_out=evaluate_held_out,
             )
-        report = {"monitor": self.monitor, "mode": self.mode, "max_metric_drop": self.max_metric_drop}
+        report: dict[str, Any] = {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "max_metric_drop": self.max_metric_drop,
+            "held_out": held_out,
+        }
         report.update(result.to_dict())
         report_path = dirpath / "compress_report.json"
         report_path.write_text(json.dumps(report, indent=2))
@@ -515,7 +556,18 @@ def _print_report(result: CompressionResult, monitor: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"lightning_guard: compression ({monitor})")
-    columns = ["stage", "setting", "decision", monitor, "state kB", "file kB", "params", "sparsity", "CPU ms"]
+    columns = [
+        "stage",
+        "setting",
+        "decision",
+        monitor,
+        "held-out",
+        "state kB",
+        "file kB",
+        "params",
+        "sparsity",
+        "CPU ms",
+    ]
     for column in [*columns, "max err"]:
         table.add_column(column, no_wrap=True)
 
@@ -528,6 +580,7 @@ def _print_report(result: CompressionResult, monitor: str) -> None:
             s.setting,
             s.decision,
             fmt(s.metric, ".4f"),
+            fmt(s.held_out_metric, ".4f"),
             fmt(None if s.size_bytes is None else s.size_bytes / 1000, ".1f"),
             fmt(None if s.file_bytes is None else s.file_bytes / 1000, ".1f"),
             fmt(s.params, "d"),

@@ -381,6 +381,40 @@ def load_artifact(path: str | Path) -> Callable[..., torch.Tensor]:
     raise GuardConfigError(f"unknown artifact type {path.suffix!r} (expected .pt2 or .onnx): {path}")
 
 
+def artifact_metric(
+    evaluate: Callable[[nn.Module], float], host: nn.Module, artifact: Callable[..., torch.Tensor]
+) -> float | None:
+    """``evaluate(host)`` with the loaded ``artifact`` standing in for ``host.forward``: the artifact's own metric.
+
+    The evaluation (for a LightningModule, its own ``validation_step``) runs unchanged, but every ``self(x)`` goes
+    through the exported file. None when the evaluation never called ``forward`` (a step that calls submodules
+    directly measures the in-memory model, not the file) or called it with keyword arguments.
+    """
+    calls = 0
+    unsupported = False
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls, unsupported
+        if kwargs:
+            unsupported = True
+            raise GuardConfigError("artifact forward takes positional tensors only")
+        calls += 1
+        out = artifact(*args)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), out.device)
+        return out.to(device)
+
+    host.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        metric = float(evaluate(host))
+    except GuardConfigError:
+        if unsupported:
+            return None
+        raise
+    finally:
+        del host.forward
+    return metric if calls else None
+
+
 def max_output_error(
     fn: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], inputs: Sequence[tuple[Any, ...]]
 ) -> float:
@@ -442,6 +476,8 @@ class Stage:
     latency_ms: float | None = None
     path: str | None = None
     max_error: float | None = None
+    quantized: str | None = None  # export rows: how the artifact's weights are quantised (None: fp32)
+    held_out_metric: float | None = None  # the metric on held-out data (baseline, and each artifact itself)
 
 
 @dataclass
@@ -455,6 +491,7 @@ class CompressionResult:
     stages: list[Stage] = field(default_factory=list)
     prune_amount: float = 0.0
     quantized: str | None = None
+    baseline_held_out: float | None = None
 
     @property
     def loading(self) -> dict[str, str]:
@@ -484,6 +521,7 @@ class CompressionResult:
             "final_metric": self.final_metric,
             "prune_amount": self.prune_amount,
             "quantized": self.quantized,
+            "baseline_held_out": self.baseline_held_out,
             "artifacts": dict(self.artifacts),
             "loading": self.loading,
             "stages": [asdict(s) for s in self.stages],
@@ -552,6 +590,7 @@ def compress_and_export(
     onnx_int8_tolerance: float = 0.05,
     filename: str = "model",
     on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
+    evaluate_held_out: Callable[[nn.Module], float] | None = None,
 ) -> CompressionResult:
     """Prune and/or quantise ``model`` as strongly as ``max_metric_drop`` allows, export it, and prove the artifacts.
 
@@ -565,6 +604,9 @@ def compress_and_export(
     5. Verification: each file is loaded back through a fresh load path and its outputs compared with the
        in-memory model on ``verify_inputs`` (default: ``example_inputs``): relative error at most ``tolerance``
        (``onnx_int8_tolerance`` for onnxruntime's int8, whose kernels differ from torchao's). A failure raises.
+    6. The metric of each artifact itself: the loaded file stands in for the model's ``forward`` while ``evaluate``
+       (and ``evaluate_held_out``, data that chose nothing) runs, so an ONNX int8 file's accuracy is its own. A
+       model whose evaluation never calls ``forward`` gets no artifact metric (``None``).
 
     ``on_event(kind, message, data)`` hears ``compressed``, ``budget_backoff``, ``exported`` and ``verify_failed``.
 
@@ -600,6 +642,8 @@ def compress_and_export(
 
     baseline = float(evaluate(model))
     stages = [row("baseline", "fp32", "measured", model, baseline)]
+    if evaluate_held_out is not None:
+        stages[0].held_out_metric = float(evaluate_held_out(model))
     with tempfile.TemporaryDirectory() as tmp:  # the uncompressed artifact's size, for comparison
         stages[0].file_bytes = export_pt2(model, example_inputs, Path(tmp) / "fp32.pt2").stat().st_size
     current, amount_kept = model, 0.0
@@ -655,8 +699,8 @@ def compress_and_export(
     final_metric = kept[-1] if kept else baseline
     result = CompressionResult(current, baseline, float(final_metric), stages=stages, prune_amount=amount_kept)
     result.quantized = quantized
+    result.baseline_held_out = stages[0].held_out_metric
 
-    exports: list[tuple[Path, nn.Module, float]] = []
     pt2 = export_pt2(current, example_inputs, dirpath / f"{filename}.pt2")
     baseline_file = stages[0].file_bytes or 0
     if quantized and current is not pruned_fp32 and pt2.stat().st_size >= baseline_file:
@@ -675,13 +719,16 @@ def compress_and_export(
         ]
         result.final_metric = float(kept[-1]) if kept else baseline
         pt2 = export_pt2(current, example_inputs, pt2)
-    exports.append((pt2, current, tolerance))
+    exports: list[tuple[Path, nn.Module, float, str | None]] = [(pt2, current, tolerance, result.quantized)]
     if "onnx" in formats:
+        # onnxruntime quantises the fp32 ONNX graph itself when int8 passed the budget (even if the torchao .pt2 was
+        # not kept for its size): the ONNX file's own metric below says what that costs
+        onnx_int8 = "int8_dynamic (onnxruntime)" if quantized else None
         onnx_path = export_onnx(
             pruned_fp32, example_inputs, dirpath / f"{filename}.onnx", quantize_int8=bool(quantized)
         )
-        exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance))
-    for path, reference, tol in exports:
+        exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance, onnx_int8))
+    for path, reference, tol, how in exports:
         artifact = load_artifact(path)
         error = max_output_error(artifact, reference, inputs)
         size = path.stat().st_size
@@ -690,12 +737,17 @@ def compress_and_export(
             "export",
             path.name,
             "exported" if ok else "verify_failed",
-            metric=result.final_metric if reference is current else None,
             file_bytes=size,
             latency_ms=round(cpu_latency_ms(artifact, cpu_inputs), 4),
             path=str(path),
             max_error=error,
+            quantized=how,
         )
+        if ok:  # hosted by the fp32 model: only its forward is used, replaced by the file (moving a torchao model
+            # between devices in the evaluation can fail on its tensor subclasses)
+            stage.metric = artifact_metric(evaluate, pruned_fp32, artifact)
+            if evaluate_held_out is not None:
+                stage.held_out_metric = artifact_metric(evaluate_held_out, pruned_fp32, artifact)
         stages.append(stage)
         data = {"path": str(path), "size_bytes": size, "max_error": error, "tolerance": tol}
         if not ok:

@@ -347,3 +347,60 @@ def test_the_report_says_truthfully_how_each_artifact_loads(tmp_path, monkeypatc
     assert runs_pickle == bool(result.quantized)
     assert ("runs pickle" in result.loading["pt2"]) == runs_pickle
     assert result.to_dict()["loading"]["onnx"] == "onnxruntime.InferenceSession: no pickle, no torch needed"
+
+
+def test_each_artifact_is_measured_through_the_file_itself(tmp_path, trained):
+    """Main: the ONNX int8 file's accuracy was never measured (report metric None), and when the torchao int8 .pt2
+    was not kept the result said quantized=None while the ONNX file was int8. Now each export row carries the metric
+    of the loaded file standing in for forward, on the choosing data and on held-out data, and says how it is
+    quantised."""
+    model, accuracy, x_te = trained
+    x, y = digits()
+    held_x, held_y = x[:300], y[:300]  # held-out data of this test: different from `accuracy`'s
+
+    def held_out(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(held_x).argmax(-1) == held_y).float().mean())
+
+    result = C.compress_and_export(
+        copy.deepcopy(model),
+        accuracy,
+        (x_te[:8],),
+        tmp_path,
+        higher_is_better=True,
+        max_metric_drop=0.02,
+        quantize_mode="int8_weight_only",
+        formats=("pt2", "onnx"),
+        evaluate_held_out=held_out,
+    )
+    rows = {s.setting: s for s in result.stages if s.stage == "export"}
+    onnx_fn = C.load_artifact(tmp_path / "model.onnx")
+    by_hand = accuracy(_Through(onnx_fn))
+    assert rows["model.onnx"].metric == pytest.approx(by_hand)
+    assert rows["model.onnx"].held_out_metric == pytest.approx(held_out(_Through(onnx_fn)))
+    assert rows["model.onnx"].quantized == "int8_dynamic (onnxruntime)"
+    assert rows["model.pt2"].quantized == result.quantized
+    assert result.baseline_held_out == pytest.approx(held_out(model))
+    assert result.stages[0].held_out_metric == result.baseline_held_out
+
+
+class _Through(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_artifact_metric_is_the_files_and_none_when_forward_is_never_called():
+    host = _mlp(16).eval()
+    x = torch.randn(32, 64)
+
+    def mean_output(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(m(x).mean())
+
+    assert C.artifact_metric(mean_output, host, lambda t: torch.full((t.shape[0], 10), 3.0)) == pytest.approx(3.0)
+    assert "forward" not in host.__dict__  # the stand-in is removed again
+    assert C.artifact_metric(lambda m: float(m[0].weight.sum()), host, lambda t: t) is None
