@@ -29,6 +29,7 @@ from lightning_guard.functional.compress import (
     check_compress_args,
     compress_and_export,
     export_program,
+    prune_structured,
 )
 
 __all__ = ["CompressExport"]
@@ -196,7 +197,9 @@ class CompressExport(GuardCallback):
             (:func:`metric_direction`: ``val_acc`` max, ``val_mape`` and ``val_iou_loss`` min); a name that does not
             say (``val_score``) is refused.
         max_metric_drop: the largest worsening of ``monitor`` accepted, in its own units (default 0.01).
-        prune: ``None``, ``"unstructured"`` or ``"structured"``.
+        prune: ``"auto"`` (default: ``"structured"`` when torch-pruning is installed and a dry run on a copy shows the
+            model allows it, else none; the report's ``prune_note`` says which and why), ``None``,
+            ``"unstructured"`` or ``"structured"``.
         prune_amounts: fractions tried, strongest first (default ``(0.75, 0.5, 0.25)``).
         quantize: ``None``, ``"int8_weight_only"`` (default; ``"int8"`` is an alias), ``"int8_dynamic"`` or
             ``"int4_weight_only"``.
@@ -224,7 +227,7 @@ class CompressExport(GuardCallback):
         monitor: str = "val_loss",
         mode: Literal["min", "max"] | None = None,
         max_metric_drop: float = 0.01,
-        prune: PruneMode | None = None,
+        prune: PruneMode | Literal["auto"] | None = "auto",
         prune_amounts: Sequence[float] = (0.75, 0.5, 0.25),
         quantize: QuantizeMode | Literal["int8"] | None = "int8_weight_only",
         formats: Sequence[Format] = ("pt2",),
@@ -241,7 +244,11 @@ class CompressExport(GuardCallback):
             quantize = "int8_weight_only"
         prune_amounts = tuple(prune_amounts) if isinstance(prune_amounts, list | tuple) else prune_amounts
         formats = tuple(formats) if isinstance(formats, list | tuple) else formats
-        check_compress_args(prune, prune_amounts, quantize, formats, max_metric_drop)
+        if prune not in (None, "auto", "unstructured", "structured"):
+            raise GuardConfigError(
+                f"`prune` must be one of (None, 'auto', 'unstructured', 'structured'), got {prune!r}"
+            )
+        check_compress_args(None if prune == "auto" else prune, prune_amounts, quantize, formats, max_metric_drop)
         if not isinstance(monitor, str) or not monitor:
             raise GuardConfigError(f"`monitor` must be a non-empty string, got {monitor!r}")
         if mode not in (None, "min", "max"):
@@ -403,6 +410,25 @@ class CompressExport(GuardCallback):
             )
         return loaders
 
+    def _resolve_prune(self, model: torch.nn.Module, example: tuple[Any, ...]) -> tuple[PruneMode | None, str]:
+        """``prune="auto"``: structured pruning when torch-pruning is installed and the model allows it, else none."""
+        if self.prune != "auto":
+            return self.prune, f"prune={self.prune!r} as configured"
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            return None, "auto: no pruning, torch-pruning is not installed (pip install 'lightning-guard[export]')"
+        try:  # a dry run on a copy at the mildest amount: the model's layers may not be prunable, or not safely
+            prune_structured(copy.deepcopy(model), min(self.prune_amounts), example)
+        except Exception as exc:
+            return (
+                None,
+                f"auto: no pruning, structured pruning does not apply to this model ({type(exc).__name__}: {exc})"[
+                    :600
+                ],
+            )
+        return "structured", "auto: structured pruning within the budget (the model allows it)"
+
     def _evaluators(
         self, trainer: pl.Trainer, device: torch.device, root: str
     ) -> tuple[Callable[[torch.nn.Module], float], Callable[[torch.nn.Module], float] | None, str]:
@@ -479,6 +505,7 @@ class CompressExport(GuardCallback):
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "compressed")
         model = _detached_copy(pl_module).eval()
         example, verify = self._inputs(trainer, device)
+        prune, prune_note = self._resolve_prune(model, example)
         with tempfile.TemporaryDirectory() as root:
             evaluate, evaluate_held_out, held_out = self._evaluators(trainer, device, root)
             result = compress_and_export(
@@ -488,7 +515,7 @@ class CompressExport(GuardCallback):
                 dirpath,
                 higher_is_better=self.mode == "max",
                 max_metric_drop=self.max_metric_drop,
-                prune=self.prune,
+                prune=prune,
                 prune_amounts=self.prune_amounts,
                 quantize_mode=self.quantize,
                 formats=self.formats,
@@ -510,6 +537,8 @@ class CompressExport(GuardCallback):
             "mode": self.mode,
             "max_metric_drop": self.max_metric_drop,
             "held_out": held_out,
+            "prune": prune,
+            "prune_note": prune_note,
         }
         report.update(result.to_dict())
         report_path = dirpath / "compress_report.json"
