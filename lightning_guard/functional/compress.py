@@ -32,14 +32,17 @@ __all__ = [
     "compress_and_export",
     "cpu_latency_ms",
     "export_onnx",
+    "export_program",
     "export_pt2",
     "load_artifact",
     "max_output_error",
+    "onnx_ops",
     "param_count",
     "prunable_layers",
     "prune_structured",
     "prune_unstructured",
     "quantize",
+    "quantized_layers",
     "sparsity",
     "state_bytes",
 ]
@@ -381,6 +384,42 @@ def load_artifact(path: str | Path) -> Callable[..., torch.Tensor]:
     raise GuardConfigError(f"unknown artifact type {path.suffix!r} (expected .pt2 or .onnx): {path}")
 
 
+#: layer types whose weights quantisation could shrink (reported when left in fp32)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Embedding)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, Any]:
+    """Which layers of a torchao-quantised model hold quantised weights and which weighted layers stayed fp32.
+
+    torchao's int8 configurations quantise ``nn.Linear`` only (``aten.convolution`` has no int8 tensor-subclass
+    kernel): convolutions and embeddings stay fp32 and are listed under ``"fp32"``.
+    """
+    quantized, fp32 = [], []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        data = weight.data if isinstance(weight, nn.Parameter) else weight
+        if type(data) is not torch.Tensor:
+            quantized.append(name)
+        elif isinstance(module, _WEIGHTED):
+            fp32.append(name)
+    return {"int8": quantized, "fp32": fp32}
+
+
+def onnx_ops(path: str | Path) -> dict[str, Any]:
+    """Counts of an ONNX file's weighted ops, quantised (``ConvInteger``, ``MatMulInteger``) and not."""
+    _require("onnx")
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "Conv", "Gemm", "MatMul"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    int8 = {k: v for k, v in counts.items() if "Integer" in k or k.startswith("QLinear")}
+    return {"int8": int8, "fp32": {k: v for k, v in counts.items() if k not in int8}}
+
+
 def artifact_metric(
     evaluate: Callable[[nn.Module], float], host: nn.Module, artifact: Callable[..., torch.Tensor]
 ) -> float | None:
@@ -478,6 +517,7 @@ class Stage:
     max_error: float | None = None
     quantized: str | None = None  # export rows: how the artifact's weights are quantised (None: fp32)
     held_out_metric: float | None = None  # the metric on held-out data (baseline, and each artifact itself)
+    layers: dict[str, Any] | None = None  # quantize and ONNX export rows: which layers/ops were quantised, which not
 
 
 @dataclass
@@ -680,8 +720,10 @@ def compress_and_export(
     if quantize_mode is not None:
         candidate = quantize(current, quantize_mode)
         metric = float(evaluate(candidate))
+        layers = quantized_layers(candidate)
         if drop(metric) <= max_metric_drop:
             stages.append(row("quantize", quantize_mode, "accepted", candidate, metric))
+            stages[-1].layers = layers
             current, quantized = candidate, quantize_mode
             notify(
                 "compressed",
@@ -690,6 +732,7 @@ def compress_and_export(
             )
         else:
             stages.append(row("quantize", quantize_mode, "rejected", candidate, metric))
+            stages[-1].layers = layers
             notify(
                 "budget_backoff",
                 f"{quantize_mode} costs {drop(metric):.4g} > max_metric_drop {max_metric_drop:g}; not quantising",
@@ -742,6 +785,7 @@ def compress_and_export(
             path=str(path),
             max_error=error,
             quantized=how,
+            layers=onnx_ops(path) if path.suffix == ".onnx" else None,
         )
         if ok:  # hosted by the fp32 model: only its forward is used, replaced by the file (moving a torchao model
             # between devices in the evaluation can fail on its tensor subclasses)
