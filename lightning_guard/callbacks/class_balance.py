@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler, IterableDataset, Subset, Tensor
 from typing_extensions import override
 
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.distributed import all_reduce_max, all_reduce_sum
+from lightning_guard.distributed import all_reduce_max, all_reduce_sum, gather_json
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, emit
 from lightning_guard.functional.class_balance import class_weights, log_prior
@@ -297,13 +297,45 @@ class ClassBalance(GuardCallback):
             if not items:
                 return torch.zeros(0, dtype=torch.long)
             return torch.stack(items)  # one label per sample: an index, a one-hot/soft vector or a mask
+        self._streamed = True  # an IterableDataset (or a loader without a dataset): each rank read its own stream
         batches = track(loader, description="ClassBalance: counting labels", disable=quiet)
         items = [self._extract(batch) for batch in batches]
         if not items:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in items])
 
+    def _reduce(
+        self, trainer: pl.Trainer, counts: torch.Tensor, total: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``[*counts, total]`` summed over ranks; once only when every rank streamed the very same labels.
+
+        An IterableDataset that is not sharded per rank (no ``get_worker_info``/rank split in its ``__iter__``) gives
+        every rank the whole stream: summing would count it world-size times. Ranks compare a fingerprint of their
+        label sequence (length, counts and a position-weighted sum); when all are equal the stream is counted once
+        and a warning says so.
+        """
+        local = torch.cat([counts.double(), total.double().reshape(1)])
+        if not self._streamed or trainer.world_size <= 1:
+            return all_reduce_sum(trainer, local.to(trainer.strategy.root_device)).cpu()
+        flat = labels.double().reshape(labels.shape[0], -1).sum(1) if labels.numel() else labels.double()
+        checksum = float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
+        prints = gather_json(trainer, [local.tolist(), checksum])
+        if all(p == prints[0] for p in prints):
+            self._emit(
+                trainer,
+                "unsharded_stream",
+                f"every rank read the same {int(total)} labels from the training IterableDataset (it is not sharded "
+                f"per rank): counted once, not {trainer.world_size} times. Shard it by rank in `__iter__` to train "
+                "each rank on different data",
+                severity="warning",
+                data={"samples_per_rank": int(total), "world_size": trainer.world_size},
+                rank_zero_only=True,
+            )
+            return local
+        return all_reduce_sum(trainer, local.to(trainer.strategy.root_device)).cpu()
+
     def _count(self, trainer: pl.Trainer) -> None:
+        self._streamed = False
         if self._given_counts is not None:
             self.counts, self.num_classes = self._given_counts.clone(), int(self._given_counts.numel())
             self.total = round(float(self._given_counts.sum()))
@@ -320,7 +352,7 @@ class ClassBalance(GuardCallback):
                         f"{labels.shape[1]}"
                     )
                 counts, total = labels.double().sum(0), torch.tensor(float(labels.shape[0]))
-                stats = all_reduce_sum(trainer, torch.cat([counts, total.double().reshape(1)]).to(device))
+                stats = self._reduce(trainer, counts, total, labels)
                 self.counts, self.num_classes = stats[:-1].cpu(), n_classes
                 self.total = round(float(stats[-1]))
                 return
@@ -352,7 +384,7 @@ class ClassBalance(GuardCallback):
                 raise GuardConfigError("ClassBalance: binary/multilabel labels must be 0 or 1")
             counts = labels.sum(0).double()
             total = torch.tensor(float(labels.shape[0]))
-        stats = all_reduce_sum(trainer, torch.cat([counts, total.double().reshape(1)]).to(device))
+        stats = self._reduce(trainer, counts, total, labels)
         counts, total = stats[:-1].cpu(), stats[-1].cpu()
         self.counts, self.total, self.num_classes = counts.cpu(), int(total.item()), n_classes
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from lightning_guard import ClassBalance, GuardConfigError, event_stream
 from lightning_guard.demo import long_tailed_digits
 from lightning_guard.functional import balanced_loss, class_weights
-from tests.helpers import DigitsNet, StopAfterEpoch, digits, precision_kwargs, trainer
+from tests.helpers import DigitsNet, StopAfterEpoch, digits, precision_kwargs, read_jsonl, trainer
 
 
 def long_tail_loader(batch_size=32):
@@ -219,6 +219,43 @@ def test_ddp_spawn_counts_equal_the_whole_data_set(tmp_path):
     expected = torch.bincount(digits()[1][:301], minlength=10).double().tolist()
     for r in (0, 1):
         assert json.loads((tmp_path / f"c{r}.json").read_text()) == expected  # exact: no DistributedSampler padding
+
+
+class UnshardedStream(IterableDataset):
+    """An IterableDataset that ignores the rank: every rank streams the same 120 digits."""
+
+    def __iter__(self):
+        x, y = digits()
+        return iter(zip(x[:120], y[:120], strict=True))
+
+
+class ShardedStream(UnshardedStream):
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        x, y = digits()
+        return iter(zip(x[rank:120:2], y[rank:120:2], strict=True))
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_an_unsharded_iterable_dataset_is_counted_once(tmp_path):
+    """Main (from the code): an IterableDataset not sharded per rank was counted world-size times. Now ranks that
+    streamed the same labels count them once and warn; a sharded stream is summed (both on 2 ddp_spawn ranks)."""
+    expected = torch.bincount(digits()[1][:120], minlength=10).double().tolist()
+    for name, data in (("unsharded", UnshardedStream()), ("sharded", ShardedStream())):
+        out = tmp_path / name
+        out.mkdir()
+        cb = ClassBalance(method="inverse", num_classes=10)
+        t = trainer(out, [cb, DumpCounts(cb, str(out))], devices=2, strategy="ddp_spawn", max_steps=2)
+        t.fit(DigitsNet(), DataLoader(data, batch_size=30))
+        for r in (0, 1):
+            assert json.loads((out / f"c{r}.json").read_text()) == expected, name
+        events = [e for e in read_jsonl(out / "guard_events.jsonl") if e["kind"] == "unsharded_stream"]
+        assert len(events) == (1 if name == "unsharded" else 0)
+    (warning,) = [
+        e for e in read_jsonl(tmp_path / "unsharded" / "guard_events.jsonl") if e["kind"] == "unsharded_stream"
+    ]
+    assert warning["message"].startswith("every rank read the same 120 labels from the training IterableDataset")
+    assert "counted once, not 2 times" in warning["message"]
 
 
 def test_resume_uses_the_saved_counts(tmp_path, monkeypatch):
