@@ -105,13 +105,18 @@ class _AttemptState:
     * whatever the module's ``oom_attempt_state()`` returns, handed back to its ``restore_oom_attempt_state(state)``.
     """
 
-    def __init__(self, module: torch.nn.Module, results: Any, buffers: bool = True) -> None:
-        self.buffers = [
-            (buf, buf.detach().clone())
-            for mod in (module.modules() if buffers else ())
-            for name, buf in mod._buffers.items()
-            if buf is not None and name not in mod._non_persistent_buffers_set
-        ]
+    def __init__(self, module: torch.nn.Module, results: Any, buffers: set[tuple[int, str]] | None = None) -> None:
+        """``buffers``: the ``(id(submodule), name)`` of the buffers to keep (None: every persistent buffer)."""
+        self.buffers: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        self.versions: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
+        for mod in module.modules():
+            for name, buf in mod._buffers.items():
+                if buf is None or name in mod._non_persistent_buffers_set:
+                    continue
+                key = (id(mod), name)
+                self.versions[key] = (buf, buf._version)
+                if buffers is None or key in buffers:
+                    self.buffers.append((mod, name, buf, buf.detach().clone()))
         self.metrics: list[tuple[Any, dict[str, Any], tuple[Any, ...]]] = []
         for mod in module.modules():
             if isinstance(mod, torchmetrics.Metric):
@@ -137,10 +142,37 @@ class _AttemptState:
         self.module = module
         self.user = capture() if callable(capture) else None
 
+    def changed_buffers(self, module: torch.nn.Module, by_value: bool) -> set[tuple[int, str]]:
+        """The buffers the step wrote since this state was taken.
+
+        With ``by_value`` (once, after the first step: it reads device values) the saved copies are compared by
+        value, since BatchNorm's kernels update the running statistics without bumping the version counter; the
+        others, always, by version counter and identity (reassigned).
+        """
+        changed = set()
+        with torch.no_grad():
+            for mod, name, _, saved in self.buffers if by_value else ():
+                current = mod._buffers.get(name)
+                if current is None or current.shape != saved.shape or not torch.equal(current, saved):
+                    changed.add((id(mod), name))
+        for mod in module.modules():
+            for name, buf in mod._buffers.items():
+                key = (id(mod), name)
+                if key in self.versions:
+                    old, version = self.versions[key]
+                    if buf is not old or (buf is not None and buf._version != version):
+                        changed.add(key)
+        return changed
+
     def restore(self) -> None:
         with torch.no_grad():
-            for buf, saved in self.buffers:
-                buf.copy_(saved)
+            for mod, name, original, saved in self.buffers:
+                current = mod._buffers.get(name)
+                if current is original:
+                    current.copy_(saved)  # in place: DDP and others keep their references to the buffer
+                else:  # the step reassigned it (``self.ema = 0.9 * self.ema + ...``): put the tensor back
+                    original.copy_(saved)
+                    mod._buffers[name] = original
         for mod, states, (count, computed, cache) in self.metrics:
             for name, saved in states.items():
                 if isinstance(saved, tuple):
@@ -309,6 +341,8 @@ class OOMGuard(GuardCallback):
         self.collective_timeout = float(collective_timeout)
         self._fence = StepFence(self.collective_timeout, payload_size=len(_MEM_KEYS) + 2)
         self._checked_batch = False
+        self._dynamic_buffers: set[tuple[int, str]] | None = None  # buffers a training step writes (None: unknown)
+        self._backward_collectives = 0  # collectives the last clean step's backward issued (DDP)
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0
         self._oom_text = ""  # the message of this rank's last out-of-memory error
@@ -341,6 +375,7 @@ class OOMGuard(GuardCallback):
             for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
                 self._install(pl_module, name)
             self._checked_batch = False
+            self._dynamic_buffers, self._backward_collectives = None, 0
             if trainer.world_size > 1:
                 self._fence.setup()  # every rank, at the same point: creating a group is a collective
         if self.split_eval:
@@ -439,7 +474,13 @@ class OOMGuard(GuardCallback):
                 "the LightningModule (see the OOMGuard docs, 'Custom batches')"
             )
         if not own_split:
-            where = _sequences_of_mappings(batch)
+            loaders = self._trainer.train_dataloader if self._trainer is not None else None
+            if isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(batch) == len(loaders):
+                # several training loaders (Lightning's CombinedLoader): one whole batch per loader
+                found = (_sequences_of_mappings(b, f"batch[{i}]") for i, b in enumerate(batch))
+                where = next((w for w in found if w is not None), None)
+            else:
+                where = _sequences_of_mappings(batch)
             if where is not None:
                 raise GuardConfigError(
                     f"OOMGuard cannot split this batch safely: {where} is a list of dicts (per-sample items from a "
@@ -535,6 +576,8 @@ class OOMGuard(GuardCallback):
                         out = step()
                 except FenceAbort as abort:
                     rows = abort.rows
+                except FenceTimeout as exc:
+                    self._fence_timed_out(AT_END, exc)
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
@@ -592,13 +635,36 @@ class OOMGuard(GuardCallback):
             )
         else:
             cause = (
-                f"rank {rank} waited {self.collective_timeout:.0f} s at OOMGuard's agreement for the other ranks "
-                "(a rank that crashed or is stalled, or a step slower than `collective_timeout` on some rank)"
+                f"rank {rank} waited {self.collective_timeout:.0f} s at OOMGuard's agreement for the other ranks: "
+                "one crashed or is stalled (e.g. one that ran out of memory in a backward that issues collectives, "
+                "at the first step, before OOMGuard had seen them), or a step is slower than `collective_timeout`"
             )
         message = f"OOMGuard: {cause}. The error was: {_error_text(exc)[:300]}"
         self._emit(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), {}) from exc
+
+    def _backward_unrecoverable(self, rows: list[list[float]]) -> NoReturn:
+        """A one-rank out-of-memory in a backward that issues collectives of its own: stop every rank, loudly.
+
+        Those collectives (the backward of ``self.all_gather(..., sync_grads=True)``, ``torch.distributed.nn``)
+        share the process group with DDP's gradient all-reduce, so the failed rank cannot complete the reduction
+        alone without matching the others' collectives wrongly.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        failed = [i for i, r in enumerate(rows) if r[0] == FAILED]
+        message = (
+            f"OOMGuard: rank {failed} ran out of memory in backward, and this step's backward issues collectives of "
+            "its own (the backward of `self.all_gather(..., sync_grads=True)` or of `torch.distributed.nn` "
+            "functions): they share the process group with DDP's gradient all-reduce, so a backward that failed on "
+            "one rank cannot be completed. Every rank stops. Start with a smaller `micro_batch_size`, or gather "
+            "without gradients"
+        )
+        data = {"where": "backward", "oom_ranks": failed}
+        self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=tuple(failed), rank_zero_only=True)
+        self.runtime(trainer).events.dump_outbox()
+        raise OOMGuardError(message, self._current_size(), tuple(failed), {})
 
     def _fence_verdict(self, rows: list[list[float]] | None) -> Agreement:
         assert rows is not None
@@ -626,12 +692,21 @@ class OOMGuard(GuardCallback):
             raise _Retry(self._local_agreement())
         with self._track_reduced() as reduced:
             try:
-                inner(loss, *args, **kwargs)
+                with self._fence.watching():  # a collective inside backward (all_gather with sync_grads) is fenced
+                    inner(loss, *args, **kwargs)
+            except FenceAbort as abort:  # another rank failed in backward, and this backward issues collectives
+                self._backward_unrecoverable(abort.rows)
+            except FenceTimeout as exc:
+                self._fence_timed_out(AT_END, exc)
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
                 self._oom_text = _error_text(exc)
                 self._note_oom("backward", self._current_size())
+                if self._backward_collectives:  # the others will stop at a fence inside their backward
+                    self._backward_unrecoverable(self._agree_fence(FAILED))
+            else:
+                self._backward_collectives = self._fence.collectives
             if self._oom is not None and self._oom[0] == "backward":
                 self._complete_reduction(reduced())
         rows = self._agree_fence(FAILED if self._oom is not None else _AFTER_BACKWARD)
@@ -683,7 +758,8 @@ class OOMGuard(GuardCallback):
             return inner(epoch, batch_idx, optimizer, optimizer_closure, **kwargs)
         trainer = self._trainer
         assert trainer is not None
-        attempt = _AttemptState(self._module(), trainer._results)
+        module = self._module()
+        attempt = _AttemptState(module, trainer._results, self._dynamic_buffers)
         while True:
             self._oom, self._abandoned = None, None
             closure = optimizer_closure
@@ -695,6 +771,10 @@ class OOMGuard(GuardCallback):
                 result = inner(epoch, batch_idx, optimizer, closure, **kwargs)
                 if self._part_log is not None:
                     self._part_log.finish()
+                # the buffers a clean step writes (BatchNorm statistics, a user's EMA) are the only ones kept from
+                # now on: a large constant buffer (a mask, a cache) is copied once, at the first step, not every step
+                written = attempt.changed_buffers(module, by_value=self._dynamic_buffers is None)
+                self._dynamic_buffers = written if self._dynamic_buffers is None else self._dynamic_buffers | written
                 return result
             except _Retry as retry:
                 verdict = retry.agreement
@@ -903,7 +983,7 @@ class OOMGuard(GuardCallback):
         results = self._trainer._results if self._trainer is not None else None
         attempt: _AttemptState | None = None
         if size is None or n <= size:
-            attempt = _AttemptState(self._module(), results, buffers=False)
+            attempt = _AttemptState(self._module(), results, buffers=set())
             try:
                 return inner(*args, **kwargs)
             except Exception as exc:
@@ -918,7 +998,7 @@ class OOMGuard(GuardCallback):
             if size < 1:
                 self._fatal((self._trainer.global_rank if self._trainer is not None else 0,), {})
             if attempt is None:
-                attempt = _AttemptState(self._module(), results, buffers=False)
+                attempt = _AttemptState(self._module(), results, buffers=set())
             parts = self._split(batch, size)
             log = _PartLog(results, batch)
             outputs: list[Any] = []
