@@ -95,6 +95,14 @@ def _default_split(module: Any) -> bool:
     return method is GuardMixin.split_batch
 
 
+def _layout(module: torch.nn.Module) -> tuple[list[tuple[torch.nn.Module, str]], list[Any]]:
+    """The persistent buffer slots ``(submodule, name)`` and the torchmetrics metrics of a module."""
+    slots = [
+        (mod, name) for mod in module.modules() for name in mod._buffers if name not in mod._non_persistent_buffers_set
+    ]
+    return slots, [mod for mod in module.modules() if isinstance(mod, torchmetrics.Metric)]
+
+
 class _AttemptState:
     """What one attempt at a batch changes besides the gradients, taken before it so a failed attempt leaves no trace.
 
@@ -105,27 +113,39 @@ class _AttemptState:
     * whatever the module's ``oom_attempt_state()`` returns, handed back to its ``restore_oom_attempt_state(state)``.
     """
 
-    def __init__(self, module: torch.nn.Module, results: Any, buffers: set[tuple[int, str]] | None = None) -> None:
-        """``buffers``: the ``(id(submodule), name)`` of the buffers to keep (None: every persistent buffer)."""
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        results: Any,
+        buffers: set[tuple[int, str]] | None = None,
+        layout: tuple[list[tuple[torch.nn.Module, str]], list[Any]] | None = None,
+    ) -> None:
+        """Take the state.
+
+        ``buffers``: the ``(id(submodule), name)`` of the buffers to keep (None: every persistent buffer);
+        ``layout``: :func:`_layout` of the module, computed once per fit (walking a large module costs).
+        """
+        slots, metrics = layout if layout is not None else _layout(module)
+        self._modules = {id(mod): mod for mod, _ in slots}
         self.buffers: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self.versions: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
-        for mod in module.modules():
-            for name, buf in mod._buffers.items():
-                if buf is None or name in mod._non_persistent_buffers_set:
-                    continue
-                key = (id(mod), name)
+        for mod, name in slots:
+            buf = mod._buffers.get(name)
+            if buf is None:
+                continue
+            key = (id(mod), name)
+            if buffers is None or key in buffers:
+                self.buffers.append((mod, name, buf, buf.detach().clone()))
+            else:  # watched for a first write, not copied
                 self.versions[key] = (buf, buf._version)
-                if buffers is None or key in buffers:
-                    self.buffers.append((mod, name, buf, buf.detach().clone()))
         self.metrics: list[tuple[Any, dict[str, Any], tuple[Any, ...]]] = []
-        for mod in module.modules():
-            if isinstance(mod, torchmetrics.Metric):
-                states = {}
-                for name in mod._defaults:
-                    value = getattr(mod, name)
-                    states[name] = (value, len(value)) if isinstance(value, list) else value.detach().clone()
-                extra = (mod._update_count, mod._computed, mod._forward_cache)
-                self.metrics.append((mod, states, extra))
+        for mod in metrics:
+            states = {}
+            for name in mod._defaults:
+                value = getattr(mod, name)
+                states[name] = (value, len(value)) if isinstance(value, list) else value.detach().clone()
+            extra = (mod._update_count, mod._computed, mod._forward_cache)
+            self.metrics.append((mod, states, extra))
         self.results = results
         self.logged: dict[str, tuple[Any, ...]] = {}
         if results is not None:
@@ -142,12 +162,12 @@ class _AttemptState:
         self.module = module
         self.user = capture() if callable(capture) else None
 
-    def changed_buffers(self, module: torch.nn.Module, by_value: bool) -> set[tuple[int, str]]:
+    def changed_buffers(self, by_value: bool) -> set[tuple[int, str]]:
         """The buffers the step wrote since this state was taken.
 
         With ``by_value`` (once, after the first step: it reads device values) the saved copies are compared by
         value, since BatchNorm's kernels update the running statistics without bumping the version counter; the
-        others, always, by version counter and identity (reassigned).
+        buffers only watched, by version counter and identity (reassigned).
         """
         changed = set()
         with torch.no_grad():
@@ -155,13 +175,17 @@ class _AttemptState:
                 current = mod._buffers.get(name)
                 if current is None or current.shape != saved.shape or not torch.equal(current, saved):
                     changed.add((id(mod), name))
-        for mod in module.modules():
-            for name, buf in mod._buffers.items():
-                key = (id(mod), name)
-                if key in self.versions:
-                    old, version = self.versions[key]
-                    if buf is not old or (buf is not None and buf._version != version):
-                        changed.add(key)
+        for mod, name, *_ in self.buffers if not by_value else ():
+            changed.add((id(mod), name))  # kept already: stays kept
+        return changed | self._first_writes()
+
+    def _first_writes(self) -> set[tuple[int, str]]:
+        changed = set()
+        for (mod_id, name), (old, version) in self.versions.items():
+            mod = self._modules.get(mod_id)
+            buf = mod._buffers.get(name) if mod is not None else None
+            if buf is not old or (buf is not None and buf._version != version):
+                changed.add((mod_id, name))
         return changed
 
     def restore(self) -> None:
@@ -343,6 +367,7 @@ class OOMGuard(GuardCallback):
         self._checked_batch = False
         self._dynamic_buffers: set[tuple[int, str]] | None = None  # buffers a training step writes (None: unknown)
         self._backward_collectives = 0  # collectives the last clean step's backward issued (DDP)
+        self._layout: tuple[int, tuple[list[tuple[torch.nn.Module, str]], list[Any]]] | None = None
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0
         self._oom_text = ""  # the message of this rank's last out-of-memory error
@@ -375,7 +400,7 @@ class OOMGuard(GuardCallback):
             for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
                 self._install(pl_module, name)
             self._checked_batch = False
-            self._dynamic_buffers, self._backward_collectives = None, 0
+            self._dynamic_buffers, self._backward_collectives, self._layout = None, 0, None
             if trainer.world_size > 1:
                 self._fence.setup()  # every rank, at the same point: creating a group is a collective
         if self.split_eval:
@@ -666,6 +691,12 @@ class OOMGuard(GuardCallback):
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), tuple(failed), {})
 
+    def _layout_of(self, module: torch.nn.Module) -> tuple[list[tuple[torch.nn.Module, str]], list[Any]]:
+        """The module's buffer slots and metrics, walked once per fit (and again for another module)."""
+        if self._layout is None or self._layout[0] != id(module):
+            self._layout = (id(module), _layout(module))
+        return self._layout[1]
+
     def _fence_verdict(self, rows: list[list[float]] | None) -> Agreement:
         assert rows is not None
         return Agreement(tuple(r[0] == FAILED for r in rows), tuple(tuple(r[1:]) for r in rows))
@@ -759,7 +790,7 @@ class OOMGuard(GuardCallback):
         trainer = self._trainer
         assert trainer is not None
         module = self._module()
-        attempt = _AttemptState(module, trainer._results, self._dynamic_buffers)
+        attempt = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
         while True:
             self._oom, self._abandoned = None, None
             closure = optimizer_closure
@@ -773,8 +804,7 @@ class OOMGuard(GuardCallback):
                     self._part_log.finish()
                 # the buffers a clean step writes (BatchNorm statistics, a user's EMA) are the only ones kept from
                 # now on: a large constant buffer (a mask, a cache) is copied once, at the first step, not every step
-                written = attempt.changed_buffers(module, by_value=self._dynamic_buffers is None)
-                self._dynamic_buffers = written if self._dynamic_buffers is None else self._dynamic_buffers | written
+                self._dynamic_buffers = attempt.changed_buffers(by_value=self._dynamic_buffers is None)
                 return result
             except _Retry as retry:
                 verdict = retry.agreement
@@ -983,7 +1013,7 @@ class OOMGuard(GuardCallback):
         results = self._trainer._results if self._trainer is not None else None
         attempt: _AttemptState | None = None
         if size is None or n <= size:
-            attempt = _AttemptState(self._module(), results, buffers=set())
+            attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
             try:
                 return inner(*args, **kwargs)
             except Exception as exc:
@@ -998,7 +1028,7 @@ class OOMGuard(GuardCallback):
             if size < 1:
                 self._fatal((self._trainer.global_rank if self._trainer is not None else 0,), {})
             if attempt is None:
-                attempt = _AttemptState(self._module(), results, buffers=set())
+                attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
             parts = self._split(batch, size)
             log = _PartLog(results, batch)
             outputs: list[Any] = []
