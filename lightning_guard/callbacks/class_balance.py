@@ -299,7 +299,12 @@ class ClassBalance(GuardCallback):
             return torch.stack(items)  # one label per sample: an index, a one-hot/soft vector or a mask
         self._streamed = True  # an IterableDataset (or a loader without a dataset): each rank read its own stream
         batches = track(loader, description="ClassBalance: counting labels", disable=quiet)
-        items = [self._extract(batch) for batch in batches]
+        items = []
+        self._stream_checksum = 0.0  # of the whole batches, inputs included: shards with equal labels still differ
+        for i, batch in enumerate(batches):
+            items.append(self._extract(batch))
+            leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+            self._stream_checksum += (i + 1) * sum(float(t.double().sum()) for t in leaves)
         if not items:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in items])
@@ -310,16 +315,17 @@ class ClassBalance(GuardCallback):
         """``[*counts, total]`` summed over ranks; once only when every rank streamed the very same labels.
 
         An IterableDataset that is not sharded per rank (no ``get_worker_info``/rank split in its ``__iter__``) gives
-        every rank the whole stream: summing would count it world-size times. Ranks compare a fingerprint of their
-        label sequence (length, counts and a position-weighted sum); when all are equal the stream is counted once
-        and a warning says so.
+        every rank the whole stream: summing would count it world-size times. Ranks compare a fingerprint of what
+        they read (the label sequence's length, counts and a position-weighted sum, and a position-weighted sum of
+        every tensor of the batches, so disjoint shards with the same labels still differ); when all are equal the
+        stream is counted once and a warning says so.
         """
         local = torch.cat([counts.double(), total.double().reshape(1)])
         if not self._streamed or trainer.world_size <= 1:
             return all_reduce_sum(trainer, local.to(trainer.strategy.root_device)).cpu()
         flat = labels.double().reshape(labels.shape[0], -1).sum(1) if labels.numel() else labels.double()
         checksum = float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
-        prints = gather_json(trainer, [local.tolist(), checksum])
+        prints = gather_json(trainer, [local.tolist(), checksum, self._stream_checksum])
         if all(p == prints[0] for p in prints):
             self._emit(
                 trainer,
@@ -335,7 +341,7 @@ class ClassBalance(GuardCallback):
         return all_reduce_sum(trainer, local.to(trainer.strategy.root_device)).cpu()
 
     def _count(self, trainer: pl.Trainer) -> None:
-        self._streamed = False
+        self._streamed, self._stream_checksum = False, 0.0
         if self._given_counts is not None:
             self.counts, self.num_classes = self._given_counts.clone(), int(self._given_counts.numel())
             self.total = round(float(self._given_counts.sum()))

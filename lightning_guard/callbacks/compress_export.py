@@ -344,6 +344,11 @@ class CompressExport(GuardCallback):
             example = self._example_now(trainer, device)
         except Exception:  # no example to trace with now: the fit-end path reports its own error
             return
+        source = (
+            "`example_input`"
+            if self.example_input is not None
+            else "the first element (or first tensor value) of the first validation batch"
+        )
         try:
             with torch.no_grad():
                 export_program(pl_module, example)
@@ -351,9 +356,10 @@ class CompressExport(GuardCallback):
             first = " ".join(str(exc).split())[:400]
             error = GuardConfigError(
                 f"CompressExport: torch.export cannot trace this module's forward with the example input "
-                f"({type(exc).__name__}: {first}); the export after training would fail. Make `forward` traceable "
-                "(no data-dependent Python control flow, no unsupported ops; see torch.export's docs), pass an "
-                "`example_input` it accepts, or remove CompressExport"
+                f"({type(exc).__name__}: {first}); the export after training would fail. The example input was "
+                f"{source}: if `forward` takes something else, pass `example_input` (a tuple of forward's "
+                "positional arguments); otherwise make `forward` traceable (no data-dependent Python control flow, "
+                "no unsupported ops; see torch.export's docs), or remove CompressExport"
             )
             if self.strict:
                 raise error from exc
@@ -447,7 +453,7 @@ class CompressExport(GuardCallback):
             def evaluate(model: torch.nn.Module) -> float:
                 if isinstance(model, pl.LightningModule):
                     model._metric_attributes = None  # a copy's cached ids point at the original's torchmetrics
-                trainer_ = self._nested_trainer(device, root)
+                trainer_ = self._nested_trainer(device, root, limit_val_batches=trainer.limit_val_batches)
                 metrics = trainer_.validate(model, dataloaders=data, verbose=False)[0]  # type: ignore[arg-type]
                 if self.monitor not in metrics:
                     raise GuardConfigError(
@@ -489,9 +495,9 @@ class CompressExport(GuardCallback):
                 if i >= self.verify_batches:
                     break
                 verify.append(to_device(_inputs_of(batch)))
-        if self.example_input is not None:
+        if self.example_input is not None:  # the batches' inputs may not be what forward takes: verify on it
             example = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
-            return to_device(example), verify or [to_device(example)]
+            return to_device(example), [to_device(example)]
         if not verify:
             raise GuardConfigError(
                 "CompressExport needs an example input for export: give the fit a val dataloader or pass "

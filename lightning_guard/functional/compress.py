@@ -37,6 +37,7 @@ __all__ = [
     "load_artifact",
     "max_output_error",
     "onnx_ops",
+    "output_spec",
     "param_count",
     "prunable_layers",
     "prune_structured",
@@ -289,9 +290,31 @@ class _Forward(nn.Module):
 
 
 def _batch_dims(example_inputs: tuple[Any, ...]) -> dict[str, Any]:
-    """Dynamic-shape spec of ``_Forward(*args)``: dim 0 of every input tensor is the (shared) batch dimension."""
+    """Dynamic-shape spec of ``_Forward(*args)``: dim 0 of every input tensor is the (shared) batch dimension.
+
+    Follows the inputs' structure (a dict or tuple of tensors as one argument gets a spec of the same structure).
+    """
     batch = torch.export.Dim("batch", min=1)
-    return {"args": tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)}
+    spec = torch.utils._pytree.tree_map(
+        lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None, tuple(example_inputs)
+    )
+    return {"args": spec}
+
+
+def _traceable_example(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The example with a batch of at least 2: torch.export specialises a batch of 1 to the constant 1.
+
+    A batch of one sample is repeated; the tensors are cloned, so the saved program never holds a view of the
+    user's data (``torch.export.save`` would write the whole underlying storage).
+    """
+
+    def widen(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach()
+        return torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t.clone()
+
+    return tuple(torch.utils._pytree.tree_map(widen, tuple(example_inputs)))
 
 
 def export_program(model: nn.Module, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
@@ -300,8 +323,11 @@ def export_program(model: nn.Module, example_inputs: tuple[Any, ...]) -> torch.e
     Every submodule's train/eval flag is put back as it was afterwards (a frozen BatchNorm stays in eval).
     """
     modes = [(m, m.training) for m in model.modules()]
+    example = _traceable_example(example_inputs)
     try:
-        return torch.export.export(_Forward(model).eval(), example_inputs, dynamic_shapes=_batch_dims(example_inputs))
+        program = torch.export.export(_Forward(model).eval(), example, dynamic_shapes=_batch_dims(example))
+        program.example_inputs = None  # a saved program would carry the example: validation data in the file
+        return program
     finally:
         for m, training in modes:
             m.training = training
@@ -352,21 +378,22 @@ def export_onnx(
     return path
 
 
-def load_artifact(path: str | Path) -> Callable[..., torch.Tensor]:
+def load_artifact(path: str | Path, output_spec: Any = None) -> Callable[..., Any]:
     """Load an exported artifact through a fresh load path (not the in-memory model).
 
     ``torch.export.load`` for ``.pt2``, an onnxruntime session for ``.onnx``. Returns a function from input tensors to
-    the output tensor. A torchao-quantised ``.pt2`` loads through pickle and needs torchao
-    (:attr:`CompressionResult.loading` says which artifact does); load only files you trust.
+    the outputs, in the model's own output structure (a tensor, a tuple, a dict): a ``.pt2`` keeps it; an ONNX
+    file's flat outputs are put back into ``output_spec`` (a ``torch.utils._pytree`` spec of the model's output;
+    without it: one tensor, or a tuple of several). A torchao-quantised ``.pt2`` loads through pickle and needs
+    torchao (:attr:`CompressionResult.loading` says which artifact does); load only files you trust.
     """
     path = Path(path)
     if path.suffix == ".pt2":
         module = torch.export.load(str(path)).module()
 
-        def run_pt2(*inputs: torch.Tensor) -> torch.Tensor:
+        def run_pt2(*inputs: Any) -> Any:
             with torch.no_grad():
-                out = module(*inputs)
-            return out if isinstance(out, torch.Tensor) else out[0]
+                return module(*inputs)
 
         return run_pt2
     if path.suffix == ".onnx":
@@ -376,12 +403,22 @@ def load_artifact(path: str | Path) -> Callable[..., torch.Tensor]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
-        def run_onnx(*inputs: torch.Tensor) -> torch.Tensor:
-            feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
-            return torch.from_numpy(session.run(None, feed)[0])
+        def run_onnx(*inputs: Any) -> Any:
+            flat = torch.utils._pytree.tree_leaves(inputs)
+            feed = {n: t.detach().cpu().numpy() for n, t in zip(names, flat, strict=True)}
+            outs = [torch.from_numpy(o) for o in session.run(None, feed)]
+            if output_spec is not None:
+                return torch.utils._pytree.tree_unflatten(outs, output_spec)
+            return outs[0] if len(outs) == 1 else tuple(outs)
 
         return run_onnx
     raise GuardConfigError(f"unknown artifact type {path.suffix!r} (expected .pt2 or .onnx): {path}")
+
+
+def output_spec(model: Callable[..., Any], inputs: tuple[Any, ...]) -> Any:
+    """The ``torch.utils._pytree`` spec of ``model(*inputs)``'s output structure."""
+    with torch.no_grad():
+        return torch.utils._pytree.tree_flatten(model(*inputs))[1]
 
 
 #: layer types whose weights quantisation could shrink (reported when left in fp32)
@@ -421,55 +458,66 @@ def onnx_ops(path: str | Path) -> dict[str, Any]:
 
 
 def artifact_metric(
-    evaluate: Callable[[nn.Module], float], host: nn.Module, artifact: Callable[..., torch.Tensor]
+    evaluate: Callable[[nn.Module], float], host: nn.Module, artifact: Callable[..., Any]
 ) -> float | None:
     """``evaluate(host)`` with the loaded ``artifact`` standing in for ``host.forward``: the artifact's own metric.
 
-    The evaluation (for a LightningModule, its own ``validation_step``) runs unchanged, but every ``self(x)`` goes
-    through the exported file. None when the evaluation never called ``forward`` (a step that calls submodules
-    directly measures the in-memory model, not the file) or called it with keyword arguments.
+    The evaluation (for a LightningModule, its own ``validation_step``) runs unchanged, but every ``self(...)`` goes
+    through the exported file (keyword arguments are bound to ``forward``'s parameters). None when the evaluation
+    never called ``forward``, or also called the host's submodules directly (the metric would be partly the
+    in-memory model's, not the file's).
     """
-    calls = 0
-    unsupported = False
+    import inspect
 
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        nonlocal calls, unsupported
+    signature = inspect.signature(type(host).forward)
+    calls, direct = 0, 0
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
         if kwargs:
-            unsupported = True
-            raise GuardConfigError("artifact forward takes positional tensors only")
+            bound = signature.bind(host, *args, **kwargs)
+            args = tuple(bound.args[1:])
         calls += 1
         out = artifact(*args)
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), out.device)
-        return out.to(device)
+        device = next((a.device for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.to(device) if device is not None and isinstance(t, torch.Tensor) else t, out
+        )
 
+    def count_direct(*_: Any) -> None:
+        nonlocal direct
+        direct += 1
+
+    hooks = [child.register_forward_pre_hook(count_direct) for child in host.children()]
     host.forward = forward  # an instance attribute shadows the class's forward
     try:
         metric = float(evaluate(host))
-    except GuardConfigError:
-        if unsupported:
-            return None
-        raise
     finally:
         del host.forward
-    return metric if calls else None
+        for hook in hooks:
+            hook.remove()
+    return metric if calls and not direct else None
 
 
-def max_output_error(
-    fn: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], inputs: Sequence[tuple[Any, ...]]
-) -> float:
-    """Largest output difference between ``fn`` and ``reference`` over the input batches.
+def max_output_error(fn: Callable[..., Any], reference: Callable[..., Any], inputs: Sequence[tuple[Any, ...]]) -> float:
+    """Largest output difference between ``fn`` and ``reference`` over the input batches, every output compared.
 
-    Relative to the reference outputs' largest magnitude; ``inf`` when the shapes differ.
+    Relative to each reference output's largest magnitude; ``inf`` when the output structures or shapes differ.
     """
     worst = 0.0
     with torch.no_grad():
         for args in inputs:
-            ref = reference(*args)
-            ref = (ref if isinstance(ref, torch.Tensor) else ref[0]).detach().float().cpu()
-            got = fn(*args).detach().float().cpu()
-            if got.shape != ref.shape:
+            refs, ref_spec = torch.utils._pytree.tree_flatten(reference(*args))
+            gots, got_spec = torch.utils._pytree.tree_flatten(fn(*args))
+            if len(refs) != len(gots) or (ref_spec != got_spec and len(refs) > 1):
                 return float("inf")
-            worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+            for ref, got in zip(refs, gots, strict=True):
+                if not isinstance(ref, torch.Tensor):
+                    continue
+                ref, got = ref.detach().float().cpu(), torch.as_tensor(got).detach().float().cpu()
+                if got.shape != ref.shape:
+                    return float("inf")
+                worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
     return worst
 
 
@@ -689,18 +737,28 @@ def compress_and_export(
     current, amount_kept = model, 0.0
     if prune is not None:
         for amount in sorted(prune_amounts, reverse=True):
-            if prune == "structured":
-                candidate = prune_structured(current, amount, example_inputs)
-            else:
-                candidate = prune_unstructured(current, amount)
-            if finetune is not None:
-                release = _grad_masks(candidate) if prune == "unstructured" else (lambda: None)
-                try:
-                    finetune(candidate)
-                finally:
-                    release()
-            metric = float(evaluate(candidate))
             setting = f"{prune} {amount:g}"
+            try:
+                if prune == "structured":
+                    candidate = prune_structured(current, amount, example_inputs)
+                else:
+                    candidate = prune_unstructured(current, amount)
+                if finetune is not None:
+                    release = _grad_masks(candidate) if prune == "unstructured" else (lambda: None)
+                    try:
+                        finetune(candidate)
+                    finally:
+                        release()
+                metric = float(evaluate(candidate))
+            except Exception as exc:  # this amount breaks the model (a slice of a pruned width): try the next one
+                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                stages.append(Stage("prune", setting, "failed"))
+                notify(
+                    "budget_backoff",
+                    f"pruning {setting} failed ({reason}); backing off",
+                    {"stage": "prune", "setting": setting, "error": reason},
+                )
+                continue
             if drop(metric) <= max_metric_drop:
                 stages.append(row("prune", setting, "accepted", candidate, metric))
                 current, amount_kept = candidate, float(amount)
@@ -772,7 +830,7 @@ def compress_and_export(
         )
         exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance, onnx_int8))
     for path, reference, tol, how in exports:
-        artifact = load_artifact(path)
+        artifact = load_artifact(path, output_spec(reference, inputs[0]))
         error = max_output_error(artifact, reference, inputs)
         size = path.stat().st_size
         ok = error <= tol
@@ -801,5 +859,11 @@ def compress_and_export(
                 f"(max relative error {error:.3g} > tolerance {tol:g}); the file is left at {path} for inspection"
             )
         result.artifacts[path.suffix.lstrip(".")] = str(path)
-        notify("exported", f"{path.name}: {size} bytes, verified (max relative error {error:.2g})", data)
+        note = ""
+        if stage.metric is None:
+            note = (
+                "; no metric of the file itself: the evaluation does not go through forward alone (a validation_step "
+                "that calls submodules directly measures the in-memory model)"
+            )
+        notify("exported", f"{path.name}: {size} bytes, verified (max relative error {error:.2g}){note}", data)
     return result

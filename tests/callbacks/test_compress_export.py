@@ -398,3 +398,84 @@ def test_a_batchnorm_conv_net_gets_a_smaller_verified_artifact_and_the_report_na
     expected = model.eval()(x).shape
     for name in ("model.pt2", "model.onnx"):
         assert C.load_artifact(tmp_path / "out" / name)(x).shape == expected
+
+
+class TupleOutNet(DigitsNet):
+    def forward(self, x):
+        h = torch.relu(self.net[0](x))
+        return self.net[2](h), h
+
+    def validation_step(self, batch, batch_idx):
+        logits, _ = self(batch[0])
+        self.log("val_acc", (logits.argmax(-1) == batch[1]).float().mean())
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0])[0], batch[1])
+
+
+class DictOutNet(TupleOutNet):
+    def forward(self, x):
+        logits, h = super().forward(x)
+        return {"logits": logits, "hidden": h}
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])["logits"]
+        self.log("val_acc", (logits.argmax(-1) == batch[1]).float().mean())
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0])["logits"], batch[1])
+
+
+class TwoInputNet(DigitsNet):
+    def forward(self, x, scale):
+        return self.net(x * scale)
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0], torch.ones(len(batch[0]), 1))
+        self.log("val_acc", (logits.argmax(-1) == batch[1]).float().mean())
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0], torch.ones(len(batch[0]), 1)), batch[1])
+
+
+@pytest.mark.parametrize("net", [TupleOutNet, DictOutNet, TwoInputNet])
+def test_forwards_with_several_outputs_or_inputs_export_verify_and_measure_every_output(tmp_path, net):
+    """Review: a forward returning a tuple or a dict failed after training (the artifact returned its first output
+    only, and only that was verified); a two-input forward failed although `example_input` was given (verification
+    used the batches' first element). Now every output is verified, the files keep the output structure, and each
+    file's own metric is measured."""
+    torch.manual_seed(0)
+    tr, va = digits_loaders(n_train=128, n_val=128, batch_size=32)
+    x = next(iter(va))[0]
+    example = (x[:4], torch.ones(4, 1)) if net is TwoInputNet else None
+    ce = CompressExport(
+        dirpath=str(tmp_path / "out"), monitor="val_acc", formats=("pt2", "onnx"), example_input=example
+    )
+    model = net()
+    trainer(tmp_path, [ce], max_epochs=1).fit(model, tr, va)
+    assert ce.result is not None, ce.error
+    exports = [s for s in ce.result.stages if s.stage == "export"]
+    assert [s.setting for s in exports] == ["model.pt2", "model.onnx"]
+    assert all(s.metric is not None for s in exports)
+    args = example or (x[:4],)
+    compressed = ce.result.model.eval()
+    for name in ("model.pt2", "model.onnx"):
+        out = C.load_artifact(tmp_path / "out" / name, C.output_spec(compressed, args))(*args)
+        ref = compressed(*args)
+        assert type(out) is type(ref)
+        assert C.max_output_error(lambda *a, o=out: o, lambda *a, r=ref: r, [args]) <= 0.05
+
+
+def test_the_pt2_carries_no_validation_data_and_a_batch_of_one_exports(tmp_path):
+    """Review: torch.export.save stored the example input (the first validation batch, or the whole storage a
+    slice viewed: a 954 kB .pt2 for a 5k-parameter MLP), and a validation batch of 1 made torch.export specialise the
+    batch dimension and refuse the export at fit start."""
+    tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
+    one = torch.utils.data.DataLoader(va.dataset, batch_size=1)
+    ce = CompressExport(dirpath=str(tmp_path / "out"), monitor="val_acc", quantize=None, prune=None)
+    trainer(tmp_path, [ce], max_epochs=1, limit_val_batches=8).fit(DigitsNet(hidden=16), tr, one)
+    assert ce.result is not None, ce.error
+    pt2 = tmp_path / "out" / "model.pt2"
+    assert torch.export.load(str(pt2)).example_inputs is None
+    assert pt2.stat().st_size < 40_000  # the weights (1.2k parameters) and the graph, no data
+    assert C.load_artifact(pt2)(torch.zeros(5, 64)).shape == (5, 10)  # the batch dimension stayed dynamic

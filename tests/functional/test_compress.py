@@ -280,7 +280,7 @@ def test_quantisation_backs_off_when_it_breaks_the_budget(tmp_path, trained):
 def test_an_artifact_that_does_not_reproduce_the_model_fails_loudly(tmp_path, trained, monkeypatch):
     model, accuracy, x = trained
     real = C.load_artifact
-    monkeypatch.setattr(C, "load_artifact", lambda path: lambda *a: real(path)(*a) + 1.0)
+    monkeypatch.setattr(C, "load_artifact", lambda path, spec=None: lambda *a: real(path, spec)(*a) + 1.0)
     events = []
     with pytest.raises(GuardRuntimeError) as err:
         C.compress_and_export(
@@ -404,3 +404,49 @@ def test_artifact_metric_is_the_files_and_none_when_forward_is_never_called():
     assert C.artifact_metric(mean_output, host, lambda t: torch.full((t.shape[0], 10), 3.0)) == pytest.approx(3.0)
     assert "forward" not in host.__dict__  # the stand-in is removed again
     assert C.artifact_metric(lambda m: float(m[0].weight.sum()), host, lambda t: t) is None
+
+
+def test_artifact_metric_needs_forward_alone_and_binds_keywords():
+    """Review: a step calling submodules besides forward got a metric half from the in-memory model, and `self(x=x)`
+    got none (`self(input=x)` for a Sequential). Now the first gives None (not the file's), the second binds the keyword and measures the file."""
+    host = _mlp(16).eval()
+    x = torch.randn(8, 64)
+    constant = lambda t: torch.full((t.shape[0], 10), 3.0)  # noqa: E731
+    assert C.artifact_metric(lambda m: float(m(input=x).mean()), host, constant) == pytest.approx(3.0)
+    assert C.artifact_metric(lambda m: float((m(x) + m[0](x).sum()).mean()), host, constant) is None
+
+
+def test_a_pruning_amount_that_breaks_the_model_is_a_failed_stage_and_the_search_goes_on(tmp_path, monkeypatch):
+    """Review: at prune="auto" the dry run passed, but a stronger amount crashed the search (a slice of the pruned
+    width: shapes 32x32 and 31x10) and the run lost its quantised export too. Now that amount is a failed stage, a
+    budget_backoff event says why, and the search goes on to the next amount."""
+    real = C.prune_structured
+
+    def breaks_at_half(model, amount, example):
+        if amount == 0.5:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (32x32 and 31x10)")
+        return real(model, amount, example)
+
+    monkeypatch.setattr(C, "prune_structured", breaks_at_half)
+    events = []
+    result = C.compress_and_export(
+        _mlp(64).eval(),
+        lambda m: 1.0,
+        (torch.randn(4, 64),),
+        tmp_path,
+        higher_is_better=True,
+        prune="structured",
+        prune_amounts=(0.5, 0.25),
+        quantize_mode=None,
+        on_event=lambda kind, message, data: events.append((kind, data.get("setting"), data.get("error"))),
+    )
+    assert [(s.setting, s.decision) for s in result.stages if s.stage == "prune"] == [
+        ("structured 0.5", "failed"),
+        ("structured 0.25", "accepted"),
+    ]
+    assert (
+        "budget_backoff",
+        "structured 0.5",
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x32 and 31x10)",
+    ) in events
+    assert result.artifacts["pt2"]
