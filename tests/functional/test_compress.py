@@ -407,8 +407,9 @@ def test_artifact_metric_is_the_files_and_none_when_forward_is_never_called():
 
 
 def test_artifact_metric_needs_forward_alone_and_binds_keywords():
-    """Review: a step calling submodules besides forward got a metric half from the in-memory model, and `self(x=x)`
-    got none (`self(input=x)` for a Sequential). Now the first gives None (not the file's), the second binds the keyword and measures the file."""
+    """Review: a step calling submodules besides forward got a metric half from the in-memory model, and a keyword
+    call (`self(input=x)` for a Sequential) got none. Now the first gives None (not the file's metric), the second
+    binds the keyword and measures the file."""
     host = _mlp(16).eval()
     x = torch.randn(8, 64)
     constant = lambda t: torch.full((t.shape[0], 10), 3.0)  # noqa: E731
