@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -87,6 +88,14 @@ def _sequences_of_mappings(batch: Any, path: str = "batch") -> str | None:
     return None
 
 
+def _metric_state(metric: Any) -> dict[str, Any]:
+    """A torchmetrics metric's states: tensors cloned, list states as ``(list, length)`` (updates only append)."""
+    return {
+        name: (value, len(value)) if isinstance(value, list) else value.detach().clone()
+        for name, value in ((n, getattr(metric, n)) for n in metric._defaults)
+    }
+
+
 def _default_split(module: Any) -> bool:
     """True when the module's ``split_batch`` is GuardMixin's default (the functional split), not its own."""
     from lightning_guard.mixin import GuardMixin
@@ -140,12 +149,8 @@ class _AttemptState:
                 self.versions[key] = (buf, buf._version)
         self.metrics: list[tuple[Any, dict[str, Any], tuple[Any, ...]]] = []
         for mod in metrics:
-            states = {}
-            for name in mod._defaults:
-                value = getattr(mod, name)
-                states[name] = (value, len(value)) if isinstance(value, list) else value.detach().clone()
             extra = (mod._update_count, mod._computed, mod._forward_cache)
-            self.metrics.append((mod, states, extra))
+            self.metrics.append((mod, _metric_state(mod), extra))
         self.results = results
         self.logged: dict[str, tuple[Any, ...]] = {}
         if results is not None:
@@ -228,17 +233,47 @@ class _PartLog:
     by samples, a sum, a max or a min, by its ``reduce_fx``) instead of keeping the last part's.
     """
 
-    def __init__(self, results: Any, batch: Any) -> None:
+    def __init__(self, results: Any, batch: Any, attempt: _AttemptState | None = None) -> None:
         self.results = results
         self.batch = batch
         self.parts: dict[str, list[tuple[torch.Tensor, float]]] = {}
         self._before: dict[str, Any] = {}
+        # the module's metrics' states before the batch (taken by the attempt state, before any part ran)
+        self._metric_states: dict[int, tuple[Any, dict[str, Any]]] = (
+            {id(m): (m, states) for m, states, _ in attempt.metrics} if attempt is not None else {}
+        )
 
     def enter(self, part: Any) -> None:
         if self.results is None:
             return
         self.results.batch, self.results.batch_size = part, None
         self._before = {k: rm._forward_cache for k, rm in self.results.items()}
+        for rm in self.results.values():  # a Metric object logged on step: keep its state before this batch
+            metric = rm.value
+            if not rm.is_tensor and rm.meta.on_step and id(metric) not in self._metric_states:
+                self._metric_states[id(metric)] = (metric, _metric_state(metric))
+
+    def _step_value(self, metric: Any) -> torch.Tensor | None:
+        """The metric computed over this batch's micro-batches only (sum and concatenation states), else None."""
+        from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
+
+        saved = self._metric_states.get(id(metric))
+        if saved is None:
+            return None
+        states: dict[str, Any] = {}
+        for name, before in saved[1].items():
+            after, reduce = getattr(metric, name), metric._reductions.get(name)
+            if isinstance(before, tuple) and reduce is dim_zero_cat:
+                states[name] = list(after[before[1] :])
+            elif isinstance(before, torch.Tensor) and reduce is dim_zero_sum:
+                states[name] = after - before
+            else:
+                return None  # a mean, max or custom state: the step's share cannot be told apart
+        step = copy.deepcopy(metric)
+        for name, value in states.items():
+            setattr(step, name, value)
+        step._update_count, step._computed = 1, None
+        return step.compute()
 
     def leave(self, weight: float) -> None:
         if self.results is None:
@@ -252,6 +287,12 @@ class _PartLog:
         if self.results is None:
             return
         self.results.batch, self.results.batch_size = self.batch, None
+        for rm in self.results.values():
+            if not rm.is_tensor and rm.meta.on_step and rm.value._update_count > 1:
+                value = self._step_value(rm.value)
+                if value is not None:
+                    rm._forward_cache = value
+
         for key, values in self.parts.items():
             rm = self.results.get(key)
             if rm is None or len(values) < 2:
@@ -797,7 +838,7 @@ class OOMGuard(GuardCallback):
             self._part_log = None
             if self._chunked():
                 closure = functools.partial(self._run_chunks, optimizer_closure, optimizer, epoch, batch_idx)
-                self._part_log = _PartLog(trainer._results, self._batch)
+                self._part_log = _PartLog(trainer._results, self._batch, attempt)
             try:
                 result = inner(epoch, batch_idx, optimizer, closure, **kwargs)
                 if self._part_log is not None:
@@ -1030,7 +1071,7 @@ class OOMGuard(GuardCallback):
             if attempt is None:
                 attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
             parts = self._split(batch, size)
-            log = _PartLog(results, batch)
+            log = _PartLog(results, batch, attempt)
             outputs: list[Any] = []
             failed = False
             for part in parts:

@@ -133,8 +133,15 @@ def test_a_failed_attempt_leaves_no_trace_in_metrics_logs_or_batchnorm(tmp_path)
 
 
 class StepEpochNet(DigitsNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+
     def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch[0]), batch[1])
+        logits = self(batch[0])
+        loss = F.cross_entropy(logits, batch[1])
+        self.acc(logits, batch[1])
+        self.log("train_acc", self.acc, on_step=True, on_epoch=True)  # a Metric object: its forward cache on step
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         self.log("train_loss_max", loss, on_step=True, on_epoch=False, reduce_fx="max")
         return loss
@@ -154,6 +161,9 @@ def test_split_steps_log_what_the_whole_batch_logs(tmp_path):
     assert len(got_log.series("train_loss_step")) == 4
     assert got_log.series("train_loss_step") == pytest.approx(ref_log.series("train_loss_step"), rel=1e-5)
     assert got_log.series("train_loss_epoch") == pytest.approx(ref_log.series("train_loss_epoch"), rel=1e-5)
+    # review: a Metric object logged on step showed the last micro-batch's accuracy
+    for key in ("train_acc_step", "train_acc_epoch"):
+        assert got_log.series(key) == pytest.approx(ref_log.series(key), rel=1e-6), key
     # a max over the micro-batch means is not the whole batch's mean: it stays a max of what was logged
     assert all(
         g >= r - 1e-6 for g, r in zip(got_log.series("train_loss_max"), ref_log.series("train_loss_step"), strict=True)
