@@ -413,8 +413,10 @@ def test_ddp_a_collective_the_fence_cannot_see_fails_loudly_within_the_timeout(t
     t = trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=3)
     with pytest.raises(Exception, match=r"OOMGuard: rank 1 ran out of memory and waited 3 s for the other ranks"):
         t.fit(UnseenCollectiveNet(), tr)
-    events = [e for p in tmp_path.rglob("guard_events*.jsonl") for e in read_jsonl(p)]
-    assert [(e["kind"], e["data"]["where"]) for e in events if e["guard"] == "oom"] == [("oom_fatal", "agreement")]
+    events = [e for p in tmp_path.rglob("guard_events*.jsonl") for e in read_jsonl(p) if e["guard"] == "oom"]
+    assert [(e["kind"], e["data"]["where"]) for e in events if e["ranks"] == [1]] == [("oom_fatal", "agreement")]
+    # rank 0, released from its collective when rank 1's process ends, may time out at its own agreement too
+    assert {(e["kind"], e["data"]["where"]) for e in events} == {("oom_fatal", "agreement")}
 
 
 class EmaNet(DigitsNet):
