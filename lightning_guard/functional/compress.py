@@ -464,8 +464,8 @@ def artifact_metric(
 
     The evaluation (for a LightningModule, its own ``validation_step``) runs unchanged, but every ``self(...)`` goes
     through the exported file (keyword arguments are bound to ``forward``'s parameters). None when the evaluation
-    never called ``forward``, or also called the host's submodules directly (the metric would be partly the
-    in-memory model's, not the file's).
+    never called ``forward``, or also called the host's layers (children holding parameters) directly: the metric
+    would be partly the in-memory model's, not the file's. Metrics and parameter-free losses may run beside it.
     """
     import inspect
 
@@ -488,7 +488,9 @@ def artifact_metric(
         nonlocal direct
         direct += 1
 
-    hooks = [child.register_forward_pre_hook(count_direct) for child in host.children()]
+    # the model's own layers (children holding parameters): metrics and parameter-free losses may run beside forward
+    layers = [child for child in host.children() if any(True for _ in child.parameters())]
+    hooks = [child.register_forward_pre_hook(count_direct) for child in layers]
     host.forward = forward  # an instance attribute shadows the class's forward
     try:
         metric = float(evaluate(host))

@@ -451,3 +451,30 @@ def test_a_pruning_amount_that_breaks_the_model_is_a_failed_stage_and_the_search
         "RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x32 and 31x10)",
     ) in events
     assert result.artifacts["pt2"]
+
+
+class _HostWithMetric(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.net = _mlp(16)
+        self.mean = torchmetrics.MeanMetric()
+        self.loss = nn.MSELoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_artifact_metric_allows_metrics_and_losses_beside_forward():
+    """The demo's validation_step updates a torchmetrics metric (a child module) after `self(x)`: that is not the
+    in-memory model computing, and the file's metric is still its own."""
+    host = _HostWithMetric().eval()
+    x = torch.randn(8, 64)
+
+    def evaluate(m: nn.Module) -> float:
+        out = m(x)
+        m.mean.update(out.mean())
+        return float(m.mean.compute() + 0 * m.loss(out, out))
+
+    assert C.artifact_metric(evaluate, host, lambda t: torch.full((t.shape[0], 10), 2.0)) == pytest.approx(2.0)
