@@ -775,7 +775,9 @@ class OOMGuard(GuardCallback):
                     raise
                 self._oom_text = _error_text(exc)
                 self._note_oom("backward", self._current_size())
-                if self._backward_collectives:  # the others will stop at a fence inside their backward
+                if self._backward_collectives > self._fence.collectives:
+                    # the others have a collective of their backward ahead, where they stop at its agreement; past
+                    # the last one (this backward passed them all), completing DDP's reduction below is safe
                     self._backward_unrecoverable(self._agree_fence(FAILED))
             else:
                 self._backward_collectives = self._fence.collectives

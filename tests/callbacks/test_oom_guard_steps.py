@@ -506,3 +506,31 @@ def test_ddp_a_one_rank_oom_in_a_backward_with_collectives_stops_every_rank_loud
         t.fit(GatherNet(), tr)
     events = [e for p in tmp_path.rglob("guard_events*.jsonl") for e in read_jsonl(p)]
     assert [(e["kind"], e["data"]["where"]) for e in events if e["guard"] == "oom"] == [("oom_fatal", "backward")]
+
+
+class DumpParams(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        guard = next(c for c in trainer.callbacks if isinstance(c, OOMGuard))
+        row = {"params": [p.detach().flatten().tolist() for p in pl_module.parameters()], "mbs": guard.micro_batch_size}
+        (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_ddp_a_one_rank_oom_in_backward_past_its_last_collective_is_recovered(tmp_path):
+    """Review round 2 (after the fix above): an OOM on rank 1 in backward *after* the all-gather's backward (at the
+    first layer) must still be recovered, since no collective of the backward is ahead of the others: rank 1
+    completes DDP's reduction and every rank re-runs the batch. The first fix made every such OOM wait for the
+    agreement timeout."""
+    tr, _ = digits_loaders(batch_size=32)
+    fault = SimulatedOOM(16, where="backward", module="net.0", ranks=[1], steps=[1])
+    cbs = [fault, OOMGuard(collective_timeout=60), DumpParams(str(tmp_path))]
+    trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=3).fit(GatherNet(), tr)
+    r0, r1 = _ranks(tmp_path)
+    assert r0 == r1
+    assert r0["mbs"] == 16
+    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "oom_retry"]
+    assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(1, [1], ["backward"])]
