@@ -336,42 +336,54 @@ class CompressExport(GuardCallback):
     def _trial_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export the forward once now: an untraceable forward is found before training, not after it.
 
-        Every rank tries, so all decide alike. With ``strict`` a failure refuses the fit; otherwise it is an
-        ``export_failed`` event now, and the compression at fit end is skipped.
+        Every rank tries, and the ranks agree on the outcome (one collective): a failure on any rank refuses the fit
+        on every rank with ``strict``; otherwise it is an ``export_failed`` event now (from the rank that failed),
+        and every rank skips the compression at fit end.
         """
-        device = pl_module.device
+        error, first = None, ""
         try:
-            example = self._example_now(trainer, device)
+            example = self._example_now(trainer, pl_module.device)
         except Exception:  # no example to trace with now: the fit-end path reports its own error
-            return
+            example = None
         source = (
             "`example_input`"
             if self.example_input is not None
             else "the first element (or first tensor value) of the first validation batch"
         )
-        try:
-            with torch.no_grad():
-                export_program(pl_module, example)
-        except Exception as exc:
-            first = " ".join(str(exc).split())[:400]
+        if example is not None:
+            try:
+                with torch.no_grad():
+                    export_program(pl_module, example)
+            except Exception as exc:
+                first = " ".join(str(exc).split())[:400]
+                error = GuardConfigError(
+                    f"CompressExport: torch.export cannot trace this module's forward with the example input "
+                    f"({type(exc).__name__}: {first}); the export after training would fail. The example input was "
+                    f"{source}: if `forward` takes something else, pass `example_input` (a tuple of forward's "
+                    "positional arguments); otherwise make `forward` traceable (no data-dependent Python control "
+                    "flow, no unsupported ops; see torch.export's docs), or remove CompressExport"
+                )
+                self._emit(
+                    trainer,
+                    "export_failed",
+                    f"{error} (found at fit start: "
+                    + ("the fit is refused)" if self.strict else "training goes on, compression will be skipped)"),
+                    severity="error",
+                    data={"error": type(exc).__name__, "message": first, "when": "fit_start"},
+                    ranks=(trainer.global_rank,),
+                )
+        verdict = agree(trainer, error is not None)
+        if not verdict.any:
+            return
+        if error is None:  # another rank failed: this one stops (or skips) with it
             error = GuardConfigError(
-                f"CompressExport: torch.export cannot trace this module's forward with the example input "
-                f"({type(exc).__name__}: {first}); the export after training would fail. The example input was "
-                f"{source}: if `forward` takes something else, pass `example_input` (a tuple of forward's "
-                "positional arguments); otherwise make `forward` traceable (no data-dependent Python control flow, "
-                "no unsupported ops; see torch.export's docs), or remove CompressExport"
+                f"CompressExport: torch.export cannot trace this module's forward on rank(s) {list(verdict.ranks)} "
+                "(see that rank's export_failed event); the export after training would fail"
             )
-            if self.strict:
-                raise error from exc
-            self._early_error = error
-            self._emit(
-                trainer,
-                "export_failed",
-                f"{error} (found at fit start: training goes on, compression will be skipped)",
-                severity="error",
-                data={"error": type(exc).__name__, "message": first, "when": "fit_start"},
-                rank_zero_only=True,
-            )
+        if self.strict:
+            self.runtime(trainer).events.dump_outbox()
+            raise error
+        self._early_error = error
 
     def _example_now(self, trainer: pl.Trainer, device: torch.device) -> tuple[Any, ...]:
         """The export's example input before any validation ran: ``example_input`` or the first val batch's."""

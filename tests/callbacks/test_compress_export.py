@@ -479,3 +479,23 @@ def test_the_pt2_carries_no_validation_data_and_a_batch_of_one_exports(tmp_path)
     assert torch.export.load(str(pt2)).example_inputs is None
     assert pt2.stat().st_size < 40_000  # the weights (1.2k parameters) and the graph, no data
     assert C.load_artifact(pt2)(torch.zeros(5, 64)).shape == (5, 10)  # the batch dimension stayed dynamic
+
+
+class UntraceableOnRank1(DigitsNet):
+    def forward(self, x):
+        if self.trainer.global_rank == 1 and x.sum() > 0:  # a data-dependent branch, traced on rank 1 only
+            return -self.net(x)
+        return self.net(x)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_ddp_a_trial_export_failing_on_one_rank_is_agreed_by_every_rank(tmp_path):
+    """The trial export at fit start fails on rank 1 only: every rank skips the compression at fit end. Before the
+    ranks agreed on it, rank 0 would have compressed and waited at fit end for a rank 1 that had returned."""
+    tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
+    ce = CompressExport(dirpath=str(tmp_path / "out"), monitor="val_acc")
+    trainer(tmp_path, [ce], devices=2, strategy="ddp_spawn", max_epochs=1).fit(UntraceableOnRank1(), tr, va)
+    events = [e for p in tmp_path.rglob("guard_events*.jsonl") for e in read_jsonl(p) if e["guard"] == "compress"]
+    assert [(e["kind"], e["ranks"], e["data"]["when"]) for e in events] == [("export_failed", [1], "fit_start")]
+    assert not (tmp_path / "out").exists()
