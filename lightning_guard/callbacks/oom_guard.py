@@ -135,9 +135,8 @@ class _AttemptState:
         ``layout``: :func:`_layout` of the module, computed once per fit (walking a large module costs).
         """
         slots, metrics = layout if layout is not None else _layout(module)
-        self._modules = {id(mod): mod for mod, _ in slots}
         self.buffers: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
-        self.versions: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
+        self.versions: dict[tuple[int, str], tuple[torch.nn.Module, torch.Tensor, int]] = {}
         for mod, name in slots:
             buf = mod._buffers.get(name)
             if buf is None:
@@ -146,7 +145,7 @@ class _AttemptState:
             if buffers is None or key in buffers:
                 self.buffers.append((mod, name, buf, buf.detach().clone()))
             else:  # watched for a first write, not copied
-                self.versions[key] = (buf, buf._version)
+                self.versions[key] = (mod, buf, buf._version)
         self.metrics: list[tuple[Any, dict[str, Any], tuple[Any, ...]]] = []
         for mod in metrics:
             extra = (mod._update_count, mod._computed, mod._forward_cache)
@@ -186,9 +185,8 @@ class _AttemptState:
 
     def _first_writes(self) -> set[tuple[int, str]]:
         changed = set()
-        for (mod_id, name), (old, version) in self.versions.items():
-            mod = self._modules.get(mod_id)
-            buf = mod._buffers.get(name) if mod is not None else None
+        for (mod_id, name), (mod, old, version) in self.versions.items():
+            buf = mod._buffers.get(name)
             if buf is not old or (buf is not None and buf._version != version):
                 changed.add((mod_id, name))
         return changed
@@ -627,7 +625,6 @@ class OOMGuard(GuardCallback):
         expects no backward) or returns a zero loss whose backward completes DDP's armed all-reduce and then raises.
         """
         pl_module = self._module()
-        size = self._samples(part)
         log = self._part_log
         if log is not None:
             log.enter(part)
@@ -648,7 +645,7 @@ class OOMGuard(GuardCallback):
                     if not is_oom_error(exc):
                         raise
                     self._oom_text = _error_text(exc)
-                    self._note_oom("forward", size)
+                    self._note_oom("forward", self._samples(part))
                     if not self._fence.active:
                         raise _Retry(self._local_agreement()) from None
                     rows = self._agree_fence(FAILED)
