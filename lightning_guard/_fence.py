@@ -46,9 +46,16 @@ COLLECTIVES = (
     "scatter_object_list",
 )
 
-#: where a rank stands when it joins an agreement
-AT_COLLECTIVE, AT_END, FAILED = 1.0, 2.0, 3.0
-_PLACES = {AT_COLLECTIVE: "before a collective in the step", AT_END: "at the end of the step", FAILED: "failed"}
+#: where a rank stands when it joins an agreement (AT_STEP: the step's one agreement of all guards, before the
+#: optimizer step; AT_STEP_QUIET: the same, and this step issued no collective of its own)
+AT_COLLECTIVE, AT_END, FAILED, AT_STEP, AT_STEP_QUIET = 1.0, 2.0, 3.0, 5.0, 6.0
+_PLACES = {
+    AT_COLLECTIVE: "before a collective in the step",
+    AT_END: "at the end of the step",
+    FAILED: "failed",
+    AT_STEP: "before the optimizer step",
+    AT_STEP_QUIET: "before the optimizer step",
+}
 
 
 class FenceAbort(BaseException):
@@ -80,6 +87,7 @@ class StepFence:
         self.group: Any = None
         self.world_size = 1
         self.collectives = 0  # user collectives seen in the current watch
+        self.row_size = 1 + payload_size  # every agreement's row has this length (the longest one yet, padded)
         self._originals: dict[str, Callable[..., Any]] = {}
         self._depth = 0
 
@@ -106,15 +114,40 @@ class StepFence:
     # ------------------------------------------------------------------ the agreement
     def agree(self, place: float, payload: list[float] | None = None) -> list[list[float]]:
         """All-gather ``[place, *payload]`` from every rank on the fence group; rows in rank order."""
+        return self.gather([place, *(payload or [0.0] * self.payload_size)])
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """All-gather a row of floats (``values[0]`` a place) on the fence group; rows in rank order, as sent.
+
+        Rows are padded to the longest row gathered so far, so that ranks that are out of step (one at a fence
+        agreement, one at the step's agreement, which is longer) see each other's places instead of a size error.
+        """
         assert self.group is not None
-        row = torch.tensor([place, *(payload or [0.0] * self.payload_size)], dtype=torch.float64)
+        self.row_size = max(self.row_size, len(values))
+        row = torch.zeros(self.row_size, dtype=torch.float64)
+        row[: len(values)] = torch.tensor(values, dtype=torch.float64)
         rows = [torch.empty_like(row) for _ in range(self.world_size)]
         gather = self._originals.get("all_gather", dist.all_gather)
         try:
             gather(rows, row, group=self.group)
         except RuntimeError as exc:
             raise FenceTimeout(str(exc)) from exc
-        return [r.tolist() for r in rows]
+        return [r.tolist()[: len(values)] for r in rows]
+
+    def issued(self) -> int | None:
+        """Collectives issued so far on every process group but the fence's own, seen by the fence or not.
+
+        Read from the groups' sequence numbers (gloo and NCCL count every collective, a compiled graph's and a C++
+        extension's too); None where a backend does not keep them.
+        """
+        total = 0
+        try:
+            for pg in dist.distributed_c10d._world.pg_map:
+                if pg is not self.group:
+                    total += int(pg._get_sequence_number_for_group())  # type: ignore[attr-defined]
+        except Exception:
+            return None
+        return total
 
     @staticmethod
     def failed(rows: list[list[float]]) -> bool:

@@ -8,6 +8,14 @@ a step marks it with :meth:`GuardRuntime.request_skip` before the step. A fused 
 GradScaler is handed ``found_inf`` and checked in the hook. No host sync is added on the ordinary path.
 
 Listeners (WarmupCosine, GradientGuard) are told after every step whether it was applied.
+
+**The step's one agreement.** Guards that must agree with the other ranks on every optimizer step (GradientGuard's
+gradient norm and loss, OOMGuard's status under DDP) do not each issue a collective: at ``on_before_optimizer_step``
+the runtime asks every guard for its vote (:meth:`GuardCallback._step_vote`: a few numbers, the same count on every
+rank), joins them with the number of guard events waiting on this rank, reads the device values once (the step's one
+host sync), gathers the row from every rank in one collective and hands each guard its columns
+(:meth:`GuardCallback._step_verdict`) before any guard acts. A guard that established that the step's gradients are
+finite says so (:meth:`GuardRuntime.note_finite`), and the fused-optimizer ``found_inf`` read is then skipped.
 """
 
 from __future__ import annotations
@@ -75,6 +83,10 @@ class GuardRuntime:
         self._restored_steps: list[int] | None = None
         self.lr_scales: list[dict[str, float]] = []
         self._saved_lrs: dict[int, list[Any]] = {}
+        self._finite: set[int] = set()  # optimizers whose step's gradients a guard found finite (agreed)
+        # gathers the step's row on a guard's own group (OOMGuard's gloo fence, with its timeout); None: the strategy
+        self._step_gather: Callable[[list[float]], list[list[float]]] | None = None
+        self._step_row_size = 0
 
     # ------------------------------------------------------------------ wiring
     def add_listener(self, listener: Listener) -> None:
@@ -149,6 +161,69 @@ class GuardRuntime:
                 return i
         return -1
 
+    # ------------------------------------------------------------------ the step's one agreement
+    def set_step_gather(self, gather: Callable[[list[float]], list[list[float]]] | None) -> None:
+        """Gather the step agreement's rows with ``gather(row) -> rows`` (a guard's own group), not the strategy."""
+        self._step_gather = gather
+
+    def agree_step(self, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """The one agreement of all guards for this optimizer step (see the module's docstring).
+
+        Votes are laid out in callback order, those of guards with ``_vote_first`` (OOMGuard: a failed attempt is
+        abandoned before any guard acts on its gradients) in front; the last column is the pending-event count.
+        """
+        trainer = self.trainer
+        self._mark_loss(self.optimizer_index(optimizer))  # has_loss() is valid for the votes
+        votes: list[tuple[Any, torch.Tensor | list[float]]] = []
+        for cb in sorted(trainer.callbacks, key=lambda c: not getattr(c, "_vote_first", False)):  # type: ignore[attr-defined]
+            vote_of = getattr(cb, "_step_vote", None)
+            if vote_of is None:
+                continue
+            vote = vote_of(trainer, pl_module, optimizer)
+            if vote is not None:
+                votes.append((cb, vote))
+        if not votes:
+            return
+        spans: list[tuple[Any, int, int]] = []
+        size = 0
+        for cb, vote in votes:
+            n = int(vote.numel()) if isinstance(vote, torch.Tensor) else len(vote)
+            spans.append((cb, size, size + n))
+            size += n
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if world > 1 and self._step_gather is None:  # on the device: one collective, then the one host read
+            dev = trainer.strategy.root_device
+            parts = [
+                v.reshape(-1).to(device=dev, dtype=torch.float32)
+                if isinstance(v, torch.Tensor)
+                else torch.tensor(v, dtype=torch.float32, device=dev)
+                for _, v in votes
+            ]
+            parts.append(torch.tensor([float(self.events.pending())], dtype=torch.float32, device=dev))
+            flat = _to_host([trainer.strategy.all_gather(torch.cat(parts)).reshape(-1)])
+            rows = [flat[i * (size + 1) : (i + 1) * (size + 1)] for i in range(world)]
+        else:  # the one host read first; then, under DDP, the gather on the guard's own (CPU) group
+            on_device = iter(_to_host([v.reshape(-1).float() for _, v in votes if isinstance(v, torch.Tensor)]))
+            row: list[float] = []
+            for _, vote in votes:
+                row.extend([next(on_device) for _ in range(vote.numel())] if isinstance(vote, torch.Tensor) else vote)
+            if world > 1:
+                row.append(float(self.events.pending()))
+                assert self._step_gather is not None
+                rows = self._step_gather(row)
+            else:
+                rows = [row]
+        if world > 1 and any(r[size] > 0 for r in rows):
+            self.events.exchange()
+        for cb, start, end in spans:
+            cb._step_verdict(trainer, optimizer, [tuple(r[start:end]) for r in rows])
+
+    def note_finite(self, optimizer: Any) -> None:
+        """The gradients of this optimizer's step are finite on every rank (agreed): no ``found_inf`` read needed."""
+        idx = self.optimizer_index(optimizer)
+        if idx >= 0:
+            self._finite.add(idx)
+
     # ------------------------------------------------------------------ step protocol
     def request_skip(self, optimizer: Any) -> None:
         """Mark the coming step of this optimizer as skipped by a guard (it will not count as applied)."""
@@ -162,12 +237,17 @@ class GuardRuntime:
         if idx >= 0:
             self._pending[idx] = True
             self._attempt_step[idx] = int(self.trainer.global_step)
-            if self._step_has_loss(idx):
-                self._no_loss.discard(idx)
-            else:
-                self._no_loss.add(idx)
+            self._mark_loss(idx)
             self._apply_lr_scale(idx)
             self._record_lrs(idx)
+
+    def _mark_loss(self, idx: int) -> None:
+        if idx < 0:
+            return
+        if self._step_has_loss(idx):
+            self._no_loss.discard(idx)
+        else:
+            self._no_loss.add(idx)
 
     def _record_lrs(self, idx: int) -> None:
         self.applied_lrs[idx] = [_lr_copy(g["lr"]) for g in self._optimizers[idx].param_groups]
@@ -279,7 +359,8 @@ class GuardRuntime:
                 self._resolve(idx, applied=False, reason="guard_skip")
                 return
             found_inf = getattr(optimizer, "found_inf", None)  # fused optimizer driven by a GradScaler
-            if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+            finite = idx in self._finite  # a guard's agreed norm was finite: the scaler found no inf either
+            if not finite and isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
                 self._resolve(idx, applied=False, reason="amp_overflow")
                 return
             self._resolve(idx, applied=True, reason="applied")
@@ -300,6 +381,7 @@ class GuardRuntime:
         self._resolve(idx, applied=False, reason=reason)
 
     def _resolve(self, idx: int, *, applied: bool, reason: str) -> None:
+        self._finite.discard(idx)
         self._backwards_seen[idx] = self._backwards
         if applied:
             self.applied_steps[idx] += 1
@@ -330,6 +412,15 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lrs: list[Any]) -> None:
             group["lr"].copy_(lr)
         else:
             group["lr"] = lr
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of 1-d float tensors (on any devices), in order, read in one device-to-host copy per device."""
+    if not tensors:
+        return []
+    if all(t.device == tensors[0].device for t in tensors):
+        return torch.cat(tensors).tolist()
+    return [v for t in tensors for v in t.tolist()]
 
 
 def _lr_copy(value: Any) -> float | torch.Tensor:

@@ -161,10 +161,24 @@ class GuardCallback(Callback):
         self.__dict__["_left"] = {k: v for k, v in self.__dict__.items() if k != "_left"}
 
     def _is_owner(self, trainer: pl.Trainer) -> bool:
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(cb, GuardCallback):
-                return cb is self
-        return False
+        # Asked in every hook of every guard: the answer is kept with the trainer for its callback list as it is
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        cached = trainer.__dict__.get("_lightning_guard_owner")
+        if cached is None or cached[0] is not callbacks or cached[1] != len(callbacks):
+            owner = next((cb for cb in callbacks if isinstance(cb, GuardCallback)), None)
+            cached = (callbacks, len(callbacks), owner)
+            trainer.__dict__["_lightning_guard_owner"] = cached
+        return cached[2] is self
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        # Lightning reads ``state_key`` at every hook call (to name the profiler's section): built once per value
+        items = tuple(kwargs.items())
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is not None and cached[0] == items:
+            return cached[1]
+        key = super()._generate_state_key(**kwargs)
+        self.__dict__["_state_key_cache"] = (items, key)
+        return key
 
     def runtime(self, trainer: pl.Trainer) -> GuardRuntime:
         """The trainer's guard runtime."""
@@ -199,7 +213,9 @@ class GuardCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._is_owner(trainer):
-            self.runtime(trainer).before_optimizer_step(optimizer)
+            runtime = self.runtime(trainer)
+            runtime.agree_step(pl_module, optimizer)  # every guard's vote, one collective: before any guard acts
+            runtime.before_optimizer_step(optimizer)
 
     @override
     def on_train_batch_start(
@@ -310,6 +326,21 @@ class GuardCallback(Callback):
         A resumed run restores the log from the checkpoint, so once-per-run announcements are not repeated.
         """
         return any(e.guard == self.guard_name and e.kind == kind for e in self.runtime(trainer).events.events)
+
+    def _step_vote(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor | list[float] | None:
+        """This rank's numbers for the step's one agreement (a 1-d tensor on any device, or floats), or None.
+
+        Called on every rank at every optimizer step, before any guard's ``on_before_optimizer_step`` work; the count
+        of numbers must be the same on every rank. The answer comes to :meth:`_step_verdict`.
+        """
+        return None
+
+    def _step_verdict(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
+    ) -> None:
+        """Every rank's vote for this step, in rank order (called only for a guard that voted)."""
 
     def _on_batch_retry(self, trainer: pl.Trainer) -> None:
         """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""

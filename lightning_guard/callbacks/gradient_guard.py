@@ -15,7 +15,6 @@ from lightning_guard._checks import check_int, check_number
 from lightning_guard._runtime import StepOutcome, _lr_copy, set_group_lrs
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot
-from lightning_guard.distributed import agree, all_reduce_sum
 from lightning_guard.errors import GradientExplosionError, GuardConfigError
 from lightning_guard.events import GuardEvent, Severity, emit
 from lightning_guard.functional.grad import (
@@ -234,7 +233,9 @@ class GradientGuard(GuardCallback):
         self._rollback_schedulers: list[dict[str, Any]] | None = None  # after a rollback, applied at batch end
         self._rollback_lrs: list[list[Any]] | None = None
         self._losses: list[torch.Tensor] = []
-        self._reduce: Any = None
+        self._vote: tuple[Any, list[torch.Tensor]] | None = None  # this step's optimizer and gradients, as voted
+        self._verdict: list[tuple[float, ...]] | None = None  # every rank's [has_loss, norm, loss] for this step
+        self._reduce = False  # sharded gradients (FSDP): the vote is the squared norm of this rank's shard
         self.last_norm: float = math.nan
         self.last_post_clip_norm: float = math.nan
 
@@ -268,7 +269,7 @@ class GradientGuard(GuardCallback):
         super().on_train_start(trainer, pl_module)
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
-        self._reduce = self._reduce_sq(trainer)
+        self._reduce = self._sharded(trainer)
         self._losses = []
         n = len(trainer.optimizers)
         for per_opt in (self._stats, self._loss_stats):
@@ -316,15 +317,14 @@ class GradientGuard(GuardCallback):
     def _scaler(self, trainer: pl.Trainer) -> Any:
         return getattr(trainer.precision_plugin, "scaler", None)
 
-    def _reduce_sq(self, trainer: pl.Trainer) -> Any:
+    def _sharded(self, trainer: pl.Trainer) -> bool:
+        """Each rank holds a part of the gradients (FSDP): the norm's squares are summed over ranks."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         sharded = (
             isinstance(trainer.strategy, FSDPStrategy) or type(trainer.strategy).__name__ == "ModelParallelStrategy"
         )
-        if not sharded or trainer.world_size <= 1:
-            return None
-        return lambda sq: all_reduce_sum(trainer, sq)
+        return sharded and trainer.world_size > 1
 
     @override
     def on_before_optimizer_step(
@@ -353,21 +353,28 @@ class GradientGuard(GuardCallback):
         )
         return spike, z, loss_spike, loss_z
 
-    def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    @override
+    def _step_vote(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor | list[float] | None:
+        """``[has_loss, norm, loss]``: the gradient norm (its square under FSDP: summed over the shards) and loss."""
+        self._vote, self._verdict = None, None
         runtime = self.runtime(trainer)
         if not runtime.has_loss(optimizer):  # training_step returned None: nothing to judge, no statistics to feed
             self._losses = []
-            return
-        idx = max(runtime.optimizer_index(optimizer), 0)
+            return [0.0, 0.0, 0.0]
         self._candidate.wait()  # the weights are about to change: the async snapshot copy must be complete
         self._snapshot.wait()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = collect_grads(params)
-        device = grads[0].device if grads else trainer.strategy.root_device
-        norm = global_grad_norm(grads, reduce_sq=self._reduce)
+        norm = global_grad_norm(grads)
+        if self._reduce:  # sharded: each rank holds a part; the squares add up across ranks
+            norm = norm * norm
         scaler = self._scaler(trainer)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            norm = norm / scaler._scale.to(norm.device)  # fused optimizers unscale inside step(): grads still scaled
+            # fused optimizers unscale inside step(): the gradients are still scaled
+            scale = scaler._scale.to(norm.device)
+            norm = norm / (scale * scale if self._reduce else scale)
         losses, self._losses = self._losses, []
         if not losses:
             loss = torch.zeros((), device=norm.device)
@@ -375,15 +382,48 @@ class GradientGuard(GuardCallback):
             loss = losses[0].float().to(norm.device)
         else:  # gradient accumulation: Lightning already divided each micro-batch loss by the number of them
             loss = torch.stack([x.float() for x in losses]).sum().to(norm.device)
-        # The step's one host sync (one small collective under DDP/FSDP); finiteness is judged on the host.
-        verdict = agree(trainer, False, torch.stack([norm.float(), loss]).to(device))
-        norms = [v[0] for v in verdict.values]
-        rank_losses = [v[1] for v in verdict.values]
-        loss_bad_ranks = tuple(r for r, v in enumerate(rank_losses) if not math.isfinite(v))
-        bad_ranks = tuple(r for r, n in enumerate(norms) if not math.isfinite(n) or r in loss_bad_ranks)
+        self._vote = (optimizer, grads)
+        return torch.stack([torch.ones((), device=norm.device), norm.float(), loss])
+
+    @override
+    def _step_verdict(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
+    ) -> None:
+        self._verdict = rows
+
+    def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        runtime = self.runtime(trainer)
+        vote, rows = self._vote, self._verdict
+        self._vote, self._verdict = None, None
+        if not runtime.has_loss(optimizer):
+            return
+        if vote is None or rows is None or vote[0] is not optimizer:
+            raise RuntimeError(
+                "GradientGuard: no step agreement for this optimizer step (its on_before_optimizer_step was called "
+                "outside Lightning's optimizer step, or a guard's hook did not call super())"
+            )
+        grads = vote[1]
+        idx = max(runtime.optimizer_index(optimizer), 0)
+        scaler = self._scaler(trainer)
+        voted = [r for r in rows if r[0]]  # ranks whose step has a loss
+        if self._reduce:  # the norm of the whole model: the square root of the shards' squares
+            total = math.fsum(r[1] for r in voted)
+            norms = [math.sqrt(total) if math.isfinite(total) else math.nan] * len(rows)
+            norms = [n if math.isfinite(r[1]) else math.nan for n, r in zip(norms, rows, strict=True)]
+        else:
+            norms = [r[1] for r in rows]
+        rank_losses = [r[2] for r in voted]
+        loss_bad_ranks = tuple(r for r, v in enumerate(rows) if v[0] and not math.isfinite(v[2]))
+        bad_ranks = tuple(
+            r
+            for r, (n, v) in enumerate(zip(norms, rows, strict=True))
+            if v[0] and (not math.isfinite(n) or r in loss_bad_ranks)
+        )
         any_loss_bad = bool(loss_bad_ranks)
         loss_mean = sum(rank_losses) / max(len(rank_losses), 1)
-        norm_v = max(norms) if not bad_ranks else math.nan
+        norm_v = max(n for n, v in zip(norms, rows, strict=True) if v[0]) if not bad_ranks else math.nan
+        if not bad_ranks:
+            runtime.note_finite(optimizer)  # the GradScaler's inf check of these gradients needs no host read
         self.last_norm = norm_v
         self._history.append(norm_v)
         post = norm_v

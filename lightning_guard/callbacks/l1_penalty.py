@@ -139,6 +139,8 @@ class L1Penalty(GuardCallback):
         self._numel = 0
         self._step_lrs: dict[int, list[tuple[float, set[int]]]] = {}
         self._opt_params: list[set[int]] = []
+        self._per_optimizer: dict[int, list[tuple[float, list[torch.Tensor]]]] = {}  # _params_of, computed once
+        self._signs: dict[tuple[int, float], list[torch.Tensor] | None] = {}  # subgradient workspace (CPU only)
         self._reduce = False
 
     @property
@@ -191,6 +193,7 @@ class L1Penalty(GuardCallback):
         super().on_train_start(trainer, pl_module)
         self._select(pl_module)
         self._opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
+        self._per_optimizer, self._signs = {}, {}
         from lightning.pytorch.strategies import FSDPStrategy
 
         self._reduce = trainer.world_size > 1 and (
@@ -227,6 +230,24 @@ class L1Penalty(GuardCallback):
             )
 
     def _params_of(self, optimizer_idx: int) -> list[tuple[float, list[torch.Tensor]]]:
+        found = self._per_optimizer.get(optimizer_idx)
+        if found is None:
+            found = self._per_optimizer[optimizer_idx] = self._find_params_of(optimizer_idx)
+        return found
+
+    def _workspace(self, optimizer_idx: int, mult: float, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Buffers for the subgradient's signs, kept across steps for CPU parameters only.
+
+        On CPU a fresh parameter-sized allocation every step costs more than the arithmetic (fresh pages); CUDA's
+        caching allocator makes a fresh one free, and a kept copy there would cost parameter-sized device memory.
+        """
+        key = (optimizer_idx, mult)
+        if key not in self._signs:
+            cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+            self._signs[key] = [torch.empty_like(p) for p in params] if cpu else None
+        return self._signs[key]
+
+    def _find_params_of(self, optimizer_idx: int) -> list[tuple[float, list[torch.Tensor]]]:
         if optimizer_idx < 0 or optimizer_idx >= len(self._opt_params):
             return self._groups
         ids = self._opt_params[optimizer_idx]
@@ -249,7 +270,7 @@ class L1Penalty(GuardCallback):
             # still multiplied by the loss scale, so the subgradient is scaled alike (or it would be 65536x too weak).
             scale = getattr(scaler, "_scale", None) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
             for mult, params in self._params_of(idx):
-                l1_subgradient_(params, lam * mult, scale=scale)
+                l1_subgradient_(params, lam * mult, scale=scale, workspace=self._workspace(idx, mult, params))
         else:  # remember the LR each param group uses this step (a schedule may change it before the proximal step)
             factor = runtime.lr_scale(idx)
             self._step_lrs[idx] = [
@@ -338,3 +359,4 @@ class L1Penalty(GuardCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._groups = []
+        self._per_optimizer, self._signs = {}, {}

@@ -17,7 +17,7 @@ from lightning.pytorch.trainer import call
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
-from lightning_guard._fence import AT_END, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard._fence import AT_END, AT_STEP, AT_STEP_QUIET, FAILED, FenceAbort, FenceTimeout, StepFence
 from lightning_guard._wrapping import takes_batch_idx, wraps_method
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import Agreement
@@ -38,7 +38,6 @@ _CODE = {"forward": 1.0, "backward": 2.0}
 _MEM_KEYS = ("allocated_mib", "reserved_mib", "peak_mib")
 _MARK = "_lightning_guard_original"
 _EVAL_HOOKS = {"validation_step": "validate", "test_step": "test", "predict_step": "predict"}
-_AFTER_BACKWARD = 4.0  # a fence place: the agreement after the backward of the step's last part
 
 
 class _Retry(Exception):
@@ -375,6 +374,7 @@ class OOMGuard(GuardCallback):
     """
 
     guard_name = "oom"
+    _vote_first = True  # a failed attempt is abandoned before any guard acts on its gradients
 
     def __init__(
         self,
@@ -406,6 +406,11 @@ class OOMGuard(GuardCallback):
         self._checked_batch = False
         self._dynamic_buffers: set[tuple[int, str]] | None = None  # buffers a training step writes (None: unknown)
         self._backward_collectives = 0  # collectives the last clean step's backward issued (DDP)
+        # DDP: every step so far issued no collective of its own (agreed): a step needs no agreement at its end, a
+        # failure is told at the step's one agreement. Once a step issues one, never again for the fit (_loud).
+        self._quiet = False
+        self._loud = False
+        self._counted = False  # the process groups' collective counts are seen to move (DDP's backward moves them)
         self._layout: tuple[int, tuple[list[tuple[torch.nn.Module, str]], list[Any]]] | None = None
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0
@@ -428,6 +433,8 @@ class OOMGuard(GuardCallback):
         self._hold_grads = False
         self._oom: tuple[str, int, dict[str, float]] | None = None  # this rank's failure in this attempt
         self._abandoned: Agreement | None = None  # the ranks agreed to drop this attempt before its backward
+        self._deferred = False  # this rank failed in a quiet step: it tells the others at the step's agreement
+        self._step_collectives = 0  # collectives this attempt's training_step and backward issued (DDP)
         self._part_log: _PartLog | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -440,8 +447,11 @@ class OOMGuard(GuardCallback):
                 self._install(pl_module, name)
             self._checked_batch = False
             self._dynamic_buffers, self._backward_collectives, self._layout = None, 0, None
+            self._quiet, self._loud, self._counted = False, False, False
             if trainer.world_size > 1:
                 self._fence.setup()  # every rank, at the same point: creating a group is a collective
+            if self._fence.active:  # the guards' one step agreement runs on the fence's group, with its timeout
+                self.runtime(trainer).set_step_gather(self._gather_step)
         if self.split_eval:
             for name in _EVAL_HOOKS:
                 self._install(pl_module, name)
@@ -628,12 +638,19 @@ class OOMGuard(GuardCallback):
         log = self._part_log
         if log is not None:
             log.enter(part)
+        # A quiet step (no collective in any step so far, agreed by all ranks) has no agreement at its end: a rank
+        # that fails completes DDP's all-reduce with a zero loss and tells the others at the step's one agreement.
+        quiet = synced and self._quiet
         self._busy = True
         rows: list[list[float]] | None = None
         try:
             if self._oom is not None:  # this rank failed earlier in the attempt (a micro-batch's backward)
+                if quiet:
+                    self._deferred = True
+                    return self._dummy_loss(pl_module)
                 rows = self._agree_fence(FAILED)
             else:
+                before = self._fence.issued() if self._fence.active else None
                 try:
                     with self._fence.watching():
                         out = step()
@@ -648,9 +665,13 @@ class OOMGuard(GuardCallback):
                     self._note_oom("forward", self._samples(part))
                     if not self._fence.active:
                         raise _Retry(self._local_agreement()) from None
+                    if quiet:
+                        self._deferred = True
+                        return self._dummy_loss(pl_module)
                     rows = self._agree_fence(FAILED)
                 else:
-                    if not self._fence.active:
+                    self._step_collectives += self._issued_since(before)
+                    if not self._fence.active or quiet:
                         if log is not None:
                             log.leave(self._weight(part))
                         return out
@@ -668,21 +689,61 @@ class OOMGuard(GuardCallback):
         self._abandoned = verdict
         return self._dummy_loss(pl_module)  # every rank: DDP armed its all-reduce in this forward
 
+    # ------------------------------------------------------------------ the step's one agreement (DDP)
+    @override
+    def _step_vote(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor | list[float] | None:
+        """``[place, *failure]``: failed (and where, at what size, the memory figures) or not, and whether quiet."""
+        if not self._fence.active:
+            return None  # one process: a failure is retried where it happens
+        if self._oom is not None:
+            return [FAILED, *self._payload()]
+        quiet = self._step_collectives == 0 and self._counted
+        return [AT_STEP_QUIET if quiet else AT_STEP, *self._payload()]
+
+    @override
+    def _step_verdict(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
+    ) -> None:
+        table = [list(r) for r in rows]
+        if StepFence.failed(table):
+            raise _Retry(self._fence_verdict(table))  # every rank, here: before any guard acts on the gradients
+        if any(r[0] not in (AT_STEP, AT_STEP_QUIET) for r in table):
+            self._out_of_step(table)
+        if any(r[0] == AT_STEP for r in table):
+            self._loud = True
+        self._quiet = not self._loud
+
+    def _issued_since(self, before: int | None) -> int:
+        """Collectives issued on any group since ``before`` (1 where they cannot be counted: never quiet)."""
+        after = self._fence.issued()
+        return 1 if before is None or after is None else after - before
+
+    def _gather_step(self, row: list[float]) -> list[list[float]]:
+        try:
+            return self._fence.gather(row)
+        except FenceTimeout as exc:
+            self._fence_timed_out(FAILED if self._oom is not None else AT_STEP, exc)
+
     def _agree_fence(self, place: float) -> list[list[float]]:
         try:
             rows = self._fence.agree(place, list(self._payload()))
         except FenceTimeout as exc:
             self._fence_timed_out(place, exc)
         if not StepFence.failed(rows) and len({r[0] for r in rows}) > 1:
-            raise OOMGuardError(
-                f"OOMGuard: the ranks are out of step inside training_step ({StepFence.describe(rows)}): the step "
-                "issues a different number of collectives on different ranks (a collective under a data-dependent "
-                "condition, or micro-batch counts that differ because the ranks' batches differ in size)",
-                self._current_size(),
-                tuple(range(len(rows))),
-                {},
-            )
+            self._out_of_step(rows)
         return rows
+
+    def _out_of_step(self, rows: list[list[float]]) -> NoReturn:
+        raise OOMGuardError(
+            f"OOMGuard: the ranks are out of step inside training_step ({StepFence.describe(rows)}): the step "
+            "issues a different number of collectives on different ranks (a collective under a data-dependent "
+            "condition, or micro-batch counts that differ because the ranks' batches differ in size)",
+            self._current_size(),
+            tuple(range(len(rows))),
+            {},
+        )
 
     def _fence_timed_out(self, place: float, exc: BaseException) -> NoReturn:
         trainer = self._trainer
@@ -750,6 +811,9 @@ class OOMGuard(GuardCallback):
         if self._abandoned is not None:  # the zero loss of an abandoned attempt: complete DDP's all-reduce, re-run
             inner(loss, *args, **kwargs)
             raise _Retry(self._abandoned)
+        if self._deferred:  # this rank's zero loss in a quiet step: complete DDP's all-reduce; the others learn of
+            inner(loss, *args, **kwargs)  # the failure at the step's agreement, before the optimizer step
+            return None
         if not self._distributed:
             try:
                 return inner(loss, *args, **kwargs)
@@ -759,6 +823,7 @@ class OOMGuard(GuardCallback):
                 self._oom_text = _error_text(exc)
             self._note_oom("backward", self._current_size())
             raise _Retry(self._local_agreement())
+        before = self._fence.issued()
         with self._track_reduced() as reduced:
             try:
                 with self._fence.watching():  # a collective inside backward (all_gather with sync_grads) is fenced
@@ -778,11 +843,11 @@ class OOMGuard(GuardCallback):
                     self._backward_unrecoverable(self._agree_fence(FAILED))
             else:
                 self._backward_collectives = self._fence.collectives
+                self._step_collectives += self._fence.collectives
+                self._counted = self._counted or self._issued_since(before) > 0  # DDP's all-reduce was counted
             if self._oom is not None and self._oom[0] == "backward":
                 self._complete_reduction(reduced())
-        rows = self._agree_fence(FAILED if self._oom is not None else _AFTER_BACKWARD)
-        if StepFence.failed(rows):
-            raise _Retry(self._fence_verdict(rows))
+        # a failure here is told at the step's one agreement (on_before_optimizer_step, before any guard acts)
         return None
 
     @contextlib.contextmanager
@@ -832,7 +897,7 @@ class OOMGuard(GuardCallback):
         module = self._module()
         attempt = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
         while True:
-            self._oom, self._abandoned = None, None
+            self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, False, 0
             closure = optimizer_closure
             self._part_log = None
             if self._chunked():

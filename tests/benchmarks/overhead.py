@@ -15,6 +15,9 @@ Configurations (each a fresh model and Trainer, rounds interleaved in rotated or
 * all-guards suite (``--suite all``): ``all_guards`` = ``WarmupCosine``, ``GradientGuard``, ``L1Penalty`` and
   ``OOMGuard`` together (the guards with work on every step; OverfitGuard, ClassBalance and CompressExport act at
   validation, fit start or fit end), against ``bare`` and ``floor``;
+* DDP suite (``--suite ddp``, CPU): ``ddp_bare`` (plain DDP under ``ddp_spawn``, 2 processes, gloo, one intra-op
+  thread each), ``ddp_floor`` (the floor plus one all-gather of three floats per step: the least a guard that agrees
+  across ranks costs) and ``ddp_all_guards`` (the same four guards), on the same MLP; rank 0's time is reported;
 * ``bare_fused`` and ``guard_fused`` (CUDA only): the same with a fused AdamW, which Lightning's clipping refuses
   under AMP (compare ``guard_fused`` with ``bare_fused``).
 
@@ -28,15 +31,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard.functional import global_grad_norm
@@ -146,6 +151,78 @@ class LM(pl.LightningModule):
 CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "bare_fused", "guard_fused"]
 L1_CONFIGS = ["bare", "l1_loss_term", "l1_subgradient", "l1_proximal"]
 ALL_CONFIGS = ["bare", "floor", "all_guards"]
+DDP_CONFIGS = ["ddp_bare", "ddp_floor", "ddp_all_guards"]
+
+
+def _step_path_guards() -> list[Callback]:
+    """Every guard with work on the step path, at their defaults."""
+    return [WarmupCosine(warmup=0.05), GradientGuard(), L1Penalty(1e-6), OOMGuard()]
+
+
+class _FileTimer(StepTimer):
+    """A StepTimer whose rank 0 writes its seconds per step to a file (ddp_spawn workers are other processes)."""
+
+    def __init__(self, warmup: int, steps: int, path: str) -> None:
+        super().__init__(warmup, steps)
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            with open(self.path, "w") as f:
+                f.write(str(self.elapsed / self.steps))
+
+
+class _AgreeingFloor(Floor):
+    """The floor plus the least a guard that agrees across ranks costs: one all-gather of three floats per step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = global_grad_norm(grads)
+        row = torch.stack([torch.ones(()), norm, torch.zeros(())])
+        if not all(math.isfinite(v) for v in trainer.strategy.all_gather(row).reshape(-1).tolist()):
+            raise RuntimeError("non-finite gradients")
+
+
+class _OneThread(Callback):
+    """One intra-op thread per worker: two workers on two cores must not fight over four threads (both configs)."""
+
+    def setup(self, trainer, pl_module, stage):
+        torch.set_num_threads(1)
+
+
+def _run_ddp(config: str, warmup: int, steps: int) -> float:
+    from tests.helpers import ReleaseProcessGroup
+
+    fd, path = tempfile.mkstemp(suffix=".txt")
+    os.close(fd)
+    callbacks: list[Callback] = [_FileTimer(warmup, steps, path), ReleaseProcessGroup(), _OneThread()]
+    if config == "ddp_all_guards":
+        callbacks += _step_path_guards()
+    elif config == "ddp_floor":
+        callbacks.append(_AgreeingFloor())
+    n = warmup + steps
+    g = torch.Generator().manual_seed(0)
+    # two tensors, not one per sample: ddp_spawn sends every tensor through its own shared-memory file
+    data = TensorDataset(torch.randn(2 * n * 256, 64, generator=g), torch.randint(0, 10, (2 * n * 256,), generator=g))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=n,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(),
+    )
+    trainer.fit(MLP(), DataLoader(data, batch_size=256))
+    try:
+        with open(path) as f:
+            return float(f.read())
+    finally:
+        os.unlink(path)
 
 
 def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> float:
@@ -165,8 +242,8 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
         callbacks.append(GradientGuard())
     elif config == "guard_snap10":
         callbacks.append(GradientGuard(snapshot_every=10))
-    elif config == "all_guards":  # every guard with work on the step path, at their defaults
-        callbacks += [WarmupCosine(warmup=0.05), GradientGuard(), L1Penalty(1e-6), OOMGuard()]
+    elif config == "all_guards":
+        callbacks += _step_path_guards()
     elif config == "l1_subgradient":
         callbacks.append(L1Penalty(1e-6, mode="subgradient"))
     elif config == "l1_proximal":
@@ -195,6 +272,7 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
         enable_model_summary=False,
         callbacks=callbacks,
         num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(),  # the guards' event log goes there, not into the working tree
         **kwargs,
     )
     trainer.fit(model, loader)
@@ -215,7 +293,8 @@ def measure(
     for r in range(rounds):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
         for c in order:
-            times[c].append(_run(c, device, warmup, steps, precision) * 1000)
+            run = _run_ddp(c, warmup, steps) if c.startswith("ddp_") else _run(c, device, warmup, steps, precision)
+            times[c].append(run * 1000)
     med = {c: statistics.median(v) for c, v in times.items()}
     return {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
@@ -226,24 +305,28 @@ def measure(
         "steps": steps,
         "ms_per_step": med,
         "all_ms": times,
-        "vs_bare_pct": {c: 100 * (med[c] / med["bare"] - 1) for c in configs},
-        "vs_floor_pct": {c: 100 * (med[c] / med["floor"] - 1) for c in configs} if "floor" in med else {},
+        "vs_bare_pct": {c: 100 * (med[c] / med["ddp_bare" if c.startswith("ddp_") else "bare"] - 1) for c in configs},
+        "vs_floor_pct": {
+            c: 100 * (med[c] / med["ddp_floor" if c.startswith("ddp_") else "floor"] - 1)
+            for c in configs
+            if ("ddp_floor" if c.startswith("ddp_") else "floor") in med
+        },
     }
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    floor = bool(result.get("vs_floor_pct"))
+    floors = result.get("vs_floor_pct") or {}
     lines = [
         f"device: {result['device']}; torch {result['torch']}, Lightning {result['lightning']}, "
         f"{result['precision']}, median of {result['rounds']} interleaved rounds of {result['steps']} steps",
         "",
-        "| configuration | ms/step | vs bare |" + (" vs floor |" if floor else ""),
-        "|---|---|---|" + ("---|" if floor else ""),
+        "| configuration | ms/step | vs bare |" + (" vs floor |" if floors else ""),
+        "|---|---|---|" + ("---|" if floors else ""),
     ]
     for c, ms in result["ms_per_step"].items():
         row = f"| {c} | {ms:.3f} | {result['vs_bare_pct'][c]:+.2f}% |"
-        if floor:
-            row += f" {result['vs_floor_pct'][c]:+.2f}% |"
+        if floors:
+            row += f" {floors[c]:+.2f}% |" if c in floors else " - |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -256,9 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--suite", choices=["gradient_guard", "l1", "all"], default="gradient_guard")
+    parser.add_argument("--suite", choices=["gradient_guard", "l1", "all", "ddp"], default="gradient_guard")
     args = parser.parse_args(argv)
-    configs = {"l1": L1_CONFIGS, "all": ALL_CONFIGS}.get(args.suite)
+    configs = {"l1": L1_CONFIGS, "all": ALL_CONFIGS, "ddp": DDP_CONFIGS}.get(args.suite)
     result = measure(args.device, args.rounds, args.warmup, args.steps, args.precision, configs)
     return save(args.out, f"{args.suite}_overhead_{args.device}", result, to_markdown(result))
 

@@ -1,16 +1,16 @@
-"""All step-path guards together (WarmupCosine, GradientGuard, L1Penalty, OOMGuard) vs bare Lightning and the
-one-fused-norm floor, CPU, side by side in one process (run with `make bench`).
+"""All step-path guards together (WarmupCosine, GradientGuard, L1Penalty, OOMGuard), CPU, side by side in one run
+(``make bench``): in one process against bare Lightning and the one-fused-norm floor callback, and under ``ddp_spawn``
+(2 processes, gloo) against plain DDP.
 
-The issue's target (<= 3% over bare for all step-path guards) is for a ~100M-parameter transformer on a GPU
-(`gpu_check.sh OUT all`); on this CPU's 4.5 ms MLP step the fixed per-step Python cost dominates, so this test only
-guards against regressions: at most 20% over the floor (measured +9.6%).
+Issue 16's targets: within 5% of the floor in one process, within 10% of plain DDP under ``ddp_spawn``. (The GPU
+target, <= 3% over bare for a ~135M-parameter LM, is checked by ``gpu_check.sh OUT all`` when a GPU is lent.)
 """
 
 from pathlib import Path
 
 import pytest
 
-from tests.benchmarks.overhead import ALL_CONFIGS, measure, to_markdown
+from tests.benchmarks.overhead import ALL_CONFIGS, DDP_CONFIGS, measure, to_markdown
 from tests.benchmarks.report import save
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
@@ -18,6 +18,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 
 @pytest.mark.benchmark
 def test_all_guards_overhead_cpu():
-    result = measure("cpu", rounds=5, warmup=20, steps=150, configs=ALL_CONFIGS)
+    result = measure("cpu", rounds=7, warmup=20, steps=150, configs=ALL_CONFIGS + DDP_CONFIGS)
     save(DOCS, "all_overhead_cpu", result, to_markdown(result))
-    assert result["vs_floor_pct"]["all_guards"] <= 20.0
+    print({c: [round(v, 2) for v in vs] for c, vs in result["all_ms"].items()})
+    assert result["vs_floor_pct"]["all_guards"] <= 5.0
+    assert result["vs_bare_pct"]["ddp_all_guards"] <= 10.0

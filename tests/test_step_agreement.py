@@ -1,0 +1,214 @@
+"""The guards' one per-step agreement: collectives and host syncs per optimizer step, counted inside ddp_spawn workers.
+
+Every ``torch.distributed`` collective is counted (whatever group it runs on: the guards' own gloo group too), and
+every read of a tensor's value into Python (``item``, ``tolist``, ``cpu``, ``bool``, ``float``...) made by
+lightning_guard's code. A read of memory that a collective in the window has just filled (a gloo gather's output) or
+that a counted ``cpu()`` copied is host memory already and is not counted again. On a GPU each counted read is a
+device-to-host sync.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+import lightning_guard
+from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
+from lightning_guard._fence import COLLECTIVES
+from lightning_guard.events import EVENTS_FILENAME
+from tests.helpers import DigitsNet, digits_loaders, read_jsonl, trainer
+
+_PACKAGE = str(Path(lightning_guard.__file__).parent)
+_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class CountPerStep(Callback):
+    """In each worker: per optimizer step, the collectives issued and lightning_guard's reads of tensor values."""
+
+    def __init__(self, out: str, first: int) -> None:
+        self.out, self.first = out, first
+        self.rows: list[dict[str, Any]] = []
+        self._on = False
+
+    def on_train_start(self, trainer, pl_module):
+        self._host: list[torch.Tensor] = []  # host memory of the window, kept alive (a freed pointer is reused)
+        self._patched: list[tuple[Any, str, Any]] = []
+        for name in COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is not None:
+                self._patch(dist, name, self._collective(name, original))
+        for name in _READS:
+            self._patch(torch.Tensor, name, self._read(name, getattr(torch.Tensor, name)))
+
+    def _patch(self, owner: Any, name: str, new: Any) -> None:
+        self._patched.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
+    def _collective(self, name: str, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self._on:
+                self._row["collectives"].append(name)
+                for a in (*args, *kwargs.values()):
+                    for t in a if isinstance(a, list) else [a]:
+                        if isinstance(t, torch.Tensor):
+                            self._host.append(t)
+            return original(*args, **kwargs)
+
+        return counted
+
+    def _read(self, name: str, original: Any) -> Any:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = original(tensor, *args, **kwargs)
+            if self._on and not self._is_host(tensor):
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(_PACKAGE):
+                    self._row["reads"].append(f"{name} {Path(caller).name}:{sys._getframe(1).f_lineno}")
+                    if isinstance(out, torch.Tensor):
+                        self._host.append(out)
+            return out
+
+        return counted
+
+    def _is_host(self, tensor: torch.Tensor) -> bool:
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(ptr == t.untyped_storage().data_ptr() for t in self._host)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._row = {"collectives": [], "reads": []}
+        self._host.clear()
+        self._on = trainer.global_step >= self.first
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._on:
+            self.rows.append(self._row)
+        self._on = False
+
+    def on_train_end(self, trainer, pl_module):
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+class SyncLogNet(DigitsNet):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+
+def _fit(tmp_path: Path, model: DigitsNet) -> list[list[dict[str, Any]]]:
+    tr, _ = digits_loaders(n_train=640, batch_size=32)
+    counter = CountPerStep(str(tmp_path), first=2)  # steps 0 and 1 learn what a step issues
+    guards = [WarmupCosine(warmup=2), GradientGuard(), L1Penalty(1e-5), OOMGuard()]
+    logger = CSVLogger(str(tmp_path), name="csv")
+    t = trainer(
+        tmp_path, [counter, *guards], devices=2, strategy="ddp_spawn", max_steps=10, max_epochs=-1, logger=logger
+    )
+    t.log_every_n_steps = 50
+    t.fit(model, tr)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_all_step_path_guards_agree_once_per_step_with_one_host_sync(tmp_path):
+    """Main: each guard agreed on its own. Per optimizer step under DDP, OOMGuard all-gathered twice on its gloo group
+    (at the end of training_step and after backward) and GradientGuard once more, with its host sync: 3 collectives.
+    Now WarmupCosine, GradientGuard, L1Penalty and OOMGuard together issue one collective (OOMGuard's status,
+    GradientGuard's norm and loss and the pending-event count travel together) and read one device value per step."""
+    per_rank = _fit(tmp_path, DigitsNet())
+    for rows in per_rank:
+        assert len(rows) == 8
+        for row in rows:
+            assert row["collectives"] == ["all_gather"], row
+            assert len(row["reads"]) == 1, row
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_a_step_with_its_own_collective_keeps_the_fence_and_still_one_host_sync(tmp_path):
+    """``self.log(..., sync_dist=True)`` in training_step issues a barrier and an all-reduce (Lightning's
+    ``_sync_ddp``): each is fenced (an agreement in front of it), one agreement ends the step (a rank that ran out of
+    memory in forward must not reach DDP's all-reduce alone) and the step's agreement follows: four of the guards'
+    around the user's two; still one device read."""
+    per_rank = _fit(tmp_path, SyncLogNet())
+    for rows in per_rank:
+        for row in rows:
+            fenced = ["all_gather", "barrier", "all_gather", "all_reduce"]
+            assert row["collectives"] == [*fenced, "all_gather", "all_gather"], row
+            assert len(row["reads"]) == 1, row
+
+
+class MicroBatchAt(Callback):
+    """Sets OOMGuard's micro-batch size at given steps, as recovered out-of-memory errors would, with no failure."""
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        self.sizes = sizes
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.sizes:
+            next(c for c in trainer.callbacks if isinstance(c, OOMGuard)).micro_batch_size = self.sizes[
+                trainer.global_step
+            ]
+
+
+class DumpWeights(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        w = [p.detach().flatten().tolist() for p in pl_module.parameters()]
+        (Path(self.out) / f"weights{trainer.global_rank}.json").write_text(json.dumps(w))
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_one_rank_out_of_memory_in_a_quiet_step_is_told_at_the_step_agreement(tmp_path):
+    """A step with no collective of its own has no agreement at its end: rank 1, out of memory in forward at step 4,
+    completes DDP's all-reduce with a zero loss and says so at the step's agreement, where every rank abandons the
+    attempt before any guard looks at its gradients; rank 0 does the same after a backward out-of-memory at step 6.
+    Both ranks end with the weights of a run that switched micro-batch sizes at those steps without failing."""
+    from lightning_guard.testing import SimulatedOOM
+
+    tr, _ = digits_loaders(n_train=640, batch_size=32)
+
+    def fit(out: Path, extra: list[Any]) -> list[Any]:
+        out.mkdir()
+        guards = [WarmupCosine(warmup=2), GradientGuard(), L1Penalty(1e-5), OOMGuard()]
+        counter = CountPerStep(str(out), first=0)
+        cbs = [counter, *extra, *guards, DumpWeights(str(out))]
+        t = trainer(out, cbs, devices=2, strategy="ddp_spawn", max_steps=8)
+        torch.manual_seed(0)
+        t.fit(DigitsNet(), tr)
+        return [json.loads((out / f"weights{r}.json").read_text()) for r in (0, 1)]
+
+    ref = fit(tmp_path / "ref", [MicroBatchAt({4: 16, 6: 8})])
+    faults = [
+        SimulatedOOM(16, where="forward", ranks=[1], steps=[4]),
+        SimulatedOOM(8, where="backward", ranks=[0], steps=[6]),
+    ]
+    got = fit(tmp_path / "oom", faults)
+    assert got[0] == got[1]
+    for g, r in zip(got[0], ref[0], strict=True):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(r), rtol=1e-6, atol=1e-6)
+    events = [e for e in read_jsonl(tmp_path / "oom" / EVENTS_FILENAME) if e["kind"] == "oom_retry"]
+    assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [
+        (4, [1], ["forward"]),
+        (6, [0], ["backward"]),
+    ]
+    rows = json.loads((tmp_path / "oom" / "rank0.json").read_text())
+    # Step 0 ends with an agreement (nothing is known of the step yet); steps 1-3 have the step's agreement only.
+    # Step 4: the agreement that abandons the attempt, rank 1's injector event forwarded to rank 0 (two gathers), and
+    # the re-run in two micro-batches of 16: the first, under no_sync, ends with an agreement. Step 6: the same at 8
+    # (three micro-batches under no_sync; rank 0's own event needs no forwarding).
+    assert [len(r["collectives"]) for r in rows] == [2, 1, 1, 1, 1 + 2 + 1 + 1, 1 + 1, 1 + 3 + 1, 3 + 1]
