@@ -441,3 +441,14 @@ def test_ddp_fault_on_one_rank_all_ranks_agree(tmp_path, bad_rank, precision):
     events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "gradient_guard"]
     expected_kind = "nonfinite_skip" if precision == "32-true" else "amp_overflow"
     assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [(expected_kind, 2, [bad_rank])]
+
+
+def test_the_cached_state_key_follows_a_changed_argument():
+    """The guards keep their ``state_key`` (Lightning reads it at every hook call); a changed argument changes it,
+    as it names the guard's state in checkpoints."""
+    guard = GradientGuard()
+    first = guard.state_key
+    assert guard.state_key is first  # built once
+    guard.z_threshold = 5.0
+    assert guard.state_key != first
+    assert guard.state_key == GradientGuard(z_threshold=5.0).state_key
