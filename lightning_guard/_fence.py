@@ -134,6 +134,31 @@ class StepFence:
             raise FenceTimeout(str(exc)) from exc
         return [r.tolist()[: len(values)] for r in rows]
 
+    def gather_async(self, values: list[float]) -> tuple[Any, list[torch.Tensor], int]:
+        """Post a row for the next gather on the fence group without waiting; :meth:`finish` waits for it.
+
+        Whatever agreement the other ranks reach next on the group (before a collective, at the end of a step, or the
+        step's agreement) completes it.
+        """
+        assert self.group is not None
+        self.row_size = max(self.row_size, len(values))
+        row = torch.zeros(self.row_size, dtype=torch.float64)
+        row[: len(values)] = torch.tensor(values, dtype=torch.float64)
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        gather = self._originals.get("all_gather", dist.all_gather)
+        work = gather(rows, row, group=self.group, async_op=True)
+        return work, rows, len(values)
+
+    @staticmethod
+    def finish(posted: tuple[Any, list[torch.Tensor], int]) -> list[list[float]]:
+        """Wait for a row posted by :meth:`gather_async`; rows in rank order, as long as the posted one."""
+        work, rows, n = posted
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            raise FenceTimeout(str(exc)) from exc
+        return [r.tolist()[:n] for r in rows]
+
     def issued(self) -> int | None:
         """Collectives issued so far on every process group but the fence's own, seen by the fence or not.
 

@@ -11,10 +11,11 @@ Listeners (WarmupCosine, GradientGuard) are told after every step whether it was
 
 **The step's one agreement.** Guards that must agree with the other ranks on every optimizer step (GradientGuard's
 gradient norm and loss, OOMGuard's status under DDP) do not each issue a collective: at ``on_before_optimizer_step``
-the runtime asks every guard for its vote (:meth:`GuardCallback._step_vote`: a few numbers, the same count on every
+(in the hook of the last guard whose vote depends on its place in the callback list, GradientGuard; otherwise in the
+first guard's) the runtime asks every guard for its vote (:meth:`GuardCallback._step_vote`: a few numbers, the same count on every
 rank), joins them with the number of guard events waiting on this rank, reads the device values once (the step's one
 host sync), gathers the row from every rank in one collective and hands each guard its columns
-(:meth:`GuardCallback._step_verdict`) before any guard acts. A guard that established that the step's gradients are
+(:meth:`GuardCallback._step_verdict`) before any of them judges the step. A guard that established that the step's gradients are
 finite says so (:meth:`GuardRuntime.note_finite`), and the fused-optimizer ``found_inf`` read is then skipped.
 """
 
@@ -86,7 +87,7 @@ class GuardRuntime:
         self._finite: set[int] = set()  # optimizers whose step's gradients a guard found finite (agreed)
         # gathers the step's row on a guard's own group (OOMGuard's gloo fence, with its timeout); None: the strategy
         self._step_gather: Callable[[list[float]], list[list[float]]] | None = None
-        self._step_row_size = 0
+        self.step_row_size = 0  # the length of the step agreement's row (votes and the pending count), once known
 
     # ------------------------------------------------------------------ wiring
     def add_listener(self, listener: Listener) -> None:
@@ -213,10 +214,22 @@ class GuardRuntime:
                 rows = self._step_gather(row)
             else:
                 rows = [row]
+        self.step_row_size = size + 1
         if world > 1 and any(r[size] > 0 for r in rows):
             self.events.exchange()
         for cb, start, end in spans:
             cb._step_verdict(trainer, optimizer, [tuple(r[start:end]) for r in rows])
+
+    def abandon_step(self, optimizer: Any) -> None:
+        """The step being attempted is dropped before it runs (OOMGuard re-runs the batch): undo its preparation."""
+        idx = self.optimizer_index(optimizer)
+        if idx < 0:
+            return
+        self._pending.pop(idx, None)
+        self._restore_lrs(idx, self._optimizers[idx])
+        self._attempt_step.pop(idx, None)
+        for marks in (self._skip_requested, self._no_loss, self._finite):
+            marks.discard(idx)
 
     def note_finite(self, optimizer: Any) -> None:
         """The gradients of this optimizer's step are finite on every rank (agreed): no ``found_inf`` read needed."""

@@ -211,6 +211,37 @@ def test_one_rank_out_of_memory_in_a_quiet_step_is_told_at_the_step_agreement(tm
     rows = json.loads((tmp_path / "oom" / "rank0.json").read_text())
     # Step 0 ends with an agreement (nothing is known of the step yet); steps 1-3 have the step's agreement only.
     # Step 4: the agreement that abandons the attempt, rank 1's injector event forwarded to rank 0 (two gathers), and
-    # the re-run in two micro-batches of 16: the first, under no_sync, ends with an agreement. Step 6: the same at 8
-    # (three micro-batches under no_sync; rank 0's own event needs no forwarding).
-    assert [len(r["collectives"]) for r in rows] == [2, 1, 1, 1, 1 + 2 + 1 + 1, 1 + 1, 1 + 3 + 1, 3 + 1]
+    # the re-run in two micro-batches of 16: the first, under no_sync, ends with an agreement. Step 5: the same two.
+    # Step 6: the first micro-batch's end agreement (its backward fails on rank 0), the step's agreement that abandons
+    # the attempt, and the re-run at 8 (three micro-batches under no_sync; rank 0's own event needs no forwarding).
+    assert [len(r["collectives"]) for r in rows] == [2, 1, 1, 1, 1 + 2 + 1 + 1, 1 + 1, 1 + 1 + 3 + 1, 3 + 1]
+
+
+class LateSyncLogNet(DigitsNet):
+    """A collective that no step before step 5 issued (a periodic ``sync_dist`` log, a metric synced every N steps)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.global_step == 5:
+            self.log("synced", loss, sync_dist=True)
+        return loss
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_one_rank_out_of_memory_in_the_first_step_with_a_collective_after_quiet_steps_recovers(tmp_path):
+    """Review: after five quiet steps, rank 1 ran out of memory in forward at step 5 and went on to DDP's all-reduce,
+    while rank 0 waited at the fence's agreement in front of the step's first ``sync_dist`` all-reduce: both stopped
+    with ``OOMGuardError`` after ``collective_timeout``. The failed rank now posts its failure without waiting; rank 0
+    meets it at that agreement, and both re-run the batch."""
+    from lightning_guard.testing import SimulatedOOM
+
+    tr, _ = digits_loaders(n_train=640, batch_size=32)
+    cbs = [SimulatedOOM(16, where="forward", ranks=[1], steps=[5]), OOMGuard(collective_timeout=30), GradientGuard()]
+    cbs.append(DumpWeights(str(tmp_path)))
+    trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=8).fit(LateSyncLogNet(), tr)
+    w0, w1 = (json.loads((tmp_path / f"weights{r}.json").read_text()) for r in (0, 1))
+    assert w0 == w1
+    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "oom"]
+    assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [("oom_retry", 5, [1])]

@@ -95,6 +95,10 @@ class GuardCallback(Callback):
 
     #: short name used in events and metric names (``guard/<name>/<kind>``)
     guard_name: str = "guard"
+    #: this guard's vote depends on where it sits in the callback list (GradientGuard judges the gradients as the
+    #: callbacks listed before it left them): the step's agreement runs in the last such guard's
+    #: ``on_before_optimizer_step`` (without one, in the owner's, first)
+    _vote_in_place = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GuardCallback:
         self = super().__new__(cls)
@@ -170,6 +174,18 @@ class GuardCallback(Callback):
             trainer.__dict__["_lightning_guard_owner"] = cached
         return cached[2] is self
 
+    def _agrees(self, trainer: pl.Trainer) -> bool:
+        """Whether the step's agreement runs in this guard's ``on_before_optimizer_step`` (see ``_vote_in_place``)."""
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        cached = trainer.__dict__.get("_lightning_guard_agreeing")
+        if cached is None or cached[0] is not callbacks or cached[1] != len(callbacks):
+            guards = [cb for cb in callbacks if isinstance(cb, GuardCallback)]
+            in_place = [cb for cb in guards if cb._vote_in_place]
+            agreeing = in_place[-1] if in_place else (guards[0] if guards else None)
+            cached = (callbacks, len(callbacks), agreeing)
+            trainer.__dict__["_lightning_guard_agreeing"] = cached
+        return cached[2] is self
+
     def _generate_state_key(self, **kwargs: Any) -> str:
         # Lightning reads ``state_key`` at every hook call (to name the profiler's section): built once per value
         items = tuple(kwargs.items())
@@ -212,10 +228,11 @@ class GuardCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        runtime = self.runtime(trainer)
         if self._is_owner(trainer):
-            runtime = self.runtime(trainer)
-            runtime.agree_step(pl_module, optimizer)  # every guard's vote, one collective: before any guard acts
             runtime.before_optimizer_step(optimizer)
+        if self._agrees(trainer):
+            runtime.agree_step(pl_module, optimizer)  # every guard's vote, one collective
 
     @override
     def on_train_batch_start(

@@ -212,6 +212,8 @@ class GradientGuard(GuardCallback):
         self.loss_min_rise = float(loss_min_rise)
         self._reset_state()
 
+    _vote_in_place = True  # the norm of the gradients as the callbacks listed before this guard left them
+
     def _reset_state(self) -> None:
         self._stats: list[EmaStats] = []  # per optimizer: gradient-norm statistics
         self._loss_stats: list[EmaStats] = []  # per optimizer: loss statistics

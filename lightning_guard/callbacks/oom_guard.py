@@ -17,7 +17,16 @@ from lightning.pytorch.trainer import call
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
-from lightning_guard._fence import AT_END, AT_STEP, AT_STEP_QUIET, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard._fence import (
+    AT_COLLECTIVE,
+    AT_END,
+    AT_STEP,
+    AT_STEP_QUIET,
+    FAILED,
+    FenceAbort,
+    FenceTimeout,
+    StepFence,
+)
 from lightning_guard._wrapping import takes_batch_idx, wraps_method
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import Agreement
@@ -433,7 +442,9 @@ class OOMGuard(GuardCallback):
         self._hold_grads = False
         self._oom: tuple[str, int, dict[str, float]] | None = None  # this rank's failure in this attempt
         self._abandoned: Agreement | None = None  # the ranks agreed to drop this attempt before its backward
-        self._deferred = False  # this rank failed in a quiet step: it tells the others at the step's agreement
+        # this rank failed in a quiet step: its row, posted for the others' next agreement on the fence group
+        self._deferred: tuple[Any, list[torch.Tensor], int] | None = None
+        self._pregathered: list[list[float]] | None = None  # the step's agreement, already completed by that row
         self._step_collectives = 0  # collectives this attempt's training_step and backward issued (DDP)
         self._part_log: _PartLog | None = None
 
@@ -646,7 +657,7 @@ class OOMGuard(GuardCallback):
         try:
             if self._oom is not None:  # this rank failed earlier in the attempt (a micro-batch's backward)
                 if quiet:
-                    self._deferred = True
+                    self._deferred = self._post_failure()
                     return self._dummy_loss(pl_module)
                 rows = self._agree_fence(FAILED)
             else:
@@ -666,7 +677,7 @@ class OOMGuard(GuardCallback):
                     if not self._fence.active:
                         raise _Retry(self._local_agreement()) from None
                     if quiet:
-                        self._deferred = True
+                        self._deferred = self._post_failure()
                         return self._dummy_loss(pl_module)
                     rows = self._agree_fence(FAILED)
                 else:
@@ -707,8 +718,9 @@ class OOMGuard(GuardCallback):
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
     ) -> None:
         table = [list(r) for r in rows]
-        if StepFence.failed(table):
-            raise _Retry(self._fence_verdict(table))  # every rank, here: before any guard acts on the gradients
+        if StepFence.failed(table):  # every rank, here: before any guard judges the gradients
+            self.runtime(trainer).abandon_step(optimizer)
+            raise _Retry(self._fence_verdict(table))
         if any(r[0] not in (AT_STEP, AT_STEP_QUIET) for r in table):
             self._out_of_step(table)
         if any(r[0] == AT_STEP for r in table):
@@ -720,7 +732,38 @@ class OOMGuard(GuardCallback):
         after = self._fence.issued()
         return 1 if before is None or after is None else after - before
 
+    def _post_failure(self) -> tuple[Any, list[torch.Tensor], int]:
+        """This rank failed in a quiet step: post its row, in the step agreement's layout, without waiting.
+
+        The others either meet it at an agreement in front of a collective of the step that no earlier step issued
+        (they then unwind after DDP's all-reduce, as for a failure told there) or at the step's agreement, which this
+        row then completes for them: either way nobody waits inside a collective for this rank.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        runtime = self.runtime(trainer)
+        size = max(runtime.step_row_size, 1 + len(self._payload()) + 1)
+        row = [FAILED, *self._payload()]
+        row += [0.0] * (size - 1 - len(row)) + [float(runtime.events.pending())]
+        return self._fence.gather_async(row)
+
+    def _finish_deferred(self) -> None:
+        """After this rank's zero backward: learn where the others met its row (see :meth:`_post_failure`)."""
+        assert self._deferred is not None
+        try:
+            rows = self._fence.finish(self._deferred)
+        except FenceTimeout as exc:
+            self._fence_timed_out(FAILED, exc)
+        finally:
+            self._deferred = None
+        if any(r[0] in (AT_COLLECTIVE, AT_END) for r in rows):  # at a collective of the step: they unwind now
+            raise _Retry(self._fence_verdict(rows))
+        self._pregathered = rows  # at the step's agreement: it is complete, the same for every rank
+
     def _gather_step(self, row: list[float]) -> list[list[float]]:
+        if self._pregathered is not None:
+            rows, self._pregathered = self._pregathered, None
+            return [r[: len(row)] for r in rows]
         try:
             return self._fence.gather(row)
         except FenceTimeout as exc:
@@ -811,8 +854,9 @@ class OOMGuard(GuardCallback):
         if self._abandoned is not None:  # the zero loss of an abandoned attempt: complete DDP's all-reduce, re-run
             inner(loss, *args, **kwargs)
             raise _Retry(self._abandoned)
-        if self._deferred:  # this rank's zero loss in a quiet step: complete DDP's all-reduce; the others learn of
-            inner(loss, *args, **kwargs)  # the failure at the step's agreement, before the optimizer step
+        if self._deferred is not None:  # this rank's zero loss in a quiet step: complete DDP's all-reduce, then learn
+            inner(loss, *args, **kwargs)  # where the others met this rank's failure
+            self._finish_deferred()
             return None
         if not self._distributed:
             try:
@@ -897,7 +941,8 @@ class OOMGuard(GuardCallback):
         module = self._module()
         attempt = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
         while True:
-            self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, False, 0
+            self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, None, 0
+            self._pregathered = None
             closure = optimizer_closure
             self._part_log = None
             if self._chunked():

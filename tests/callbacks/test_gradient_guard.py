@@ -452,3 +452,29 @@ def test_the_cached_state_key_follows_a_changed_argument():
     guard.z_threshold = 5.0
     assert guard.state_key != first
     assert guard.state_key == GradientGuard(z_threshold=5.0).state_key
+
+
+class _NaNGradsAt(Callback):
+    """A user callback that edits the gradients in ``on_before_optimizer_step`` (gradient noise, a custom clip)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.grad.fill_(float("nan"))
+
+
+def test_the_norm_is_taken_where_the_guard_sits_after_a_user_callback_that_edits_the_gradients(tmp_path):
+    """Review: with the step's one agreement run in the first guard's hook, GradientGuard measured the gradients
+    before a user callback listed between that guard and it had made them NaN: the NaN step was applied (weights
+    NaN, three skips and a rollback after). The agreement now runs in GradientGuard's own hook."""
+    tr, _ = digits_loaders(batch_size=32)
+    guard = GradientGuard()
+    t = trainer(tmp_path, [WarmupCosine(warmup=2), _NaNGradsAt(2), guard], max_steps=6)
+    model = DigitsNet()
+    t.fit(model, tr)
+    assert guard.counts == {"nonfinite_skip": 1}
+    assert t.__dict__["_lightning_guard_runtime"].applied_steps == [5]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
