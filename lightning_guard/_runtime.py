@@ -12,11 +12,12 @@ Listeners (WarmupCosine, GradientGuard) are told after every step whether it was
 **The step's one agreement.** Guards that must agree with the other ranks on every optimizer step (GradientGuard's
 gradient norm and loss, OOMGuard's status under DDP) do not each issue a collective: at ``on_before_optimizer_step``
 (in the hook of the last guard whose vote depends on its place in the callback list, GradientGuard; otherwise in the
-first guard's) the runtime asks every guard for its vote (:meth:`GuardCallback._step_vote`: a few numbers, the same count on every
-rank), joins them with the number of guard events waiting on this rank, reads the device values once (the step's one
-host sync), gathers the row from every rank in one collective and hands each guard its columns
-(:meth:`GuardCallback._step_verdict`) before any of them judges the step. A guard that established that the step's gradients are
-finite says so (:meth:`GuardRuntime.note_finite`), and the fused-optimizer ``found_inf`` read is then skipped.
+first guard's) the runtime asks every guard for its vote (:meth:`GuardCallback._step_vote`: a few numbers, the same
+count on every rank), joins them with the number of guard events waiting on this rank, reads the device values once
+(the step's one host sync), gathers the row from every rank in one collective and hands each guard its columns
+(:meth:`GuardCallback._step_verdict`) before any of them judges the step. A guard that established that the step's
+gradients are finite says so (:meth:`GuardRuntime.note_finite`), and the fused-optimizer ``found_inf`` read is then
+skipped.
 """
 
 from __future__ import annotations
