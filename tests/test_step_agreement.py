@@ -228,20 +228,33 @@ class LateSyncLogNet(DigitsNet):
         return loss
 
 
+class SyncLogBeforeStep(Callback):
+    """A user callback with a collective between backward and the optimizer step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pl_module.log("seen", torch.tensor(1.0), sync_dist=True)
+
+
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_one_rank_out_of_memory_in_the_first_step_with_a_collective_after_quiet_steps_recovers(tmp_path):
-    """Review: after five quiet steps, rank 1 ran out of memory in forward at step 5 and went on to DDP's all-reduce,
-    while rank 0 waited at the fence's agreement in front of the step's first ``sync_dist`` all-reduce: both stopped
-    with ``OOMGuardError`` after ``collective_timeout``. The failed rank now posts its failure without waiting; rank 0
-    meets it at that agreement, and both re-run the batch."""
+@pytest.mark.parametrize("where", ["late_in_training_step", "in_a_callback_after_backward"])
+def test_one_rank_out_of_memory_in_a_quiet_step_with_a_collective_of_its_own_recovers(tmp_path, where):
+    """Review: after quiet steps, rank 1 ran out of memory in forward and went on to DDP's all-reduce, while rank 0
+    waited at the fence's agreement in front of the step's first ``sync_dist`` all-reduce (at step 5): both stopped
+    with ``OOMGuardError`` after ``collective_timeout``. The first mend (the failed rank posts its failure without
+    waiting, then waited for it after backward) deadlocked against a user callback's ``sync_dist`` log between
+    backward and the optimizer step. Now the failed rank waits for its post only at the step's agreement; every rank
+    re-runs the batch."""
     from lightning_guard.testing import SimulatedOOM
 
     tr, _ = digits_loaders(n_train=640, batch_size=32)
-    cbs = [SimulatedOOM(16, where="forward", ranks=[1], steps=[5]), OOMGuard(collective_timeout=30), GradientGuard()]
-    cbs.append(DumpWeights(str(tmp_path)))
-    trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=8).fit(LateSyncLogNet(), tr)
+    late = where == "late_in_training_step"
+    fault = SimulatedOOM(16, where="forward", ranks=[1], steps=[5 if late else 4])
+    cbs: list[Any] = [fault] + ([] if late else [SyncLogBeforeStep()])
+    cbs += [OOMGuard(collective_timeout=30), GradientGuard(), DumpWeights(str(tmp_path))]
+    model = LateSyncLogNet() if late else DigitsNet()
+    trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=8).fit(model, tr)
     w0, w1 = (json.loads((tmp_path / f"weights{r}.json").read_text()) for r in (0, 1))
     assert w0 == w1
     events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "oom"]
-    assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [("oom_retry", 5, [1])]
+    assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [("oom_retry", 5 if late else 4, [1])]

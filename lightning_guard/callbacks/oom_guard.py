@@ -18,7 +18,6 @@ from typing_extensions import override
 
 from lightning_guard._checks import check_int
 from lightning_guard._fence import (
-    AT_COLLECTIVE,
     AT_END,
     AT_STEP,
     AT_STEP_QUIET,
@@ -444,7 +443,6 @@ class OOMGuard(GuardCallback):
         self._abandoned: Agreement | None = None  # the ranks agreed to drop this attempt before its backward
         # this rank failed in a quiet step: its row, posted for the others' next agreement on the fence group
         self._deferred: tuple[Any, list[torch.Tensor], int] | None = None
-        self._pregathered: list[list[float]] | None = None  # the step's agreement, already completed by that row
         self._step_collectives = 0  # collectives this attempt's training_step and backward issued (DDP)
         self._part_log: _PartLog | None = None
 
@@ -735,9 +733,10 @@ class OOMGuard(GuardCallback):
     def _post_failure(self) -> tuple[Any, list[torch.Tensor], int]:
         """This rank failed in a quiet step: post its row, in the step agreement's layout, without waiting.
 
-        The others either meet it at an agreement in front of a collective of the step that no earlier step issued
-        (they then unwind after DDP's all-reduce, as for a failure told there) or at the step's agreement, which this
-        row then completes for them: either way nobody waits inside a collective for this rank.
+        The others meet it either at an agreement in front of a collective of the step that no earlier step issued
+        (they abandon the step there) or at the step's agreement, which this row then completes. Either way every rank
+        then goes on to the step's agreement, where this rank's vote unwinds them all; nobody waits for this rank
+        inside a collective, and this rank waits for its post only there, where the others are or will be.
         """
         trainer = self._trainer
         assert trainer is not None
@@ -747,24 +746,14 @@ class OOMGuard(GuardCallback):
         row += [0.0] * (size - 1 - len(row)) + [float(runtime.events.pending())]
         return self._fence.gather_async(row)
 
-    def _finish_deferred(self) -> None:
-        """After this rank's zero backward: learn where the others met its row (see :meth:`_post_failure`)."""
-        assert self._deferred is not None
-        try:
-            rows = self._fence.finish(self._deferred)
-        except FenceTimeout as exc:
-            self._fence_timed_out(FAILED, exc)
-        finally:
-            self._deferred = None
-        if any(r[0] in (AT_COLLECTIVE, AT_END) for r in rows):  # at a collective of the step: they unwind now
-            raise _Retry(self._fence_verdict(rows))
-        self._pregathered = rows  # at the step's agreement: it is complete, the same for every rank
-
     def _gather_step(self, row: list[float]) -> list[list[float]]:
-        if self._pregathered is not None:
-            rows, self._pregathered = self._pregathered, None
-            return [r[: len(row)] for r in rows]
         try:
+            if self._deferred is not None:  # this rank's failure, posted in a quiet step: where did the others meet it?
+                posted, self._deferred = self._deferred, None
+                rows = self._fence.finish(posted)  # complete by now: the others are at this agreement or met it earlier
+                if all(r[0] in (AT_STEP, AT_STEP_QUIET, FAILED) for r in rows):
+                    return [r[: len(row)] for r in rows]  # here: the post was this rank's row of the step's agreement
+                # in front of a collective of the step: they went on to this agreement, which is still to be held
             return self._fence.gather(row)
         except FenceTimeout as exc:
             self._fence_timed_out(FAILED if self._oom is not None else AT_STEP, exc)
@@ -851,12 +840,11 @@ class OOMGuard(GuardCallback):
     def _wrapped_backward(self, inner: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self._busy:
             return inner(loss, *args, **kwargs)
-        if self._abandoned is not None:  # the zero loss of an abandoned attempt: complete DDP's all-reduce, re-run
+        if self._abandoned is not None or self._deferred is not None:
+            # The zero loss of an abandoned attempt (or of this rank's failure in a quiet step): complete DDP's
+            # all-reduce and go on like the others, through whatever the hooks after backward do (a `sync_dist` log
+            # in `on_after_backward`), to the step's agreement, where the failed rank's vote unwinds every rank.
             inner(loss, *args, **kwargs)
-            raise _Retry(self._abandoned)
-        if self._deferred is not None:  # this rank's zero loss in a quiet step: complete DDP's all-reduce, then learn
-            inner(loss, *args, **kwargs)  # where the others met this rank's failure
-            self._finish_deferred()
             return None
         if not self._distributed:
             try:
@@ -942,7 +930,6 @@ class OOMGuard(GuardCallback):
         attempt = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
         while True:
             self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, None, 0
-            self._pregathered = None
             closure = optimizer_closure
             self._part_log = None
             if self._chunked():
