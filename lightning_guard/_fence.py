@@ -122,17 +122,8 @@ class StepFence:
         Rows are padded to the longest row gathered so far, so that ranks that are out of step (one at a fence
         agreement, one at the step's agreement, which is longer) see each other's places instead of a size error.
         """
-        assert self.group is not None
-        self.row_size = max(self.row_size, len(values))
-        row = torch.zeros(self.row_size, dtype=torch.float64)
-        row[: len(values)] = torch.tensor(values, dtype=torch.float64)
-        rows = [torch.empty_like(row) for _ in range(self.world_size)]
-        gather = self._originals.get("all_gather", dist.all_gather)
-        try:
-            gather(rows, row, group=self.group)
-        except RuntimeError as exc:
-            raise FenceTimeout(str(exc)) from exc
-        return [r.tolist()[: len(values)] for r in rows]
+        _, rows, n = self._post(values, async_op=False)  # returns when every rank's row is in
+        return [r.tolist()[:n] for r in rows]
 
     def gather_async(self, values: list[float]) -> tuple[Any, list[torch.Tensor], int]:
         """Post a row for the next gather on the fence group without waiting; :meth:`finish` waits for it.
@@ -140,13 +131,20 @@ class StepFence:
         Whatever agreement the other ranks reach next on the group (before a collective, at the end of a step, or the
         step's agreement) completes it.
         """
+        return self._post(values, async_op=True)
+
+    def _post(self, values: list[float], *, async_op: bool) -> tuple[Any, list[torch.Tensor], int]:
+        """Issue the all-gather of one padded row on the fence group (a timeout surfaces as ``FenceTimeout``)."""
         assert self.group is not None
         self.row_size = max(self.row_size, len(values))
         row = torch.zeros(self.row_size, dtype=torch.float64)
         row[: len(values)] = torch.tensor(values, dtype=torch.float64)
         rows = [torch.empty_like(row) for _ in range(self.world_size)]
         gather = self._originals.get("all_gather", dist.all_gather)
-        work = gather(rows, row, group=self.group, async_op=True)
+        try:
+            work = gather(rows, row, group=self.group, async_op=async_op)
+        except RuntimeError as exc:
+            raise FenceTimeout(str(exc)) from exc
         return work, rows, len(values)
 
     @staticmethod

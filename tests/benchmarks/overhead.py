@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard.functional import global_grad_norm
-from tests.benchmarks.report import save
+from tests.benchmarks.report import quiet_trainer, save
 
 
 def _l1_term(module: torch.nn.Module) -> torch.Tensor | float:
@@ -204,19 +204,7 @@ def _run_ddp(config: str, warmup: int, steps: int) -> float:
     g = torch.Generator().manual_seed(0)
     # two tensors, not one per sample: ddp_spawn sends every tensor through its own shared-memory file
     data = TensorDataset(torch.randn(2 * n * 256, 64, generator=g), torch.randint(0, 10, (2 * n * 256,), generator=g))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=n,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        default_root_dir=tempfile.mkdtemp(),
-    )
+    trainer = quiet_trainer(callbacks, devices=2, strategy="ddp_spawn", max_steps=n)
     trainer.fit(MLP(), DataLoader(data, batch_size=256))
     try:
         with open(path) as f:
@@ -261,20 +249,8 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
         data = _Random(n * 256, lambda i: (torch.randn(64, generator=g), torch.randint(0, 10, (), generator=g)))
         loader = DataLoader(data, batch_size=256)
         model = MLP(fused=fused, l1=l1)
-    trainer = pl.Trainer(
-        accelerator=device,
-        devices=1,
-        precision=precision,
-        max_steps=n,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        default_root_dir=tempfile.mkdtemp(),  # the guards' event log goes there, not into the working tree
-        **kwargs,
-    )
+    # quiet_trainer's temporary root folder takes the guards' event log, not the working tree
+    trainer = quiet_trainer(callbacks, accelerator=device, devices=1, precision=precision, max_steps=n, **kwargs)
     trainer.fit(model, loader)
     return timer.elapsed / steps
 
