@@ -168,20 +168,17 @@ class GuardRuntime:
         """Gather the step agreement's rows with ``gather(row) -> rows`` (a guard's own group), not the strategy."""
         self._step_gather = gather
 
-    def agree_step(self, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def agree_step(self, pl_module: pl.LightningModule, optimizer: Any, voters: list[Any]) -> None:
         """The one agreement of all guards for this optimizer step (see the module's docstring).
 
-        Votes are laid out in callback order, those of guards with ``_vote_first`` (OOMGuard: a failed attempt is
-        abandoned before any guard acts on its gradients) in front; the last column is the pending-event count.
+        ``voters``: the guards in the order of their votes (the same on every rank); the last column is the
+        pending-event count.
         """
         trainer = self.trainer
         self._mark_loss(self.optimizer_index(optimizer))  # has_loss() is valid for the votes
         votes: list[tuple[Any, torch.Tensor | list[float]]] = []
-        for cb in sorted(trainer.callbacks, key=lambda c: not getattr(c, "_vote_first", False)):  # type: ignore[attr-defined]
-            vote_of = getattr(cb, "_step_vote", None)
-            if vote_of is None:
-                continue
-            vote = vote_of(trainer, pl_module, optimizer)
+        for cb in voters:
+            vote = cb._step_vote(trainer, pl_module, optimizer)
             if vote is not None:
                 votes.append((cb, vote))
         if not votes:

@@ -95,6 +95,19 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
+class MicroBatchAt(pl.Callback):
+    """Sets OOMGuard's micro-batch size at a given step, as a recovered out-of-memory would, with no failure."""
+
+    def __init__(self, step: int, size: int) -> None:
+        self.step, self.size = step, size
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step:
+            from lightning_guard import OOMGuard
+
+            next(c for c in trainer.callbacks if isinstance(c, OOMGuard)).micro_batch_size = self.size  # type: ignore[attr-defined]
+
+
 def precision_kwargs(precision: str) -> dict[str, Any]:
     """Trainer kwargs for a precision; real 16-mixed on CPU needs the GradScaler plugin (see DESIGN.md)."""
     if precision == "16-mixed":

@@ -25,7 +25,7 @@ import lightning_guard
 from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard._fence import COLLECTIVES
 from lightning_guard.events import EVENTS_FILENAME
-from tests.helpers import DigitsNet, digits_loaders, read_jsonl, trainer
+from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, read_jsonl, trainer
 
 _PACKAGE = str(Path(lightning_guard.__file__).parent)
 _READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -151,19 +151,6 @@ def test_a_step_with_its_own_collective_keeps_the_fence_and_still_one_host_sync(
             assert len(row["reads"]) == 1, row
 
 
-class MicroBatchAt(Callback):
-    """Sets OOMGuard's micro-batch size at given steps, as recovered out-of-memory errors would, with no failure."""
-
-    def __init__(self, sizes: dict[int, int]) -> None:
-        self.sizes = sizes
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step in self.sizes:
-            next(c for c in trainer.callbacks if isinstance(c, OOMGuard)).micro_batch_size = self.sizes[
-                trainer.global_step
-            ]
-
-
 class DumpWeights(Callback):
     def __init__(self, out: str) -> None:
         self.out = out
@@ -194,7 +181,7 @@ def test_one_rank_out_of_memory_in_a_quiet_step_is_told_at_the_step_agreement(tm
         t.fit(DigitsNet(), tr)
         return [json.loads((out / f"weights{r}.json").read_text()) for r in (0, 1)]
 
-    ref = fit(tmp_path / "ref", [MicroBatchAt({4: 16, 6: 8})])
+    ref = fit(tmp_path / "ref", [MicroBatchAt(4, 16), MicroBatchAt(6, 8)])
     faults = [
         SimulatedOOM(16, where="forward", ranks=[1], steps=[4]),
         SimulatedOOM(8, where="backward", ranks=[0], steps=[6]),

@@ -95,6 +95,9 @@ class GuardCallback(Callback):
 
     #: short name used in events and metric names (``guard/<name>/<kind>``)
     guard_name: str = "guard"
+    #: this guard's vote goes in front of the others' in the step's agreement (OOMGuard: a failed attempt is abandoned
+    #: before any guard judges its gradients)
+    _vote_first = False
     #: this guard's vote depends on where it sits in the callback list (GradientGuard judges the gradients as the
     #: callbacks listed before it left them): the step's agreement runs in the last such guard's
     #: ``on_before_optimizer_step`` (without one, in the owner's, first)
@@ -164,27 +167,27 @@ class GuardCallback(Callback):
         """Remember what this fit left, to tell the user's changes from the guard's own at the next fit."""
         self.__dict__["_left"] = {k: v for k, v in self.__dict__.items() if k != "_left"}
 
-    def _is_owner(self, trainer: pl.Trainer) -> bool:
-        # Asked in every hook of every guard: the answer is kept with the trainer for its callback list as it is
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        cached = trainer.__dict__.get("_lightning_guard_owner")
-        if cached is None or cached[0] is not callbacks or cached[1] != len(callbacks):
-            owner = next((cb for cb in callbacks if isinstance(cb, GuardCallback)), None)
-            cached = (callbacks, len(callbacks), owner)
-            trainer.__dict__["_lightning_guard_owner"] = cached
-        return cached[2] is self
+    @staticmethod
+    def _roles(trainer: pl.Trainer) -> tuple[GuardCallback | None, GuardCallback | None, list[GuardCallback]]:
+        """``(owner, agreeing guard, voters in vote order)`` for the trainer's callback list as it is.
 
-    def _agrees(self, trainer: pl.Trainer) -> bool:
-        """Whether the step's agreement runs in this guard's ``on_before_optimizer_step`` (see ``_vote_in_place``)."""
+        Asked in every hook of every guard: worked out once and kept with the trainer until the list changes. The
+        owner is the first guard; the step's agreement runs in the last guard with ``_vote_in_place`` (else in the
+        owner's hook); votes are laid out in callback order, ``_vote_first`` guards in front.
+        """
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        cached = trainer.__dict__.get("_lightning_guard_agreeing")
+        cached = trainer.__dict__.get("_lightning_guard_roles")
         if cached is None or cached[0] is not callbacks or cached[1] != len(callbacks):
             guards = [cb for cb in callbacks if isinstance(cb, GuardCallback)]
+            owner = guards[0] if guards else None
             in_place = [cb for cb in guards if cb._vote_in_place]
-            agreeing = in_place[-1] if in_place else (guards[0] if guards else None)
-            cached = (callbacks, len(callbacks), agreeing)
-            trainer.__dict__["_lightning_guard_agreeing"] = cached
-        return cached[2] is self
+            voters = sorted(guards, key=lambda cb: not cb._vote_first)
+            cached = (callbacks, len(callbacks), (owner, in_place[-1] if in_place else owner, voters))
+            trainer.__dict__["_lightning_guard_roles"] = cached
+        return cached[2]
+
+    def _is_owner(self, trainer: pl.Trainer) -> bool:
+        return self._roles(trainer)[0] is self
 
     def _generate_state_key(self, **kwargs: Any) -> str:
         # Lightning reads ``state_key`` at every hook call (to name the profiler's section): built once per value
@@ -231,8 +234,9 @@ class GuardCallback(Callback):
         runtime = self.runtime(trainer)
         if self._is_owner(trainer):
             runtime.before_optimizer_step(optimizer)
-        if self._agrees(trainer):
-            runtime.agree_step(pl_module, optimizer)  # every guard's vote, one collective
+        _, agreeing, voters = self._roles(trainer)
+        if agreeing is self:
+            runtime.agree_step(pl_module, optimizer, voters)  # every guard's vote, one collective
 
     @override
     def on_train_batch_start(

@@ -659,7 +659,8 @@ class OOMGuard(GuardCallback):
                     return self._dummy_loss(pl_module)
                 rows = self._agree_fence(FAILED)
             else:
-                before = self._fence.issued() if self._fence.active else None
+                # counted only while quiet steps are still possible (once a step issued a collective, never again)
+                before = self._fence.issued() if self._fence.active and not self._loud else None
                 try:
                     with self._fence.watching():
                         out = step()
@@ -855,7 +856,7 @@ class OOMGuard(GuardCallback):
                 self._oom_text = _error_text(exc)
             self._note_oom("backward", self._current_size())
             raise _Retry(self._local_agreement())
-        before = self._fence.issued()
+        before = None if self._counted else self._fence.issued()  # once seen to move, the counts need no reading
         with self._track_reduced() as reduced:
             try:
                 with self._fence.watching():  # a collective inside backward (all_gather with sync_grads) is fenced

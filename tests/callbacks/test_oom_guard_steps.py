@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from lightning_guard import GuardConfigError, OOMGuard
 from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.testing import SimulatedOOM
-from tests.helpers import DigitsNet, digits_loaders, read_jsonl, trainer
+from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, read_jsonl, trainer
 from tests.workloads.digits_conv import DigitsConvNet, digits_image_loaders
 
 
@@ -47,17 +47,6 @@ class MemoryLogger(Logger):
 
     def series(self, key: str) -> list[float]:
         return [m[key] for _, m in self.rows if key in m]
-
-
-class MicroBatchAt(Callback):
-    """Sets the guard's micro-batch size at a given step, as a recovered OOM would have, but with no failure."""
-
-    def __init__(self, step: int, size: int) -> None:
-        self.step, self.size = step, size
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            next(c for c in trainer.callbacks if isinstance(c, OOMGuard)).micro_batch_size = self.size
 
 
 class MeteredConvNet(DigitsConvNet):
