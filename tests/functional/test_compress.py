@@ -378,7 +378,7 @@ def test_each_artifact_is_measured_through_the_file_itself(tmp_path, trained):
     by_hand = accuracy(_Through(onnx_fn))
     assert rows["model.onnx"].metric == pytest.approx(by_hand)
     assert rows["model.onnx"].held_out_metric == pytest.approx(held_out(_Through(onnx_fn)))
-    assert rows["model.onnx"].quantized == "int8_dynamic (onnxruntime)"
+    assert rows["model.onnx"].quantized == C.ONNX_INT8_SCHEME
     assert rows["model.pt2"].quantized == result.quantized
     assert result.baseline_held_out == pytest.approx(held_out(model))
     assert result.stages[0].held_out_metric == result.baseline_held_out
