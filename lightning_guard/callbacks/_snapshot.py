@@ -138,3 +138,64 @@ def _resolve(obj: Any, views: list[torch.Tensor]) -> Any:
     if isinstance(obj, tuple):
         return tuple(_resolve(v, views) for v in obj)
     return obj
+
+
+def persistent_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's persistent buffers (its state in ``state_dict``: BatchNorm statistics, EMA counters, queues).
+
+    Non-persistent buffers (``register_buffer(..., persistent=False)``: causal masks, rotary caches) are derived
+    from other state by convention and are left out.
+    """
+    out: list[torch.Tensor] = []
+    for sub in module.modules():
+        skip = getattr(sub, "_non_persistent_buffers_set", set())
+        out.extend(b for name, b in sub.named_buffers(recurse=False) if name not in skip and b is not None)
+    return out
+
+
+class StepBuffers:
+    """The module's persistent buffers as they were before an optimizer step's first forward.
+
+    A forward in training mode writes buffers (BatchNorm's running statistics and ``num_batches_tracked``) before
+    any guard sees the gradients: a step skipped for a NaN batch has already written NaN there. ``capture`` copies
+    the buffers on their own device before the step's first micro-batch (one fused copy into tensors allocated once);
+    ``restore`` writes them back when the step is skipped; ``nonfinite`` is a device flag (no host sync) for the
+    step's vote: some floating buffer holds a NaN or an infinity after the step's forwards.
+    """
+
+    def __init__(self) -> None:
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+        self.taken = False  # a capture of the step being attempted exists and has not been restored or dropped
+
+    def capture(self, module: torch.nn.Module) -> None:
+        """Copy the persistent buffers now (before the step's first forward)."""
+        live = persistent_buffers(module)
+        if len(live) != len(self._live) or any(
+            a is not b or a.shape != s.shape for a, b, s in zip(live, self._live, self._saved, strict=True)
+        ):
+            self._live = live
+            self._saved = [b.detach().clone() for b in live]
+        elif live:
+            torch._foreach_copy_(self._saved, [b.detach() for b in live])
+        self.taken = bool(live)
+
+    @property
+    def count(self) -> int:
+        """How many buffers a :meth:`restore` now writes back."""
+        return len(self._live) if self.taken else 0
+
+    def restore(self) -> None:
+        """Write the captured buffers back (the step is skipped)."""
+        if self.taken:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, self._saved)
+        self.taken = False
+
+    def nonfinite(self, device: torch.device) -> torch.Tensor:
+        """1.0 (a 0-d float tensor) when a floating buffer holds a non-finite value, else 0.0; no host sync."""
+        floats = [b.detach() for b in self._live if b.is_floating_point()]
+        if not floats:
+            return torch.zeros((), device=device)
+        worst = torch.stack([n.float() for n in torch._foreach_norm(floats, ord=float("inf"))])
+        return (~torch.isfinite(worst)).any().float().to(device)

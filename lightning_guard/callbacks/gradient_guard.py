@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_guard._checks import check_int, check_number
 from lightning_guard._runtime import StepOutcome, _lr_copy, set_group_lrs
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.callbacks._snapshot import Snapshot
+from lightning_guard.callbacks._snapshot import Snapshot, StepBuffers
 from lightning_guard.errors import GradientExplosionError, GuardConfigError
 from lightning_guard.events import GuardEvent, Severity, emit
 from lightning_guard.functional.grad import (
@@ -232,11 +232,13 @@ class GradientGuard(GuardCallback):
         self._applied_since_batch = False
         self._snapshot = Snapshot()  # the validated rollback target
         self._candidate = Snapshot()  # taken after a step, validated by the next step's verdict
+        self._step_buffers = StepBuffers()  # the buffers before this step's first forward, put back by a skip
         self._rollback_schedulers: list[dict[str, Any]] | None = None  # after a rollback, applied at batch end
         self._rollback_lrs: list[list[Any]] | None = None
         self._losses: list[torch.Tensor] = []
         self._vote: tuple[Any, list[torch.Tensor]] | None = None  # this step's optimizer and gradients, as voted
-        self._verdict: list[tuple[float, ...]] | None = None  # every rank's [has_loss, norm, loss] for this step
+        # every rank's [has_loss, norm, loss, buffers_nonfinite] for this step
+        self._verdict: list[tuple[float, ...]] | None = None
         self._reduce = False  # sharded gradients (FSDP): the vote is the squared norm of this rank's shard
         self.last_norm: float = math.nan
         self.last_post_clip_norm: float = math.nan
@@ -295,6 +297,8 @@ class GradientGuard(GuardCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if not self._step_buffers.taken:  # the step's first micro-batch: its forward is about to write the buffers
+            self._step_buffers.capture(pl_module)
         if self._rollback_enabled and not self._snapshot.taken:
             self._take_snapshot(trainer, pl_module, self._snapshot)
             if self._last_capture_applied < 0:  # a resumed run keeps the checkpoint's cadence
@@ -340,6 +344,7 @@ class GradientGuard(GuardCallback):
             if self._deferred_skip is not None:
                 self._apply_skip(*self._deferred_skip)
                 self._deferred_skip = None
+            self._step_buffers.taken = False  # the next step captures its own
 
     def _judge(self, idx: int, norm: float, loss: float) -> tuple[bool, float, bool, float]:
         """``(norm_spike, z, loss_spike, loss_z)`` of a finite step of optimizer ``idx`` against its statistics."""
@@ -359,12 +364,16 @@ class GradientGuard(GuardCallback):
     def _step_vote(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> torch.Tensor | list[float] | None:
-        """``[has_loss, norm, loss]``: the gradient norm (its square under FSDP: summed over the shards) and loss."""
+        """``[has_loss, norm, loss, buffers_nonfinite]``.
+
+        The gradient norm (its square under FSDP: summed over the shards), the loss, and 1.0 when the step's
+        forwards left a NaN or infinity in a buffer (BatchNorm statistics of a NaN batch).
+        """
         self._vote, self._verdict = None, None
         runtime = self.runtime(trainer)
         if not runtime.has_loss(optimizer):  # training_step returned None: nothing to judge, no statistics to feed
             self._losses = []
-            return [0.0, 0.0, 0.0]
+            return [0.0, 0.0, 0.0, 0.0]
         self._candidate.wait()  # the weights are about to change: the async snapshot copy must be complete
         self._snapshot.wait()
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -385,7 +394,8 @@ class GradientGuard(GuardCallback):
         else:  # gradient accumulation: Lightning already divided each micro-batch loss by the number of them
             loss = torch.stack([x.float() for x in losses]).sum().to(norm.device)
         self._vote = (optimizer, grads)
-        return torch.stack([torch.ones((), device=norm.device), norm.float(), loss])
+        buffers_bad = self._step_buffers.nonfinite(norm.device)
+        return torch.stack([torch.ones((), device=norm.device), norm.float(), loss, buffers_bad])
 
     @override
     def _step_verdict(
@@ -416,12 +426,14 @@ class GradientGuard(GuardCallback):
             norms = [r[1] for r in rows]
         rank_losses = [r[2] for r in voted]
         loss_bad_ranks = tuple(r for r, v in enumerate(rows) if v[0] and not math.isfinite(v[2]))
+        buffer_bad_ranks = tuple(r for r, v in enumerate(rows) if v[0] and v[3] > 0)
         bad_ranks = tuple(
             r
             for r, (n, v) in enumerate(zip(norms, rows, strict=True))
-            if v[0] and (not math.isfinite(n) or r in loss_bad_ranks)
+            if v[0] and (not math.isfinite(n) or r in loss_bad_ranks or r in buffer_bad_ranks)
         )
         any_loss_bad = bool(loss_bad_ranks)
+        grads_bad = any(v[0] and not math.isfinite(n) for n, v in zip(norms, rows, strict=True))
         loss_mean = sum(rank_losses) / max(len(rank_losses), 1)
         norm_v = max(n for n, v in zip(norms, rows, strict=True) if v[0]) if not bad_ranks else math.nan
         if not bad_ranks:
@@ -444,7 +456,7 @@ class GradientGuard(GuardCallback):
             return
 
         if bad_ranks:
-            amp = scaler is not None and not any_loss_bad
+            amp = scaler is not None and not any_loss_bad and grads_bad
             self._skip(trainer, optimizer, grads, scaler, overflow=True)
             if amp:
                 self._event(
@@ -460,7 +472,7 @@ class GradientGuard(GuardCallback):
                 self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
                 return
             self._bad[idx] += 1
-            what = "loss" if any_loss_bad else "gradients"
+            what = "loss" if any_loss_bad else "gradients" if grads_bad else "buffers (BatchNorm statistics)"
             self._event(
                 trainer,
                 "nonfinite_skip",
@@ -469,6 +481,7 @@ class GradientGuard(GuardCallback):
                 norm_v,
                 ranks=bad_ranks,
                 loss=loss_mean,
+                buffers_restored=self._step_buffers.count,
                 pl_module=pl_module,
             )
             rollbacks = self._rollbacks
@@ -630,6 +643,7 @@ class GradientGuard(GuardCallback):
                 for found in state["found_inf_per_device"].values():
                     found.fill_(1.0)
         _drop_grads(optimizer)
+        self._step_buffers.restore()  # the skipped step's forwards wrote them (BatchNorm statistics)
         self.runtime(trainer).request_skip(optimizer)
 
     def _maybe_rollback(
@@ -680,6 +694,7 @@ class GradientGuard(GuardCallback):
         from_step = int(trainer.global_step)
         snap = self._snapshot
         snap.restore(pl_module, list(trainer.optimizers), self._scaler(trainer))
+        self._step_buffers.taken = False  # the snapshot's buffers stand: the skip of this step must not overwrite them
         runtime.set_applied_steps(snap.applied_steps)
         for i in range(len(trainer.optimizers)):
             runtime.forget_step_lrs(i)
