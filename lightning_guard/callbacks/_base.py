@@ -15,6 +15,8 @@ import inspect
 import tempfile
 import time
 import uuid
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,40 @@ def _recover_spawned(trainer: pl.Trainer) -> None:
     runtime.applied_steps = list(runtime._restored_steps or [])
     for cb, state in zip(guards, payload["guards"], strict=False):
         cb.load_state_dict(state)
+
+
+_AFTER_EXCEPTION = "_lightning_guard_after_exception"
+
+
+def after_exception_callbacks(trainer: pl.Trainer, action: Callable[[], None], *, last: bool = False) -> None:
+    """Run ``action`` once every callback's ``on_exception`` has run, before the strategy's and the loggers'.
+
+    Lightning moves checkpoint callbacks to the end of the callback list, and ``OnExceptionCheckpoint`` writes the
+    crash checkpoint in its ``on_exception``: a guard that changes the model when a fit fails (OverfitGuard's
+    restore of the best weights) must act after that, or the crash checkpoint mixes two points of the run. Lightning
+    calls ``trainer.strategy.on_exception`` right after the callbacks' hooks; the actions run there (a wrapper on the
+    strategy instance for this one exception). ``last`` actions (closing the event log) run after the others. An
+    action that fails is reported as a warning: the exception being handled stays the one raised.
+    """
+    strategy = trainer.strategy
+    pending: dict[bool, list[Callable[[], None]]] | None = strategy.__dict__.get(_AFTER_EXCEPTION)
+    if pending is None:
+        pending = {False: [], True: []}
+        original = strategy.on_exception
+
+        def on_exception(exception: BaseException) -> None:
+            strategy.__dict__.pop("on_exception", None)
+            actions = strategy.__dict__.pop(_AFTER_EXCEPTION, {False: [], True: []})
+            for act in [*actions[False], *actions[True]]:
+                try:
+                    act()
+                except Exception as exc:
+                    warnings.warn(f"lightning_guard: after {type(exception).__name__}: {exc!r}", stacklevel=1)
+            original(exception)
+
+        strategy.__dict__["on_exception"] = on_exception
+        strategy.__dict__[_AFTER_EXCEPTION] = pending
+    pending[last].append(action)
 
 
 class GuardCallback(Callback):
@@ -274,8 +310,13 @@ class GuardCallback(Callback):
         if self._is_owner(trainer):
             self.runtime(trainer).detach()
             stream = self.runtime(trainer).events
-            stream.dump_outbox()
-            stream.close()
+
+            def close() -> None:
+                stream.dump_outbox()
+                stream.close()
+
+            # after the other guards' deferred actions (their events reach the log), and after the crash checkpoint
+            after_exception_callbacks(trainer, close, last=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_guard import _wandb
-from lightning_guard._checks import check_int, check_number
+from lightning_guard._checks import check_int, check_number, metric_direction, resolve_mode
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import agree
 from lightning_guard.errors import GuardConfigError, GuardRuntimeError
@@ -32,63 +31,9 @@ from lightning_guard.functional.compress import (
     prune_structured,
 )
 
-__all__ = ["CompressExport"]
+__all__ = ["CompressExport", "metric_direction"]
 
 _MARK = "_lightning_guard_original"
-_HIGHER_IS_BETTER = frozenset(
-    {
-        "acc",
-        "accuracy",
-        "f1",
-        "fbeta",
-        "auroc",
-        "auc",
-        "auprc",
-        "ap",
-        "precision",
-        "recall",
-        "iou",
-        "miou",
-        "dice",
-        "map",
-        "bleu",
-        "rouge",
-        "r2",
-        "psnr",
-        "ssim",
-        "top1",
-        "top5",
-        "kappa",
-        "mcc",
-        "spearman",
-        "pearson",
-    }
-)
-_LOWER_IS_BETTER = frozenset(
-    {
-        "loss",
-        "error",
-        "err",
-        "mae",
-        "mse",
-        "rmse",
-        "mape",
-        "smape",
-        "nll",
-        "ppl",
-        "perplexity",
-        "wer",
-        "cer",
-        "bpb",
-        "bpc",
-        "fid",
-        "distance",
-    }
-)
-
-
-#: words that turn a metric into a change of another (``val_acc_drop``): its direction cannot be told from the name
-_CHANGE_WORDS = frozenset({"drop", "gap", "gain", "improvement", "delta", "diff", "change", "increase", "decrease"})
 
 
 def _maybe_len(obj: Any) -> int | None:
@@ -96,34 +41,6 @@ def _maybe_len(obj: Any) -> int | None:
         return len(obj)
     except TypeError:
         return None
-
-
-def metric_direction(monitor: str) -> Literal["min", "max"] | None:
-    """``"min"`` or ``"max"`` from the words of a metric's name, or None when they do not say.
-
-    The name is cut into words at every non-alphanumeric character (``val_iou_loss`` -> ``val``, ``iou``, ``loss``)
-    and each word is compared whole, never as a substring (``val_mape`` is an error, not a mean average precision).
-    A word of loss or error wins over a word of quality (``val_iou_loss`` is a loss); camelCase is split
-    (``valLoss``), trailing digits dropped (``val_map50``); a word of change (``val_acc_drop``, ``val_loss_gain``)
-    makes the name ambiguous.
-
-    Example:
-        >>> [metric_direction(m) for m in ("val_acc", "val_mape", "val_iou_loss", "val/mAP", "val_score")]
-        ['max', 'min', 'min', 'max', None]
-        >>> [metric_direction(m) for m in ("valLoss", "val_map50", "val_errors", "val_acc_drop")]
-        ['min', 'max', 'min', None]
-    """
-    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", monitor)  # camelCase: valLoss -> val_Loss
-    words = {w for w in re.split(r"[^0-9a-z]+", spaced.lower()) if w}
-    words |= {w.rstrip("0123456789") for w in words}  # map50 -> map, top5 stays top5 too
-    words |= {w[:-1] for w in words if w.endswith("s") and w[:-1] in _LOWER_IS_BETTER}  # errors -> error
-    if words & _CHANGE_WORDS:
-        return None
-    if words & _LOWER_IS_BETTER:
-        return "min"
-    if words & _HIGHER_IS_BETTER:
-        return "max"
-    return None
 
 
 def _inputs_of(batch: Any) -> tuple[Any, ...]:
@@ -251,8 +168,6 @@ class CompressExport(GuardCallback):
         check_compress_args(None if prune == "auto" else prune, prune_amounts, quantize, formats, max_metric_drop)
         if not isinstance(monitor, str) or not monitor:
             raise GuardConfigError(f"`monitor` must be a non-empty string, got {monitor!r}")
-        if mode not in (None, "min", "max"):
-            raise GuardConfigError(f"`mode` must be 'min', 'max' or None, got {mode!r}")
         check_int("finetune_epochs", finetune_epochs, low=0)
         check_int("verify_batches", verify_batches, low=1)
         check_number("tolerance", tolerance, low=0)
@@ -262,13 +177,7 @@ class CompressExport(GuardCallback):
             raise GuardConfigError(f"`filename` must be a file name without directories, got {filename!r}")
         self.dirpath = dirpath
         self.monitor = monitor
-        direction = mode or metric_direction(monitor)
-        if direction is None:
-            raise GuardConfigError(
-                f"CompressExport cannot tell from its name whether `monitor={monitor!r}` is better higher or lower: "
-                "pass mode='min' or mode='max'"
-            )
-        self.mode = direction
+        self.mode = resolve_mode("CompressExport", monitor, mode)
         self.max_metric_drop = float(max_metric_drop)
         self.prune = prune
         self.prune_amounts = tuple(float(a) for a in prune_amounts)

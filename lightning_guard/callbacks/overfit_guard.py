@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_guard._checks import check_int, check_number
-from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard._checks import check_int, check_number, resolve_mode
+from lightning_guard.callbacks._base import GuardCallback, after_exception_callbacks
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.distributed import gather_json
 from lightning_guard.errors import GuardConfigError
@@ -55,7 +55,9 @@ class OverfitGuard(GuardCallback):
         monitor: validation metric. Default ``"val_loss"``.
         train_monitor: training metric for the gap and the criteria; default: the mean training loss since the
             previous validation.
-        mode: ``"min"`` or ``"max"``. Default ``"min"``.
+        mode: ``"min"`` or ``"max"``; default: from the words of ``monitor``'s name, as CompressExport reads them
+            (``val_loss`` min, ``val_acc`` max); a name that does not say (``val_score``) is refused with a
+            ``GuardConfigError``: restoring the best weights in the wrong direction would restore the worst.
         patience: validations without improvement before stopping (``criterion="patience"``) and before the
             underfitting diagnosis. Default ``5``.
         min_delta: smallest change that counts as an improvement. Default ``0.0``.
@@ -98,7 +100,7 @@ class OverfitGuard(GuardCallback):
         self,
         monitor: str = "val_loss",
         train_monitor: str | None = None,
-        mode: Literal["min", "max"] = "min",
+        mode: Literal["min", "max"] | None = None,
         patience: int = 5,
         min_delta: float = 0.0,
         min_delta_mode: Literal["abs", "rel"] = "abs",
@@ -120,8 +122,7 @@ class OverfitGuard(GuardCallback):
             raise GuardConfigError(f"`monitor` must be a non-empty metric name, got {monitor!r}")
         if train_monitor is not None and (not isinstance(train_monitor, str) or not train_monitor):
             raise GuardConfigError(f"`train_monitor` must be a metric name or None, got {train_monitor!r}")
-        if mode not in self.MODES:
-            raise GuardConfigError(f"`mode` must be one of {self.MODES}, got {mode!r}")
+        mode = resolve_mode("OverfitGuard", monitor, mode)
         if min_delta_mode not in self.DELTA_MODES:
             raise GuardConfigError(f"`min_delta_mode` must be one of {self.DELTA_MODES}, got {min_delta_mode!r}")
         if criterion not in self.CRITERIA:
@@ -274,6 +275,18 @@ class OverfitGuard(GuardCallback):
         """
         return a > b if self.train_monitor is not None and self.mode == "max" else a < b
 
+    def _learned(self, train: float, gap: float) -> bool:
+        """The model fits its training data better than its validation data: a real gap, as underfitting reads it.
+
+        With a gap (``val - train`` of two losses, or of ``train_monitor`` and ``monitor``): at least a tenth of the
+        training value (underfitting's "no real gap" is below that). Without one (an accuracy judged against the
+        training loss): the training loss fell by at least a tenth since the first validation.
+        """
+        if math.isfinite(gap):
+            return gap > 0.1 * abs(train)
+        first = self.history[0]["train"] if self.history else math.nan
+        return math.isfinite(first) and train < 0.9 * first
+
     def _gap(self, val: float, train: float) -> float:
         """How much worse validation is than training, when the two are the same kind of metric (else NaN)."""
         if self.mode == "min":
@@ -370,6 +383,7 @@ class OverfitGuard(GuardCallback):
         overfitting = (
             not improved
             and best_row is not None
+            and self._learned(train, gap)  # a model at chance level (no gap, no training progress) is not overfitting
             and math.isfinite(train)
             and self._train_better(train, best_row["train"])
             and (math.isnan(gap) or gap > best_row["gap"])
@@ -478,14 +492,29 @@ class OverfitGuard(GuardCallback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # An interrupted or failed run (KeyboardInterrupt, an exception from any callback) still hands back the best
-        # weights; the event is written before the owner closes the log.
-        self._restore(trainer, pl_module, f"{type(exception).__name__}")
+        # weights - after the crash checkpoint was written (OnExceptionCheckpoint: it holds the run as it was at the
+        # crash, so a resume from it is one point of the run), and before the owner closes the event log.
+        after_exception_callbacks(trainer, lambda: self._restore(trainer, pl_module, f"{type(exception).__name__}"))
         super().on_exception(trainer, pl_module, exception)
 
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         if not self.restore_best or self.best_step < 0 or self._restored:
             return
         data: dict[str, Any] = {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch}
+        final, final_note = self._final_validation(trainer)
+        if final is not None:
+            data.update(final=final, final_step=int(trainer.global_step))
+            if not self._worse(final, self.best):  # compared before restoring: the final weights are as good
+                self._restored = True
+                self._event(
+                    trainer,
+                    "kept_final",
+                    "info",
+                    f"kept the final weights at {when}: {self.monitor}={final:.6g} at step {trainer.global_step} is "
+                    f"not worse than the best recorded {self.best:.6g} (step {self.best_step}); nothing restored",
+                    data,
+                )
+                return
         if self.snapshot == "memory":
             if not self._best_weights.taken:
                 return
@@ -493,7 +522,7 @@ class OverfitGuard(GuardCallback):
             data["source"] = "memory"
             message = (
                 f"restored the best weights at {when}: {self.monitor}={self.best:.6g} from step {self.best_step} "
-                f"(epoch {self.best_epoch})"
+                f"(epoch {self.best_epoch}); {final_note}"
             )
         else:
             ckpt = self._matching_checkpoint(trainer)
@@ -522,6 +551,22 @@ class OverfitGuard(GuardCallback):
                 )
         self._restored = True
         self._event(trainer, "restore_best", "info", message, data)
+
+    def _worse(self, value: float, than: float) -> bool:
+        """``value`` is worse than ``than`` in this guard's direction (no ``min_delta``: any worsening counts)."""
+        if not math.isfinite(value):
+            return True
+        return value > than if self.mode == "min" else value < than
+
+    def _final_validation(self, trainer: pl.Trainer) -> tuple[float | None, str]:
+        """The monitored value of the weights training ends with, when they were validated as they are; and a note."""
+        if not self.history:
+            return None, "the final weights were never validated"
+        last = self.history[-1]
+        behind = int(trainer.global_step) - int(last["step"])
+        if behind:
+            return None, f"the final weights ({behind} steps after the last validation) were not validated"
+        return float(last["val"]), f"the final weights had {self.monitor}={last['val']:.6g}"
 
     # ------------------------------------------------------------------ reporting
     def _event(

@@ -1,0 +1,233 @@
+"""The second do-no-harm round: harm that ordinary scripts met outside the matrix, each reproduced as measured on main.
+
+A NaN batch that GradientGuard skipped left NaN in BatchNorm's running statistics (validation NaN for the rest of the
+run); each test here failed on main before its fix.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_guard import GradientGuard, GuardConfigError, OverfitGuard
+from lightning_guard.events import event_stream
+from lightning_guard.testing import InjectNaN
+from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, trainer
+from tests.workloads.digits_conv import DigitsConvNet, digits_image_loaders
+
+NAN_STEP = 5
+
+
+class BufferProbe(pl.Callback):
+    """Records the BatchNorm buffers before and after the optimizer step ``step``, and every rank's final buffers."""
+
+    def __init__(self, step: int, out: Path | None = None) -> None:
+        self.step, self.out = step, out
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+
+    def _buffers(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in pl_module.named_buffers()}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step:
+            self.before = self._buffers(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step + 1:
+            self.after = self._buffers(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.out is not None:
+            torch.save(
+                {
+                    "final": self._buffers(pl_module),
+                    "before": self.before,
+                    "after": self.after,
+                    "val_loss": float(trainer.callback_metrics["val_loss"]),
+                },
+                self.out / f"rank{trainer.global_rank}.pt",
+            )
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_skipped_nan_batch_leaves_batchnorm_as_before_the_step(tmp_path, precision):
+    """Main: nonfinite_skip reported, but running_mean/var were NaN from the step on (val_loss NaN, accuracy 0.1)."""
+    tr, va = digits_image_loaders(n_train=256, n_val=128)
+    probe = BufferProbe(NAN_STEP)
+    guard = GradientGuard()
+    torch.manual_seed(0)
+    model = DigitsConvNet()
+    trainer(
+        tmp_path, [guard, InjectNaN("batch", steps=[NAN_STEP]), probe], max_epochs=2, **precision_kwargs(precision)
+    ).fit(model, tr, va)
+    assert guard.counts.get("nonfinite_skip") == 1
+    assert probe.before
+    assert probe.after
+    for name, before in probe.before.items():  # the skipped step wrote nothing: not the statistics, not the count
+        assert torch.equal(probe.after[name], before), name
+    for name, buf in model.named_buffers():
+        assert torch.isfinite(buf.float()).all(), name
+    assert math.isfinite(float(model.trainer.callback_metrics["val_loss"]))
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_nan_batch_on_one_ddp_rank_leaves_no_nan_in_any_ranks_batchnorm(tmp_path, rank):
+    """Main: a NaN batch on rank 0 reached every rank's BatchNorm (DDP broadcasts rank 0's buffers): accuracy 0.13."""
+    tr, va = digits_image_loaders(n_train=256, n_val=128)
+    torch.manual_seed(0)
+    model = DigitsConvNet()
+    cbs = [GradientGuard(), InjectNaN("batch", steps=[NAN_STEP], ranks=[rank]), BufferProbe(NAN_STEP, tmp_path)]
+    trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_epochs=2).fit(model, tr, va)
+    for r in (0, 1):
+        seen = torch.load(tmp_path / f"rank{r}.pt")
+        assert math.isfinite(seen["val_loss"])
+        for name, buf in seen["final"].items():
+            assert torch.isfinite(buf.float()).all(), (r, name)
+        assert torch.equal(
+            seen["after"]["features.1.num_batches_tracked"], seen["before"]["features.1.num_batches_tracked"]
+        )
+
+
+# ------------------------------------------------------------------------------------ OverfitGuard's direction
+def test_overfit_guard_reads_the_direction_from_the_monitored_name():
+    """Main: OverfitGuard(monitor="val_acc") minimised accuracy and restored the worst weights (0.114 vs 0.543)."""
+    assert OverfitGuard(monitor="val_acc").mode == "max"
+    assert OverfitGuard(monitor="val_loss").mode == "min"
+    assert OverfitGuard(monitor="val_score", mode="max").mode == "max"
+    with pytest.raises(GuardConfigError, match=r"OverfitGuard cannot tell from its name whether `monitor='val_score'`"):
+        OverfitGuard(monitor="val_score")
+    with pytest.raises(GuardConfigError, match=r"`mode` must be 'min', 'max' or None, got 'up'"):
+        OverfitGuard(mode="up")  # type: ignore[arg-type]
+
+
+class Sabotage(pl.Callback):
+    """Scrambles the weights after validation ``at`` (as a bad LR would): validation falls to chance from there."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, 0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.mul_(-3.0)
+
+
+def test_overfit_guard_on_val_acc_restores_the_most_accurate_weights(tmp_path):
+    tr, va = digits_loaders(n_train=256, n_val=128)
+    guard = OverfitGuard(monitor="val_acc", patience=2)
+    torch.manual_seed(0)
+    model = DigitsNet()
+    trainer(tmp_path, [guard, Sabotage(at=3)], max_epochs=6).fit(model, tr, va)
+    accs = [h["val"] for h in guard.history]
+    assert guard.best == max(accs) > min(accs) + 0.3  # the best is the highest accuracy, not the lowest
+    restore = [e for e in event_stream(model.trainer).events if e.kind == "restore_best"]
+    assert len(restore) == 1
+    assert restore[0].data["best"] == max(accs)
+    assert restore[0].data["final"] < restore[0].data["best"]  # compared before restoring, and said so
+    final = model.trainer.validate(model, va, verbose=False)[0]["val_acc"]
+    assert final == pytest.approx(max(accs), abs=1e-6)
+
+
+def test_overfit_guard_keeps_final_weights_that_are_not_worse_than_the_best(tmp_path):
+    """With min_delta the best is not updated by a small gain: restoring it would go back to worse weights."""
+    tr, va = digits_loaders(n_train=256, n_val=128)
+    guard = OverfitGuard(monitor="val_loss", min_delta=10.0)  # only the first validation counts as an improvement
+    torch.manual_seed(0)
+    model = DigitsNet()
+    trainer(tmp_path, [guard], max_epochs=3).fit(model, tr, va)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert guard.history[-1]["val"] < guard.best  # the final weights are better than the recorded best
+    kinds = [e.kind for e in event_stream(model.trainer).events]
+    assert "kept_final" in kinds
+    assert "restore_best" not in kinds
+    for a, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_model_at_chance_level_is_not_called_overfitting(tmp_path, seed):
+    """Main: `overfitting` at the second or third validation while training and validation were at chance level."""
+    tr, va = digits_loaders(n_train=256, n_val=128)
+    guard = OverfitGuard(monitor="val_acc", patience=10)
+    torch.manual_seed(seed)
+    model = DigitsNet(lr=3e-5)  # learns next to nothing in 3 epochs
+    trainer(tmp_path, [guard], max_epochs=3).fit(model, tr, va)
+    assert max(h["val"] for h in guard.history) < 0.25
+    assert "overfitting" not in [e.kind for e in event_stream(model.trainer).events]
+
+
+def test_a_model_that_memorises_its_training_set_is_still_called_overfitting(tmp_path):
+    tr, va = digits_loaders(n_train=256, n_val=128)
+    x, y = va.dataset.tensors
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]  # nothing to generalise to
+    va = DataLoader(TensorDataset(x, shuffled), batch_size=32)
+    guard = OverfitGuard(monitor="val_acc", patience=10)
+    torch.manual_seed(0)
+    model = DigitsNet()
+    trainer(tmp_path, [guard], max_epochs=4).fit(model, tr, va)
+    assert guard.history[-1]["train"] < 0.5 * guard.history[0]["train"]
+    assert "overfitting" in [e.kind for e in event_stream(model.trainer).events]
+
+
+# ---------------------------------------------------------------------------------------- the crash checkpoint
+class CrashAt(pl.Callback):
+    """Raises at optimizer step ``step`` (after the step ran), keeping the weights of that moment."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            raise RuntimeError("crash for the test")
+
+
+class WeightsAtStart(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.step = trainer.global_step
+
+
+def test_the_crash_checkpoint_holds_the_weights_of_the_crash_and_the_best_are_restored_after_it(tmp_path):
+    """Main: OnExceptionCheckpoint saved global_step=47 with the step-40 best weights (two points of the run)."""
+    tr, va = digits_image_loaders(n_train=256, n_val=128)  # 8 steps an epoch
+    crash = CrashAt(step=21)
+    guard = OverfitGuard(monitor="val_loss")
+    torch.manual_seed(0)
+    model = DigitsConvNet()
+    t = trainer(tmp_path, [guard, crash, OnExceptionCheckpoint(str(tmp_path))], max_epochs=4, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="crash for the test"):
+        t.fit(model, tr, va)
+    ckpt = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 21
+    for name, value in crash.weights.items():  # the checkpoint is the run at the crash, BatchNorm counters too
+        assert torch.equal(ckpt["state_dict"][name], value), name
+    assert guard.best_step in (8, 16)
+    kinds = [e.kind for e in event_stream(t).events]
+    assert "restore_best" in kinds  # the in-memory model got the best weights, after the checkpoint was written
+    assert not torch.equal(
+        model.state_dict()["features.1.num_batches_tracked"], crash.weights["features.1.num_batches_tracked"]
+    )
+
+    start = WeightsAtStart()  # a resume starts from that one point of the run
+    resumed_guard = OverfitGuard(monitor="val_loss")
+    torch.manual_seed(0)
+    resumed = DigitsConvNet()
+    trainer(tmp_path / "resume", [resumed_guard, start], max_epochs=4).fit(
+        resumed, tr, va, ckpt_path=str(tmp_path / "on_exception.ckpt")
+    )
+    assert start.step == 21
+    for name, value in crash.weights.items():
+        assert torch.equal(start.weights[name], value), name
