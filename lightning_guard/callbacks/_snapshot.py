@@ -148,7 +148,7 @@ def persistent_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     """
     out: list[torch.Tensor] = []
     for sub in module.modules():
-        skip = getattr(sub, "_non_persistent_buffers_set", set())
+        skip: set[str] = getattr(sub, "_non_persistent_buffers_set", set())
         out.extend(b for name, b in sub.named_buffers(recurse=False) if name not in skip and b is not None)
     return out
 

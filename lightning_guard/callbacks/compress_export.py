@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 import json
+import logging
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +29,7 @@ from lightning_guard.functional.compress import (
     Format,
     PruneMode,
     QuantizeMode,
+    Stage,
     check_compress_args,
     compress_and_export,
     export_program,
@@ -34,6 +39,45 @@ from lightning_guard.functional.compress import (
 __all__ = ["CompressExport", "metric_direction"]
 
 _MARK = "_lightning_guard_original"
+
+
+#: the loggers of the nested work (Lightning's banners and tips, torch.onnx's progress, torchao, onnxruntime; the
+#: root logger too: onnxruntime's quantiser warns through it)
+_CHATTY = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "torch.onnx",
+    "torch.export",
+    "torch._dynamo",
+    "torchao",
+    "onnxruntime",
+    "onnxscript",
+    "",
+)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep the nested evaluation, export and verification out of the user's log.
+
+    Each validation run of the search is a nested Trainer (its banners, tips and ``limit_val_batches`` notes), and the
+    exporters and quantisers log progress and advice: none of it is about the user's run. Their loggers are raised
+    to ERROR, Python warnings are ignored and standard output is dropped for the duration; errors still raise, and
+    what the search decided reaches the user as guard events, the report and its table.
+    """
+    loggers = [logging.getLogger(name) for name in _CHATTY]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _maybe_len(obj: Any) -> int | None:
@@ -125,7 +169,13 @@ class CompressExport(GuardCallback):
         eval_fn: ``eval_fn(model) -> float`` instead of the validation loop.
         example_input: the model input for export (default: the first validation batch's input).
         verify_batches: validation batches used to verify the artifacts (default 4).
-        tolerance: largest relative output error of a verified artifact (default 1e-4; onnxruntime int8 gets 0.05).
+        tolerance: largest relative output error of a verified artifact (default 1e-4).
+        onnx_int8_tolerance: the same for the ONNX file quantised by onnxruntime, whose int8 kernels differ from
+            torchao's (default 0.05).
+        min_size_ratio: a quantised ``.pt2`` is kept only when at least this many times smaller than the fp32 one
+            (default 1.5); else the fp32 file is exported.
+        max_latency_ratio: ... and only when its CPU latency is at most this multiple of the fp32 file's (default
+            1.1: no slower, within timer noise); None: latency is not judged.
         filename: artifact file name without suffix (default ``"model"``).
         strict: raise from ``fit()`` when compression or export fails. Default ``False``: the failure is an
             ``export_failed`` error event (with the message; kept in :attr:`error`) and ``fit()`` returns normally -
@@ -155,6 +205,9 @@ class CompressExport(GuardCallback):
         tolerance: float = 1e-4,
         filename: str = "model",
         strict: bool = False,
+        onnx_int8_tolerance: float = 0.05,
+        min_size_ratio: float = 1.5,
+        max_latency_ratio: float | None = 1.1,
     ) -> None:
         super().__init__()
         if quantize == "int8":
@@ -171,6 +224,9 @@ class CompressExport(GuardCallback):
         check_int("finetune_epochs", finetune_epochs, low=0)
         check_int("verify_batches", verify_batches, low=1)
         check_number("tolerance", tolerance, low=0)
+        check_number("onnx_int8_tolerance", onnx_int8_tolerance, low=0)
+        check_number("min_size_ratio", min_size_ratio, low=1.0, strict=False)
+        check_number("max_latency_ratio", max_latency_ratio, low=0, optional=True)
         if eval_fn is not None and not callable(eval_fn):
             raise GuardConfigError(f"`eval_fn` must be callable or None, got {eval_fn!r}")
         if not isinstance(filename, str) or not filename or "/" in filename:
@@ -188,6 +244,9 @@ class CompressExport(GuardCallback):
         self.example_input = example_input
         self.verify_batches = verify_batches
         self.tolerance = float(tolerance)
+        self.onnx_int8_tolerance = float(onnx_int8_tolerance)
+        self.min_size_ratio = float(min_size_ratio)
+        self.max_latency_ratio = None if max_latency_ratio is None else float(max_latency_ratio)
         if not isinstance(strict, bool):
             raise GuardConfigError(f"`strict` must be a bool, got {strict!r}")
         self.filename = filename
@@ -261,7 +320,7 @@ class CompressExport(GuardCallback):
         )
         if example is not None:
             try:
-                with torch.no_grad():
+                with torch.no_grad(), quiet():
                     export_program(pl_module, example)
             except Exception as exc:
                 first = " ".join(str(exc).split())[:400]
@@ -433,58 +492,103 @@ class CompressExport(GuardCallback):
         model = _detached_copy(pl_module).eval()
         example, verify = self._inputs(trainer, device)
         prune, prune_note = self._resolve_prune(model, example)
-        with tempfile.TemporaryDirectory() as root:
-            evaluate, evaluate_held_out, held_out = self._evaluators(trainer, device, root)
-            result = compress_and_export(
-                model,
-                evaluate,
-                example,
-                dirpath,
-                higher_is_better=self.mode == "max",
-                max_metric_drop=self.max_metric_drop,
-                prune=prune,
-                prune_amounts=self.prune_amounts,
-                quantize_mode=self.quantize,
-                formats=self.formats,
-                finetune=self._finetuner(trainer, device, root) if self.finetune_epochs else None,
-                verify_inputs=verify,
-                tolerance=self.tolerance,
-                filename=self.filename,
-                on_event=lambda kind, message, data: self._emit(
-                    trainer,
-                    kind,
-                    message,
-                    severity="error" if kind == "verify_failed" else "info",
-                    data={k: v for k, v in data.items() if v is not None},
-                ),
-                evaluate_held_out=evaluate_held_out,
-            )
         report: dict[str, Any] = {
             "monitor": self.monitor,
             "mode": self.mode,
             "max_metric_drop": self.max_metric_drop,
-            "held_out": held_out,
             "prune": prune,
             "prune_note": prune_note,
         }
+        try:
+            with tempfile.TemporaryDirectory() as root, quiet():
+                evaluate, evaluate_held_out, held_out = self._evaluators(trainer, device, root)
+                report["held_out"] = held_out
+                result = self._search(
+                    trainer, model, evaluate, evaluate_held_out, example, verify, dirpath, prune, root
+                )
+        except Exception as exc:  # the report and the table say what happened, failures too
+            partial = getattr(exc, "result", None)
+            report.update(partial.to_dict() if partial is not None else {"stages": []})
+            report["error"] = f"{type(exc).__name__}: {exc}"
+            self._report(trainer, report, dirpath, partial)
+            raise
         report.update(result.to_dict())
-        report_path = dirpath / "compress_report.json"
-        report_path.write_text(json.dumps(report, indent=2))
-        _print_report(result, self.monitor)
-        _wandb.log_compression(trainer, [vars(s) for s in result.stages], result.artifacts, str(report_path))
+        self._report(trainer, report, dirpath, result)
         return result
+
+    def _search(
+        self,
+        trainer: pl.Trainer,
+        model: torch.nn.Module,
+        evaluate: Callable[[torch.nn.Module], float],
+        evaluate_held_out: Callable[[torch.nn.Module], float] | None,
+        example: tuple[Any, ...],
+        verify: list[tuple[Any, ...]],
+        dirpath: Path,
+        prune: PruneMode | None,
+        root: str,
+    ) -> CompressionResult:
+        """:func:`compress_and_export` with this callback's settings; its events become guard events."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return compress_and_export(
+            model,
+            evaluate,
+            example,
+            dirpath,
+            higher_is_better=self.mode == "max",
+            max_metric_drop=self.max_metric_drop,
+            prune=prune,
+            prune_amounts=self.prune_amounts,
+            quantize_mode=self.quantize,
+            formats=self.formats,
+            finetune=self._finetuner(trainer, device, root) if self.finetune_epochs else None,
+            verify_inputs=verify,
+            tolerance=self.tolerance,
+            onnx_int8_tolerance=self.onnx_int8_tolerance,
+            min_size_ratio=self.min_size_ratio,
+            max_latency_ratio=self.max_latency_ratio,
+            filename=self.filename,
+            on_event=lambda kind, message, data: self._emit(
+                trainer,
+                kind,
+                message,
+                severity="error" if kind == "verify_failed" else "info",
+                data={k: v for k, v in data.items() if v is not None},
+            ),
+            evaluate_held_out=evaluate_held_out,
+        )
+
+    def _report(
+        self, trainer: pl.Trainer, report: dict[str, Any], dirpath: Path, result: CompressionResult | None
+    ) -> None:
+        """``compress_report.json``, the console table and the wandb table: on success and on failure alike."""
+        dirpath.mkdir(parents=True, exist_ok=True)
+        report_path = dirpath / "compress_report.json"
+        report_path.write_text(json.dumps(report, indent=2, default=str))
+        stages = result.stages if result is not None else []
+        problems = dict(report.get("rejected") or {})
+        if "error" in report:
+            problems["error"] = report["error"]
+        _print_report(stages, self.monitor, problems)
+        artifacts = result.artifacts if result is not None else {}
+        _wandb.log_compression(trainer, [vars(s) for s in stages], artifacts, str(report_path))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
         error: BaseException | None = None
         self.result, self.error = None, None
         if self._early_error is not None:  # on every rank alike; reported at fit start
             self.error = self._early_error
+            super().on_fit_end(trainer, pl_module)
             return
         if trainer.global_rank == 0:
             try:
                 self.result = self.compress(trainer, pl_module)
+                if self.result.rejected:  # some format verified, another not: kept apart, reported, strict raises
+                    rejected = GuardRuntimeError("CompressExport: " + "; ".join(self.result.rejected.values()))
+                    if self.strict:
+                        raise rejected
+                    self.error = rejected
             except Exception as exc:
                 if trainer.world_size == 1 and self.strict:
                     raise
@@ -503,11 +607,10 @@ class CompressExport(GuardCallback):
             if error is not None:
                 raise error
             raise GuardRuntimeError(f"CompressExport failed on rank 0, stopping this rank too: {message}")
-        if not self._is_owner(trainer):  # the owner printed its summary already: refresh the table with ours
-            self._sync_events(trainer, force_table=True)
+        super().on_fit_end(trainer, pl_module)  # last: the fit-end summary then lists the compression's events
 
 
-def _print_report(result: CompressionResult, monitor: str) -> None:
+def _print_report(stages: list[Stage], monitor: str, problems: dict[str, str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -530,7 +633,7 @@ def _print_report(result: CompressionResult, monitor: str) -> None:
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    for s in result.stages:
+    for s in stages:
         table.add_row(
             s.stage,
             s.setting,
@@ -544,6 +647,9 @@ def _print_report(result: CompressionResult, monitor: str) -> None:
             fmt(s.latency_ms, ".3f"),
             fmt(s.max_error, ".1e"),
         )
+    if problems:
+        table.caption = "\n".join(f"{what}: {why}" for what, why in problems.items())
+        table.caption_style = "bold red"
     console = Console()
     console.width = max(console.width, 130)
     console.print(table)

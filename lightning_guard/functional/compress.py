@@ -10,6 +10,7 @@ onnxruntime (ONNX export, ONNX int8 quantisation, and loading ONNX artifacts bac
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -591,6 +592,8 @@ class CompressionResult:
     prune_amount: float = 0.0
     quantized: str | None = None
     baseline_held_out: float | None = None
+    #: formats whose file was exported but not verified: the reason; the file is renamed ``<name>.rejected``
+    rejected: dict[str, str] = field(default_factory=dict)
 
     @property
     def loading(self) -> dict[str, str]:
@@ -622,6 +625,7 @@ class CompressionResult:
             "quantized": self.quantized,
             "baseline_held_out": self.baseline_held_out,
             "artifacts": dict(self.artifacts),
+            "rejected": dict(self.rejected),
             "loading": self.loading,
             "stages": [asdict(s) for s in self.stages],
         }
@@ -671,6 +675,65 @@ def _grad_masks(model: nn.Module) -> Callable[[], None]:
     return remove
 
 
+def _verify_artifact(
+    path: Path,
+    reference: nn.Module,
+    tol: float,
+    how: str | None,
+    inputs: Sequence[tuple[Any, ...]],
+    cpu_inputs: tuple[Any, ...],
+) -> Stage:
+    """Load ``path`` back and compare its outputs with ``reference``: an ``exported`` or ``verify_failed`` row."""
+    artifact = load_artifact(path, output_spec(reference, inputs[0]))
+    error = max_output_error(artifact, reference, inputs)
+    return Stage(
+        "export",
+        path.name,
+        "exported" if error <= tol else "verify_failed",
+        file_bytes=path.stat().st_size,
+        latency_ms=round(cpu_latency_ms(artifact, cpu_inputs), 4),
+        path=str(path),
+        max_error=error,
+        quantized=how,
+        layers=onnx_ops(path) if path.suffix == ".onnx" else None,
+    )
+
+
+def _quantisation_not_worth_it(
+    pt2: Path,
+    fp32_model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    cpu_inputs: tuple[Any, ...],
+    mode: str,
+    min_size_ratio: float,
+    max_latency_ratio: float | None,
+) -> str | None:
+    """Why the quantised ``pt2`` is not worth deploying against the fp32 file of the same model, or None.
+
+    Both files are loaded and timed the same way (median CPU latency of the loaded program); torchao's graph carries
+    fixed overhead, so on a small model the int8 file can be barely smaller, or larger, and slower than the fp32 one.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_pt2(fp32_model, example_inputs, Path(tmp) / "fp32.pt2")
+        fp32_bytes, q_bytes = fp32.stat().st_size, pt2.stat().st_size
+        ratio = fp32_bytes / max(q_bytes, 1)
+        if ratio < min_size_ratio:
+            return (
+                f"the {mode} .pt2 ({q_bytes} bytes) is only {ratio:.2f}x smaller than the fp32 one ({fp32_bytes}), "
+                f"below min_size_ratio {min_size_ratio:g}"
+            )
+        if max_latency_ratio is None:
+            return None
+        fp32_ms = cpu_latency_ms(load_artifact(fp32), cpu_inputs)
+    q_ms = cpu_latency_ms(load_artifact(pt2), cpu_inputs)
+    if q_ms > max_latency_ratio * fp32_ms:
+        return (
+            f"the {mode} .pt2 runs in {q_ms:.3g} ms on CPU against {fp32_ms:.3g} ms for the fp32 one "
+            f"(more than max_latency_ratio {max_latency_ratio:g} times)"
+        )
+    return None
+
+
 def compress_and_export(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
@@ -687,6 +750,8 @@ def compress_and_export(
     verify_inputs: Sequence[tuple[Any, ...]] = (),
     tolerance: float = 1e-4,
     onnx_int8_tolerance: float = 0.05,
+    min_size_ratio: float = 1.5,
+    max_latency_ratio: float | None = 1.1,
     filename: str = "model",
     on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
     evaluate_held_out: Callable[[nn.Module], float] | None = None,
@@ -699,10 +764,17 @@ def compress_and_export(
        is within ``max_metric_drop`` of the baseline is kept, each rejected one is a ``budget_backoff``.
     3. Quantisation (``quantize_mode``, torchao) on top, kept only within the budget.
     4. Export: ``<filename>.pt2`` always (``torch.export``), ``<filename>.onnx`` when asked (exported from the fp32
-       pruned model, then int8-quantised by onnxruntime if quantisation was kept).
-    5. Verification: each file is loaded back through a fresh load path and its outputs compared with the
-       in-memory model on ``verify_inputs`` (default: ``example_inputs``): relative error at most ``tolerance``
-       (``onnx_int8_tolerance`` for onnxruntime's int8, whose kernels differ from torchao's). A failure raises.
+       pruned model, then int8-quantised by onnxruntime if quantisation was kept). A quantised ``.pt2`` is kept only
+       when it is worth deploying: at least ``min_size_ratio`` times smaller than the fp32 ``.pt2`` of the same
+       (pruned) model, and (``max_latency_ratio``) no slower on CPU than it beyond that ratio (both files loaded and
+       timed the same way); otherwise the fp32 ``.pt2`` is exported, with a ``budget_backoff`` saying why.
+    5. Verification, format by format: each file is loaded back through a fresh load path and its outputs compared
+       with the in-memory model on ``verify_inputs`` (default: ``example_inputs``): relative error at most
+       ``tolerance`` (``onnx_int8_tolerance`` for onnxruntime's int8, whose kernels differ from torchao's). A file
+       that fails is renamed ``<name>.rejected`` (it cannot be mistaken for a verified one), its reason goes to
+       :attr:`CompressionResult.rejected` and a ``verify_failed`` event; the other formats are judged on their own.
+       When no format verified, ``GuardRuntimeError`` is raised, with the result (every stage measured) attached as
+       its ``result`` attribute.
     6. The metric of each artifact itself: the loaded file stands in for the model's ``forward`` while ``evaluate``
        (and ``evaluate_held_out``, data that chose nothing) runs, so an ONNX int8 file's accuracy is its own. A
        model whose evaluation never calls ``forward`` gets no artifact metric (``None``).
@@ -711,11 +783,14 @@ def compress_and_export(
 
     Raises:
         GuardConfigError: a bad argument (named).
-        GuardRuntimeError: an artifact does not reproduce the model's outputs.
+        GuardRuntimeError: no exported file reproduces the model's outputs.
     """
     from lightning_guard.errors import GuardRuntimeError
 
     check_compress_args(prune, prune_amounts, quantize_mode, formats, max_metric_drop)
+    check_number("min_size_ratio", min_size_ratio, low=1.0, strict=False)
+    check_number("max_latency_ratio", max_latency_ratio, low=0.0, optional=True)
+    check_number("onnx_int8_tolerance", onnx_int8_tolerance)
     dirpath = Path(dirpath)
     notify = on_event or (lambda kind, message, data: None)
     inputs = list(verify_inputs) or [example_inputs]
@@ -814,23 +889,24 @@ def compress_and_export(
     result.baseline_held_out = stages[0].held_out_metric
 
     pt2 = export_pt2(current, example_inputs, dirpath / f"{filename}.pt2")
-    baseline_file = stages[0].file_bytes or 0
-    if quantized and current is not pruned_fp32 and pt2.stat().st_size >= baseline_file:
-        # torchao's quantised graph carries fixed overhead: on a small model the int8 .pt2 can outweigh the fp32 one
-        notify(
-            "budget_backoff",
-            f"the {quantized} .pt2 ({pt2.stat().st_size} bytes) is not smaller than the fp32 one ({baseline_file}); "
-            "exporting without quantisation",
-            {"stage": "quantize", "setting": quantized, "file_bytes": pt2.stat().st_size, "baseline": baseline_file},
+    if quantized and current is not pruned_fp32:
+        why = _quantisation_not_worth_it(
+            pt2, pruned_fp32, example_inputs, cpu_inputs, quantized, min_size_ratio, max_latency_ratio
         )
-        stages.append(Stage("quantize", quantized, "rejected", file_bytes=pt2.stat().st_size))
-        current = result.model = pruned_fp32
-        result.quantized = None
-        kept = [
-            st.metric for st in stages if st.stage == "prune" and st.decision == "accepted" and st.metric is not None
-        ]
-        result.final_metric = float(kept[-1]) if kept else baseline
-        pt2 = export_pt2(current, example_inputs, pt2)
+        if why is not None:
+            notify(
+                "budget_backoff", f"{why}; exporting without quantisation", {"stage": "quantize", "setting": quantized}
+            )
+            stages.append(Stage("quantize", quantized, "rejected", file_bytes=pt2.stat().st_size))
+            current = result.model = pruned_fp32
+            result.quantized = None
+            kept = [
+                st.metric
+                for st in stages
+                if st.stage == "prune" and st.decision == "accepted" and st.metric is not None
+            ]
+            result.final_metric = float(kept[-1]) if kept else baseline
+            pt2 = export_pt2(current, example_inputs, pt2)
     exports: list[tuple[Path, nn.Module, float, str | None]] = [(pt2, current, tolerance, result.quantized)]
     if "onnx" in formats:
         # onnxruntime quantises the fp32 ONNX graph itself when int8 passed the budget (even if the torchao .pt2 was
@@ -841,40 +917,39 @@ def compress_and_export(
         )
         exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance, onnx_int8))
     for path, reference, tol, how in exports:
-        artifact = load_artifact(path, output_spec(reference, inputs[0]))
-        error = max_output_error(artifact, reference, inputs)
-        size = path.stat().st_size
-        ok = error <= tol
-        stage = Stage(
-            "export",
-            path.name,
-            "exported" if ok else "verify_failed",
-            file_bytes=size,
-            latency_ms=round(cpu_latency_ms(artifact, cpu_inputs), 4),
-            path=str(path),
-            max_error=error,
-            quantized=how,
-            layers=onnx_ops(path) if path.suffix == ".onnx" else None,
-        )
-        if ok:  # hosted by the fp32 model: only its forward is used, replaced by the file (moving a torchao model
-            # between devices in the evaluation can fail on its tensor subclasses)
-            stage.metric = artifact_metric(evaluate, pruned_fp32, artifact)
-            if evaluate_held_out is not None:
-                stage.held_out_metric = artifact_metric(evaluate_held_out, pruned_fp32, artifact)
+        stage = _verify_artifact(path, reference, tol, how, inputs, cpu_inputs)
         stages.append(stage)
-        data = {"path": str(path), "size_bytes": size, "max_error": error, "tolerance": tol}
-        if not ok:
-            notify("verify_failed", f"{path.name} does not reproduce the model: error {error:.3g} > {tol:g}", data)
-            raise GuardRuntimeError(
-                f"CompressExport: the exported {path.name} does not reproduce the compressed model's outputs "
-                f"(max relative error {error:.3g} > tolerance {tol:g}); the file is left at {path} for inspection"
+        error = stage.max_error if stage.max_error is not None else math.inf
+        data = {"path": str(path), "size_bytes": stage.file_bytes, "max_error": error, "tolerance": tol}
+        fmt = path.suffix.lstrip(".")
+        if stage.decision != "exported":
+            rejected = path.with_name(path.name + ".rejected")
+            path.replace(rejected)  # never left under the name of a verified artifact
+            stage.path = str(rejected)
+            result.rejected[fmt] = (
+                f"the exported {path.name} does not reproduce the compressed model's outputs (max relative error {error:.3g} > "
+                f"tolerance {tol:g}); renamed {rejected.name}"
             )
-        result.artifacts[path.suffix.lstrip(".")] = str(path)
+            notify("verify_failed", result.rejected[fmt], {**data, "path": str(rejected)})
+            continue
+        artifact = load_artifact(path, output_spec(reference, inputs[0]))
+        # hosted by the fp32 model: only its forward is used, replaced by the file (moving a torchao model between
+        # devices in the evaluation can fail on its tensor subclasses)
+        stage.metric = artifact_metric(evaluate, pruned_fp32, artifact)
+        if evaluate_held_out is not None:
+            stage.held_out_metric = artifact_metric(evaluate_held_out, pruned_fp32, artifact)
+        result.artifacts[fmt] = str(path)
         note = ""
         if stage.metric is None:
             note = (
                 "; no metric of the file itself: the evaluation does not go through forward alone (a validation_step "
                 "that calls submodules directly measures the in-memory model)"
             )
-        notify("exported", f"{path.name}: {size} bytes, verified (max relative error {error:.2g}){note}", data)
+        notify(
+            "exported", f"{path.name}: {stage.file_bytes} bytes, verified (max relative error {error:.2g}){note}", data
+        )
+    if not result.artifacts:
+        err = GuardRuntimeError("CompressExport: " + "; ".join(result.rejected.values()))
+        err.result = result  # type: ignore[attr-defined]
+        raise err
     return result

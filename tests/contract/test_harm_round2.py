@@ -6,6 +6,7 @@ run); each test here failed on main before its fix.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import GradientGuard, GuardConfigError, OverfitGuard
+from lightning_guard import CompressExport, GradientGuard, GuardConfigError, OverfitGuard
 from lightning_guard.events import event_stream
 from lightning_guard.testing import InjectNaN
 from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, trainer
@@ -231,3 +232,53 @@ def test_the_crash_checkpoint_holds_the_weights_of_the_crash_and_the_best_are_re
     assert start.step == 21
     for name, value in crash.weights.items():
         assert torch.equal(start.weights[name], value), name
+
+
+# ---------------------------------------------------------------------------------- CompressExport, per format
+def test_a_failed_onnx_does_not_fail_a_verified_pt2_and_everything_is_reported(tmp_path, caplog, capsys):
+    """Main: the ONNX int8 error exceeded its fixed tolerance, the whole export was marked failed although the .pt2
+    verified: nothing on the console, no report, `result` None, `model.onnx` left under its normal name."""
+    tr, va = digits_image_loaders(n_train=256, n_val=128)
+    out = tmp_path / "out"
+    ce = CompressExport(
+        dirpath=str(out),
+        monitor="val_acc",
+        formats=("pt2", "onnx"),
+        max_metric_drop=1.0,
+        prune=None,
+        onnx_int8_tolerance=1e-9,  # no int8 file reproduces fp32 outputs this closely: the ONNX must be rejected
+    )
+    torch.manual_seed(0)
+    t = trainer(tmp_path, [GradientGuard(), ce], max_epochs=1)
+    caplog.clear()
+    capsys.readouterr()
+    t.fit(DigitsConvNet(), tr, va)
+    printed = capsys.readouterr().out
+    assert ce.result is not None
+    assert set(ce.result.artifacts) == {"pt2"}
+    assert (out / "model.pt2").exists()
+    assert not (out / "model.onnx").exists()  # cannot be mistaken for a verified file
+    assert (out / "model.onnx.rejected").exists()
+    assert "onnx" in ce.result.rejected
+    assert "> tolerance 1e-09" in ce.result.rejected["onnx"]
+    report = json.loads((out / "compress_report.json").read_text())
+    assert set(report["rejected"]) == {"onnx"}
+    assert "lightning_guard: compression (val_acc)" in printed  # the table, with the reason under it
+    assert "model.onnx does not reproduce" in printed
+    summary = printed.split("lightning_guard: what the guards did")[1]  # the fit-end summary comes after compression
+    assert "verify_failed" in summary
+    assert "exported" in summary
+    assert "GPU available" not in caplog.text  # the nested evaluation Trainers are quiet
+    assert "Tip:" not in caplog.text
+    assert "[torch.onnx]" not in printed
+
+
+def test_a_failed_compression_still_writes_its_report_and_table(tmp_path, capsys):
+    tr, va = digits_loaders(n_train=128, n_val=64)
+    out = tmp_path / "out"
+    ce = CompressExport(dirpath=str(out), monitor="val_f1", mode="max")  # never logged: the search fails
+    trainer(tmp_path, [ce], max_epochs=1).fit(DigitsNet(), tr, va)
+    assert "val_f1" in str(ce.error)
+    report = json.loads((out / "compress_report.json").read_text())
+    assert "`monitor='val_f1'` is not logged" in report["error"]
+    assert "is not logged by the validation loop" in capsys.readouterr().out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -294,7 +296,9 @@ def test_an_artifact_that_does_not_reproduce_the_model_fails_loudly(tmp_path, tr
         )
     assert str(err.value).startswith("CompressExport: the exported model.pt2 does not reproduce the compressed model's")
     assert events == ["verify_failed"]
-    assert (tmp_path / "model.pt2").exists()  # left for inspection
+    assert not (tmp_path / "model.pt2").exists()  # a rejected file cannot pass for a verified one
+    assert (tmp_path / "model.pt2.rejected").exists()  # left for inspection under another name
+    assert [s.decision for s in err.value.result.stages if s.stage == "export"] == ["verify_failed"]
 
 
 def test_int8_is_not_exported_when_its_pt2_is_not_smaller(tmp_path):
@@ -332,6 +336,7 @@ def test_the_report_says_truthfully_how_each_artifact_loads(tmp_path, monkeypatc
         max_metric_drop=1.0,
         quantize_mode=quantize,
         formats=("pt2", "onnx"),
+        max_latency_ratio=None,  # torchao's int8 .pt2 is slower than fp32 on CPU: kept here to exercise its loading
     )
     seen = []
     real_load = torch.load
@@ -478,3 +483,34 @@ def test_artifact_metric_allows_metrics_and_losses_beside_forward():
         return float(m.mean.compute() + 0 * m.loss(out, out))
 
     assert C.artifact_metric(evaluate, host, lambda t: torch.full((t.shape[0], 10), 2.0)) == pytest.approx(2.0)
+
+
+def test_a_quantisation_that_is_slower_or_barely_smaller_is_not_kept(tmp_path, trained):
+    """Main: int8 was "accepted" on the char LM although its .pt2 shrank only 1.16x and ran slower on CPU."""
+    model, accuracy, x = trained
+    events: list[tuple[str, str]] = []
+
+    def run(out: Path, **kwargs: Any) -> C.CompressionResult:
+        return C.compress_and_export(
+            model,
+            accuracy,
+            (x[:16],),
+            out,
+            higher_is_better=True,
+            max_metric_drop=1.0,
+            quantize_mode="int8_weight_only",
+            on_event=lambda kind, message, data: events.append((kind, message)),
+            **kwargs,
+        )
+
+    barely = run(tmp_path / "size", min_size_ratio=50.0, max_latency_ratio=None)
+    assert barely.quantized is None
+    assert any(k == "budget_backoff" and "below min_size_ratio 50" in m for k, m in events)
+    events.clear()
+    slower = run(tmp_path / "latency", min_size_ratio=1.0, max_latency_ratio=1e-6)
+    assert slower.quantized is None
+    assert any(k == "budget_backoff" and "more than max_latency_ratio 1e-06 times" in m for k, m in events)
+    kept = run(tmp_path / "kept", min_size_ratio=1.0, max_latency_ratio=None)
+    assert kept.quantized == "int8_weight_only"
+    with pytest.raises(GuardConfigError, match=r"`min_size_ratio` must be a number >= 1.0, got 0.5"):
+        run(tmp_path / "bad", min_size_ratio=0.5)
