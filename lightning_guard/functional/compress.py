@@ -927,8 +927,8 @@ def compress_and_export(
             path.replace(rejected)  # never left under the name of a verified artifact
             stage.path = str(rejected)
             result.rejected[fmt] = (
-                f"the exported {path.name} does not reproduce the compressed model's outputs (max relative error {error:.3g} > "
-                f"tolerance {tol:g}); renamed {rejected.name}"
+                f"the exported {path.name} does not reproduce the compressed model's outputs "
+                f"(max relative error {error:.3g} > tolerance {tol:g}); renamed {rejected.name}"
             )
             notify("verify_failed", result.rejected[fmt], {**data, "path": str(rejected)})
             continue
