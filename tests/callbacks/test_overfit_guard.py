@@ -86,7 +86,7 @@ def test_missing_monitor_lists_the_available_keys(tmp_path):
         match=r"OverfitGuard's `monitor` 'val_los' was not logged; available metrics: "
         r"\['train_loss', 'val_acc', 'val_loss'\]",
     ):
-        trainer(tmp_path, [OverfitGuard(monitor="val_los")]).fit(DigitsNet(), tr, va)
+        trainer(tmp_path, [OverfitGuard(monitor="val_los", mode="min")]).fit(DigitsNet(), tr, va)
 
 
 class NaNValidation(DigitsNet):
@@ -219,7 +219,7 @@ def test_resume_trajectory_equals_uninterrupted(tmp_path):
     [
         ({"monitor": ""}, r"`monitor` must be a non-empty metric name, got ''"),
         ({"train_monitor": 3}, r"`train_monitor` must be a metric name or None, got 3"),
-        ({"mode": "up"}, r"`mode` must be one of \('min', 'max'\), got 'up'"),
+        ({"mode": "up"}, r"`mode` must be 'min', 'max' or None, got 'up'"),
         ({"min_delta_mode": "pct"}, r"`min_delta_mode` must be one of \('abs', 'rel'\), got 'pct'"),
         ({"criterion": "keras"}, r"`criterion` must be one of \('patience', 'gl', 'pq', 'up'\), got 'keras'"),
         (
