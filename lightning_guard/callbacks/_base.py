@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_guard._runtime import CHECKPOINT_KEY, GuardRuntime, get_runtime, reset_runtime
+from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir, emit
 
 __all__ = ["GuardCallback"]
@@ -306,6 +307,27 @@ class GuardCallback(Callback):
         if guards and guards[-1] is self:
             self._sync_events(trainer, force_table=True)
             self.runtime(trainer).events.print_summary()
+
+    def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """What in this fit's set-up the guard refuses: one sentence each, naming the setting and the way out.
+
+        Called at fit start, once the optimizers and schedulers exist and before any step, for every guard by the
+        first one, which raises them all in one ``GuardConfigError`` (a script with three problems learns of all
+        three in one run, not in three restarts). Override it (calling ``super()``) in a guard of your own.
+        """
+        return []
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._is_owner(trainer):
+            return
+        guards = [cb for cb in trainer.callbacks if isinstance(cb, GuardCallback)]  # type: ignore[attr-defined]
+        problems = [p for cb in guards for p in cb.setup_problems(trainer, pl_module)]
+        if len(problems) == 1:
+            raise GuardConfigError(problems[0])
+        if problems:
+            listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+            raise GuardConfigError(f"lightning_guard refuses this set-up, {len(problems)} problems:\n{listed}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

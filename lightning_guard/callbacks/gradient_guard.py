@@ -250,16 +250,17 @@ class GradientGuard(GuardCallback):
 
     # ------------------------------------------------------------------ set-up
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        problems = super().setup_problems(trainer, pl_module)
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val and (self.spike_action == "clip" or self.max_norm is not None):
             what = "max_norm" if self.max_norm is not None else "spike_action='clip'"
-            raise GuardConfigError(
+            problems.append(
                 f"GradientGuard clips gradients itself ({what}) but the Trainer also has gradient_clip_val={clip_val}: "
                 "remove `gradient_clip_val` (use GradientGuard(max_norm=...) for a fixed clip), or set "
                 "spike_action='skip' or 'warn' and max_norm=None"
             )
+        return problems
 
     def _new_stats(self) -> EmaStats:
         return EmaStats(alpha=self.ema_alpha, warmup=self.warmup_steps)

@@ -451,7 +451,6 @@ class OOMGuard(GuardCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._check_trainer(trainer, pl_module)
             for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
                 self._install(pl_module, name)
             self._checked_batch = False
@@ -465,25 +464,28 @@ class OOMGuard(GuardCallback):
             for name in _EVAL_HOOKS:
                 self._install(pl_module, name)
 
-    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        problems = super().setup_problems(trainer, pl_module)
         accumulate = int(trainer.accumulate_grad_batches)
         if accumulate > 1:
-            raise GuardConfigError(
+            problems.append(
                 f"OOMGuard does not support `accumulate_grad_batches={accumulate}`: for the same effective batch, "
                 f"make the DataLoader batch {accumulate}x larger and pass "
                 f"`OOMGuard(micro_batch_size=<your current batch size>)`, which accumulates and can also shrink"
             )
         if not pl_module.automatic_optimization:
-            raise GuardConfigError(
+            problems.append(
                 "OOMGuard needs automatic optimization (`automatic_optimization=True`): with manual optimization "
                 "your training_step runs backward and step itself, so a batch cannot be re-run"
             )
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            raise GuardConfigError(
+            problems.append(
                 f"OOMGuard supports DDP only among multi-process strategies, got {type(trainer.strategy).__name__} "
                 f"with {trainer.world_size} processes: an out-of-memory on one rank there cannot be recovered "
                 "without hanging the others"
             )
+        return problems
 
     def _install(self, pl_module: pl.LightningModule, name: str) -> None:
         current = pl_module.__dict__.get(name)
@@ -520,7 +522,9 @@ class OOMGuard(GuardCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self._check_trainer(trainer, pl_module)  # a GradientAccumulationScheduler may have changed it
+        problems = self.setup_problems(trainer, pl_module)  # a GradientAccumulationScheduler may have changed it
+        if problems:
+            raise GuardConfigError("\n".join(problems))
 
     @override
     def on_train_batch_start(

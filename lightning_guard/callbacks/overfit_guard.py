@@ -471,12 +471,14 @@ class OverfitGuard(GuardCallback):
         return None
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        problems = super().setup_problems(trainer, pl_module)
         if self.snapshot == "checkpoint" and self.restore_best and self._matching_checkpoint(trainer) is None:
-            raise GuardConfigError(
+            problems.append(
                 f"OverfitGuard(snapshot='checkpoint') needs a ModelCheckpoint with monitor={self.monitor!r} and "
                 f"mode={self.mode!r} to restore from; add one or use snapshot='memory'"
             )
+        return problems
 
     @override
     def on_before_optimizer_step(

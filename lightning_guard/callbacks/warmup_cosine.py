@@ -166,22 +166,25 @@ class WarmupCosine(GuardCallback):
             )
         return int(estimated)
 
-    def _check_no_scheduler(self, trainer: pl.Trainer) -> None:
+    @override
+    def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        problems = super().setup_problems(trainer, pl_module)
         optimizers = list(trainer.optimizers)
         for cfg in trainer.lr_scheduler_configs:
             opt = getattr(cfg.scheduler, "optimizer", None)
             for idx, o in enumerate(optimizers):
                 if opt is o:
-                    raise GuardConfigError(
+                    problems.append(
                         f"WarmupCosine sets the learning rate of optimizer {idx} ({type(o).__name__}), but "
                         f"`configure_optimizers` also returned the LR scheduler {type(cfg.scheduler).__name__} for it; "
                         "remove one of the two (WarmupCosine replaces the scheduler)"
                     )
+        return problems
 
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_no_scheduler(trainer)
+        super().on_fit_start(trainer, pl_module)
         totals = self._resolve_totals(trainer)
         if self._restored and self._resolved_total is not None and self._resolved_total != totals:
             from lightning.pytorch.utilities.rank_zero import rank_zero_warn

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import CompressExport, GradientGuard, GuardConfigError, OverfitGuard
+from lightning_guard import CompressExport, GradientGuard, GuardConfigError, OOMGuard, OverfitGuard, WarmupCosine
 from lightning_guard.events import event_stream
 from lightning_guard.testing import InjectNaN
 from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, trainer
@@ -282,3 +282,34 @@ def test_a_failed_compression_still_writes_its_report_and_table(tmp_path, capsys
     report = json.loads((out / "compress_report.json").read_text())
     assert "`monitor='val_f1'` is not logged" in report["error"]
     assert "is not logged by the validation loop" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- refusals, all at once
+def test_every_set_up_problem_is_refused_together_in_one_error(tmp_path):
+    """Main: the LM script took three restarts, one refusal each: gradient_clip_val (GradientGuard),
+    accumulate_grad_batches (OOMGuard), a user LR scheduler (WarmupCosine)."""
+    tr, va = digits_loaders(n_train=64, n_val=32)
+    steps = []
+    t = trainer(
+        tmp_path,
+        [WarmupCosine(warmup=0.1), GradientGuard(), OOMGuard(), StepCounter(steps)],
+        gradient_clip_val=1.0,
+        accumulate_grad_batches=2,
+    )
+    with pytest.raises(GuardConfigError) as err:
+        t.fit(DigitsNet(scheduler=True), tr, va)
+    message = str(err.value)
+    assert message.startswith(
+        "lightning_guard refuses this set-up, 3 problems:\n  1. WarmupCosine sets the learning rate"
+    )
+    assert "\n  2. GradientGuard clips gradients itself (spike_action='clip') but the Trainer also has" in message
+    assert "\n  3. OOMGuard does not support `accumulate_grad_batches=2`" in message
+    assert steps == []  # refused before the first optimizer step
+
+
+class StepCounter(pl.Callback):
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = steps
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.steps.append(trainer.global_step)
