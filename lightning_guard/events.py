@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -231,6 +232,8 @@ class EventStream:
         self.counts: Counter[tuple[str, str]] = Counter()
         self._outbox: list[GuardEvent] = []
         self._log_dir: Path | None = None
+        #: this fit's id, in every line of the JSONL (a sweep in one folder is told apart); rank 0's on every rank
+        self.run_id = uuid.uuid4().hex[:12]
         self._file: Any = None
         self._table_dirty = False
 
@@ -240,9 +243,11 @@ class EventStream:
         """This process's global rank."""
         return int(getattr(self._trainer, "global_rank", 0))
 
-    def set_log_dir(self, path: str | os.PathLike[str]) -> None:
-        """Fix where ``guard_events.jsonl`` is written (guards do this at setup, identically on every rank)."""
+    def set_log_dir(self, path: str | os.PathLike[str], run_id: str | None = None) -> None:
+        """Fix where ``guard_events.jsonl`` is written, and the run's id (at setup, identically on every rank)."""
         self._log_dir = Path(path)
+        if run_id is not None:
+            self.run_id = run_id
 
     @property
     def log_dir(self) -> Path:
@@ -277,7 +282,7 @@ class EventStream:
         if self._file is None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open, flushed per event
-        self._file.write(json.dumps(event.to_dict()) + "\n")
+        self._file.write(json.dumps({**event.to_dict(), "run_id": self.run_id}) + "\n")
         self._file.flush()
 
     def _publish(self, event: GuardEvent, *, log_metric: bool = True) -> None:
@@ -320,7 +325,7 @@ class EventStream:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
                 for e in self._outbox:
-                    f.write(json.dumps(e.to_dict()) + "\n")
+                    f.write(json.dumps({**e.to_dict(), "run_id": self.run_id}) + "\n")
         except OSError:
             return None
         self._outbox.clear()

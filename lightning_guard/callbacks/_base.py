@@ -253,10 +253,11 @@ class GuardCallback(Callback):
             return
         runtime = reset_runtime(trainer) if stage == "fit" else get_runtime(trainer)
         log_dir = str(_resolve_log_dir(trainer)) if trainer.global_rank == 0 else None
+        run_id: str | None = runtime.events.run_id
         if trainer.world_size > 1:
-            log_dir = trainer.strategy.broadcast(log_dir, src=0)
+            log_dir, run_id = trainer.strategy.broadcast((log_dir, run_id), src=0)
         if log_dir is not None:
-            runtime.events.set_log_dir(log_dir)
+            runtime.events.set_log_dir(log_dir, run_id)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

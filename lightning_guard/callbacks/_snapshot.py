@@ -140,62 +140,93 @@ def _resolve(obj: Any, views: list[torch.Tensor]) -> Any:
     return obj
 
 
-def persistent_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The module's persistent buffers (its state in ``state_dict``: BatchNorm statistics, EMA counters, queues).
+def persistent_buffers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """Where the module's persistent buffers live: ``(submodule, name)`` pairs (the module's state in ``state_dict``).
 
-    Non-persistent buffers (``register_buffer(..., persistent=False)``: causal masks, rotary caches) are derived
-    from other state by convention and are left out.
+    BatchNorm statistics, EMA counters and queues are persistent. Non-persistent buffers (``register_buffer(...,
+    persistent=False)``: causal masks, rotary caches) are derived from other state by convention and are left out.
+    Pairs, not tensors: a forward may replace a buffer (``self.ema = 0.9 * self.ema + ...``) rather than write it.
     """
-    out: list[torch.Tensor] = []
+    out: list[tuple[torch.nn.Module, str]] = []
     for sub in module.modules():
         skip: set[str] = getattr(sub, "_non_persistent_buffers_set", set())
-        out.extend(b for name, b in sub.named_buffers(recurse=False) if name not in skip and b is not None)
+        out.extend((sub, name) for name, b in sub.named_buffers(recurse=False) if name not in skip and b is not None)
     return out
+
+
+def _inf_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest magnitude of each tensor (NaN when it holds a NaN, inf when an infinity), as one float tensor."""
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, ord=float("inf"))])
 
 
 class StepBuffers:
     """The module's persistent buffers as they were before an optimizer step's first forward.
 
-    A forward in training mode writes buffers (BatchNorm's running statistics and ``num_batches_tracked``) before
-    any guard sees the gradients: a step skipped for a NaN batch has already written NaN there. ``capture`` copies
-    the buffers on their own device before the step's first micro-batch (one fused copy into tensors allocated once);
-    ``restore`` writes them back when the step is skipped; ``nonfinite`` is a device flag (no host sync) for the
-    step's vote: some floating buffer holds a NaN or an infinity after the step's forwards.
+    A forward in training mode writes buffers (BatchNorm's running statistics and ``num_batches_tracked``, an EMA)
+    before any guard sees the gradients: a step skipped for a NaN batch has already written NaN there. ``capture``
+    copies the buffers on their own device before the batch's first forward (one fused copy into tensors allocated
+    once); ``restore`` writes them back into whatever tensors the module holds under those names now (a forward may
+    have replaced them); ``newly_nonfinite`` is a device flag (no host sync) for the step's vote: the step's forwards
+    put a NaN or an infinity into a buffer that had none (a buffer that legitimately holds infinities, such as an
+    additive attention mask, is judged only for new NaNs). The capture stands until :meth:`drop` (batch end), so
+    several optimizer steps in one batch (manual optimization) each restore the batch's starting state.
     """
 
     def __init__(self) -> None:
-        self._live: list[torch.Tensor] = []
+        self._where: list[tuple[torch.nn.Module, str]] = []
         self._saved: list[torch.Tensor] = []
-        self.taken = False  # a capture of the step being attempted exists and has not been restored or dropped
+        self._norms: torch.Tensor | None = None  # the saved floating buffers' inf-norms (NaN/inf where already so)
+        self.taken = False  # a capture of the batch being run exists
+
+    def _live(self) -> list[torch.Tensor]:
+        return [getattr(m, name) for m, name in self._where]
 
     def capture(self, module: torch.nn.Module) -> None:
-        """Copy the persistent buffers now (before the step's first forward)."""
-        live = persistent_buffers(module)
-        if len(live) != len(self._live) or any(
-            a is not b or a.shape != s.shape for a, b, s in zip(live, self._live, self._saved, strict=True)
-        ):
-            self._live = live
-            self._saved = [b.detach().clone() for b in live]
+        """Copy the persistent buffers now (before the batch's first forward)."""
+        where = persistent_buffers(module)
+        live = [getattr(m, name).detach() for m, name in where]
+        same = len(where) == len(self._where) and all(
+            a[0] is b[0] and a[1] == b[1] and t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+            for a, b, t, s in zip(where, self._where, live, self._saved, strict=True)
+        )
+        if not same:
+            self._where = where
+            self._saved = [t.clone() for t in live]
         elif live:
-            torch._foreach_copy_(self._saved, [b.detach() for b in live])
-        self.taken = bool(live)
+            torch._foreach_copy_(self._saved, live)
+        floats = [t for t in self._saved if t.is_floating_point()]
+        self._norms = _inf_norms(floats) if floats else None
+        self.taken = bool(where)
 
     @property
     def count(self) -> int:
         """How many buffers a :meth:`restore` now writes back."""
-        return len(self._live) if self.taken else 0
+        return len(self._where) if self.taken else 0
 
     def restore(self) -> None:
-        """Write the captured buffers back (the step is skipped)."""
-        if self.taken:
-            with torch.no_grad():
-                torch._foreach_copy_(self._live, self._saved)
+        """Write the captured buffers back into the module (the step is skipped)."""
+        if not self.taken:
+            return
+        with torch.no_grad():
+            for (m, name), saved in zip(self._where, self._saved, strict=True):
+                current = getattr(m, name)
+                if isinstance(current, torch.Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+                    current.copy_(saved)
+                else:  # replaced by another shape or type: put a copy of the saved tensor back under the name
+                    setattr(m, name, saved.clone())
+
+    def drop(self) -> None:
+        """Forget the capture (the batch is over; the next one captures its own)."""
         self.taken = False
 
-    def nonfinite(self, device: torch.device) -> torch.Tensor:
-        """1.0 (a 0-d float tensor) when a floating buffer holds a non-finite value, else 0.0; no host sync."""
-        floats = [b.detach() for b in self._live if b.is_floating_point()]
-        if not floats:
+    def newly_nonfinite(self, device: torch.device) -> torch.Tensor:
+        """1.0 (a 0-d float tensor) when the step's forwards made a floating buffer non-finite, else 0.0."""
+        if not self.taken or self._norms is None:
             return torch.zeros((), device=device)
-        worst = torch.stack([n.float() for n in torch._foreach_norm(floats, ord=float("inf"))])
-        return (~torch.isfinite(worst)).any().float().to(device)
+        live = [t.detach() for t in self._live() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if len(live) != len(self._norms):
+            return torch.zeros((), device=device)
+        now, before = _inf_norms(live).to(self._norms.device), self._norms
+        new_nan = torch.isnan(now) & ~torch.isnan(before)
+        new_inf = torch.isinf(now) & torch.isfinite(before)
+        return (new_nan | new_inf).any().float().to(device)

@@ -500,7 +500,9 @@ class ClassBalance(GuardCallback):
         recall = metrics["recall"].compute()
         values = {"guard/class_balance/balanced_acc": metrics["balanced_acc"].compute()}
         values.update({f"guard/class_balance/recall/{c}": r for c, r in enumerate(recall)})
-        pl_module.log_dict(values)
+        # torchmetrics' compute() has already reduced over the ranks: every rank logs the same numbers, and the mean
+        # over ranks is an identity that keeps Lightning from warning about epoch-level logs without sync_dist
+        pl_module.log_dict(values, sync_dist=trainer.world_size > 1)
         for m in metrics.values():
             m.reset()
 

@@ -233,6 +233,7 @@ class GradientGuard(GuardCallback):
         self._snapshot = Snapshot()  # the validated rollback target
         self._candidate = Snapshot()  # taken after a step, validated by the next step's verdict
         self._step_buffers = StepBuffers()  # the buffers before this step's first forward, put back by a skip
+        self._stepped_in_batch = False  # an optimizer step ran in the current batch
         self._rollback_schedulers: list[dict[str, Any]] | None = None  # after a rollback, applied at batch end
         self._rollback_lrs: list[list[Any]] | None = None
         self._losses: list[torch.Tensor] = []
@@ -345,7 +346,7 @@ class GradientGuard(GuardCallback):
             if self._deferred_skip is not None:
                 self._apply_skip(*self._deferred_skip)
                 self._deferred_skip = None
-            self._step_buffers.taken = False  # the next step captures its own
+            self._stepped_in_batch = True  # the capture is dropped at batch end (more optimizers may follow)
 
     def _judge(self, idx: int, norm: float, loss: float) -> tuple[bool, float, bool, float]:
         """``(norm_spike, z, loss_spike, loss_z)`` of a finite step of optimizer ``idx`` against its statistics."""
@@ -395,7 +396,7 @@ class GradientGuard(GuardCallback):
         else:  # gradient accumulation: Lightning already divided each micro-batch loss by the number of them
             loss = torch.stack([x.float() for x in losses]).sum().to(norm.device)
         self._vote = (optimizer, grads)
-        buffers_bad = self._step_buffers.nonfinite(norm.device)
+        buffers_bad = self._step_buffers.newly_nonfinite(norm.device)
         return torch.stack([torch.ones((), device=norm.device), norm.float(), loss, buffers_bad])
 
     @override
@@ -473,7 +474,7 @@ class GradientGuard(GuardCallback):
                 self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
                 return
             self._bad[idx] += 1
-            what = "loss" if any_loss_bad else "gradients" if grads_bad else "buffers (BatchNorm statistics)"
+            what = "loss" if any_loss_bad else "gradients" if grads_bad else "buffers"
             self._event(
                 trainer,
                 "nonfinite_skip",
@@ -695,7 +696,7 @@ class GradientGuard(GuardCallback):
         from_step = int(trainer.global_step)
         snap = self._snapshot
         snap.restore(pl_module, list(trainer.optimizers), self._scaler(trainer))
-        self._step_buffers.taken = False  # the snapshot's buffers stand: the skip of this step must not overwrite them
+        self._step_buffers.drop()  # the snapshot's buffers stand: the skip of this step must not overwrite them
         runtime.set_applied_steps(snap.applied_steps)
         for i in range(len(trainer.optimizers)):
             runtime.forget_step_lrs(i)
@@ -788,6 +789,9 @@ class GradientGuard(GuardCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._stepped_in_batch:  # an optimizer step ended this batch: the next one captures anew
+            self._stepped_in_batch = False
+            self._step_buffers.drop()
         if self._rollback_schedulers is not None or self._rollback_lrs is not None:
             self._finish_rollback(trainer)
         if not self._rollback_enabled:
