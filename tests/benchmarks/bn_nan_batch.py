@@ -42,7 +42,7 @@ def run(config: str, seed: int, size: str = "bench") -> dict[str, Any]:
     main_like = contextlib.ExitStack()  # the skip as it was: buffers neither put back nor judged
     if config == "skip_without_buffers":
         main_like.enter_context(mock.patch.object(StepBuffers, "restore", return_value=None))
-        main_like.enter_context(mock.patch.object(StepBuffers, "nonfinite", return_value=torch.zeros(())))
+        main_like.enter_context(mock.patch.object(StepBuffers, "newly_nonfinite", return_value=torch.zeros(())))
     with main_like:
         trainer = quiet_trainer(callbacks, **kwargs)
         trainer.fit(model, train, val)
