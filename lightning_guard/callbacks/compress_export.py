@@ -591,6 +591,7 @@ class CompressExport(GuardCallback):
                     self.error = rejected
             except Exception as exc:
                 if trainer.world_size == 1 and self.strict:
+                    self._summary_before_raise(trainer)
                     raise
                 error = exc  # with strict=True raised below on every rank, so no rank waits for rank 0 forever
                 if not self.strict:
@@ -604,10 +605,16 @@ class CompressExport(GuardCallback):
                     )
         if trainer.world_size > 1 and agree(trainer, error is not None).any and self.strict:
             message = trainer.strategy.broadcast(f"{type(error).__name__}: {error}", src=0)
+            self._summary_before_raise(trainer)  # every rank raises here: the event exchange stays aligned
             if error is not None:
                 raise error
             raise GuardRuntimeError(f"CompressExport failed on rank 0, stopping this rank too: {message}")
         super().on_fit_end(trainer, pl_module)  # last: the fit-end summary then lists the compression's events
+
+    def _summary_before_raise(self, trainer: pl.Trainer) -> None:
+        """``strict=True`` ends the fit with an exception: the guards' summary is printed first, errors included."""
+        self._sync_events(trainer, force_table=True)
+        self.runtime(trainer).events.print_summary()
 
 
 def _print_report(stages: list[Stage], monitor: str, problems: dict[str, str]) -> None:

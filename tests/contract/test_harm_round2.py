@@ -23,6 +23,7 @@ from lightning_guard import (
     CompressExport,
     GradientGuard,
     GuardConfigError,
+    GuardRuntimeError,
     OOMGuard,
     OverfitGuard,
     WarmupCosine,
@@ -457,3 +458,23 @@ def test_with_two_optimizers_in_a_batch_each_skip_restores_the_batchs_buffers(tm
     assert 1 <= guard.counts.get("nonfinite_skip", 0) <= 2  # the poisoned batch, for each of its two optimizer steps
     for name, buf in model.named_buffers():
         assert torch.isfinite(buf.float()).all(), name
+
+
+def test_strict_compression_that_rejects_a_format_raises_after_printing_everything(tmp_path, capsys):
+    """Review: with strict=True and the ONNX rejected, the fit raised before the guards' summary was printed."""
+    tr, va = digits_image_loaders(n_train=128, n_val=64)
+    ce = CompressExport(
+        dirpath=str(tmp_path / "out"),
+        monitor="val_acc",
+        formats=("pt2", "onnx"),
+        max_metric_drop=1.0,
+        prune=None,
+        onnx_int8_tolerance=1e-9,
+        strict=True,
+    )
+    with pytest.raises(GuardRuntimeError, match=r"the exported model.onnx does not reproduce"):
+        trainer(tmp_path, [GradientGuard(), ce], max_epochs=1).fit(DigitsConvNet(), tr, va)
+    printed = capsys.readouterr().out
+    assert "lightning_guard: compression (val_acc)" in printed
+    assert "verify_failed" in printed.split("lightning_guard: what the guards did")[1]
+    assert (tmp_path / "out" / "model.onnx.rejected").exists()
