@@ -237,6 +237,7 @@ class GradientGuard(GuardCallback):
         self._rollback_schedulers: list[dict[str, Any]] | None = None  # after a rollback, applied at batch end
         self._rollback_lrs: list[list[Any]] | None = None
         self._losses: list[torch.Tensor] = []
+        self._batch_losses_from = 0
         self._vote: tuple[Any, list[torch.Tensor]] | None = None  # this step's optimizer and gradients, as voted
         # every rank's [has_loss, norm, loss, buffers_nonfinite] for this step
         self._verdict: list[tuple[float, ...]] | None = None
@@ -299,6 +300,7 @@ class GradientGuard(GuardCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._batch_losses_from = len(self._losses)  # the window's earlier batches (accumulation) stay recorded
         if not self._step_buffers.taken:  # the step's first micro-batch: its forward is about to write the buffers
             self._step_buffers.capture(pl_module)
         if self._rollback_enabled and not self._snapshot.taken:
@@ -309,7 +311,9 @@ class GradientGuard(GuardCallback):
     # ------------------------------------------------------------------ per step
     @override
     def _on_batch_retry(self, trainer: pl.Trainer) -> None:
-        self._losses = []  # the failed attempt's loss; the re-run records the batch's loss again
+        # the failed attempt's loss (this batch's only: under accumulation the window's earlier batches stand); the
+        # re-run records the batch's loss again
+        del self._losses[self._batch_losses_from :]
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:

@@ -358,17 +358,23 @@ class OOMGuard(GuardCallback):
 
     Caveats: layers that use batch statistics (``BatchNorm``) see micro-batches, not the batch. The loss must be a
     mean over the batch (``loss_reduction="mean"``, weighted by ``loss_weight``) or a sum (``"sum"``). Extra keys of
-    a dict returned by ``training_step`` come from the last micro-batch. Lightning's ``accumulate_grad_batches`` is
-    not supported (pass a larger DataLoader batch and ``micro_batch_size`` instead), nor manual optimization, nor
+    a dict returned by ``training_step`` come from the last micro-batch. Manual optimization is not supported, nor
     multi-process strategies other than DDP (FSDP, DeepSpeed: a one-rank OOM there cannot be recovered without a
     hang today).
 
-    Events: ``oom_retry`` (ranks, where, old and new micro-batch size, memory figures, clean-up time), ``grow_back``,
+    Lightning's ``accumulate_grad_batches=k`` works: each batch of the window is halved on its own (its micro-batch
+    losses carry their share of it and Lightning's ``1/k``). An out-of-memory is recovered in the batch where it
+    happens: the gradients are zeroed, the window's batches already accumulated are replayed for their gradients only
+    (what the replay writes besides gradients is undone) and the failed batch runs again in halves. OOMGuard keeps
+    references to the window's batches for that until the optimizer step.
+
+    Events: ``oom_retry`` (ranks, where, old and new micro-batch size, memory figures, clean-up time, batches of the
+    accumulation window replayed), ``grow_back``,
     ``oom_fatal``. Metric: ``guard/oom/micro_batch_size`` every step.
 
     Args:
-        micro_batch_size: start with this micro-batch size (None: the whole batch). Set it with a DataLoader batch of
-            ``accumulate_grad_batches x`` the old size to accumulate with OOMGuard instead of Lightning.
+        micro_batch_size: start with this micro-batch size (None: the whole batch). With a DataLoader batch of
+            ``k x`` this size, OOMGuard accumulates the ``k`` micro-batches itself.
         grow_after: double the micro-batch size again after this many clean steps (None: never grow back).
         loss_reduction: how ``training_step``'s loss reduces over samples: ``"mean"`` (each micro-batch loss is
             weighted by its share of the batch) or ``"sum"`` (added as is).
@@ -428,6 +434,13 @@ class OOMGuard(GuardCallback):
         self._growing_from: int | None = None
         self._largest_batch = 0
         self._inner: dict[str, Callable[..., Any]] = {}
+        # Lightning's gradient accumulation: the window's batches whose gradients are in `.grad` (replayed for their
+        # gradients when a later batch of the window fails in backward), and this batch's place in it
+        self._window: list[tuple[Any, int]] = []
+        self._accumulate = 1
+        self._accumulating = False  # this batch accumulates (no optimizer step after it)
+        self._batch_idx = -1
+        self._batch_attempt: _AttemptState | None = None
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -467,13 +480,6 @@ class OOMGuard(GuardCallback):
     @override
     def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         problems = super().setup_problems(trainer, pl_module)
-        accumulate = int(trainer.accumulate_grad_batches)
-        if accumulate > 1:
-            problems.append(
-                f"OOMGuard does not support `accumulate_grad_batches={accumulate}`: for the same effective batch, "
-                f"make the DataLoader batch {accumulate}x larger and pass "
-                f"`OOMGuard(micro_batch_size=<your current batch size>)`, which accumulates and can also shrink"
-            )
         if not pl_module.automatic_optimization:
             problems.append(
                 "OOMGuard needs automatic optimization (`automatic_optimization=True`): with manual optimization "
@@ -539,6 +545,16 @@ class OOMGuard(GuardCallback):
             self._checked_batch = True
         self._batch, self._batch_n = batch, self._samples(batch)
         self._largest_batch = max(self._largest_batch, self._batch_n)
+        self._accumulate = int(trainer.accumulate_grad_batches)
+        if batch_idx % self._accumulate == 0:  # where Lightning zeroes the gradients: a new window
+            self._window = []
+        self._batch_idx = batch_idx
+        self._accumulating = self._accumulate > 1 and trainer.fit_loop._should_accumulate()
+        self._batch_attempt = None
+        if self._accumulating:  # re-run in place, inside Lightning's closure: the state before it is taken here
+            self._batch_attempt = _AttemptState(
+                pl_module, trainer._results, self._dynamic_buffers, self._layout_of(pl_module)
+            )
 
     # ------------------------------------------------------------------ the batch protocol
     def _samples(self, batch: Any) -> int:
@@ -623,6 +639,8 @@ class OOMGuard(GuardCallback):
     def _wrapped_training_step(self, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._busy:
             return inner(*args, **kwargs)
+        if self._accumulating:
+            return self._accumulating_step(inner, args, kwargs)
         if self._mode == "last":
             if args:
                 args = (self._last_part, *args[1:])
@@ -845,6 +863,8 @@ class OOMGuard(GuardCallback):
     def _wrapped_backward(self, inner: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self._busy:
             return inner(loss, *args, **kwargs)
+        if self._accumulating:
+            return self._accumulating_backward(inner, loss, args, kwargs)
         if self._abandoned is not None or self._deferred is not None:
             # The zero loss of an abandoned attempt (or of this rank's failure in a quiet step): complete DDP's
             # all-reduce and go on like the others, through whatever the hooks after backward do (a `sync_dist` log
@@ -852,14 +872,27 @@ class OOMGuard(GuardCallback):
             inner(loss, *args, **kwargs)
             return None
         if not self._distributed:
-            try:
-                return inner(loss, *args, **kwargs)
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                self._oom_text = _error_text(exc)
-            self._note_oom("backward", self._current_size())
-            raise _Retry(self._local_agreement())
+            if self._local_backward(inner, loss, args, kwargs):
+                raise _Retry(self._local_agreement())
+            return None
+        self._ddp_backward(inner, loss, args, kwargs)
+        # a failure here is told at the step's one agreement (on_before_optimizer_step, before any guard acts)
+        return None
+
+    def _local_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> bool:
+        """One process: run backward; True when it ran out of memory (noted)."""
+        try:
+            inner(loss, *args, **kwargs)
+            return False
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            self._oom_text = _error_text(exc)
+        self._note_oom("backward", self._current_size())  # outside the handler: the failed graph is released
+        return True
+
+    def _ddp_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> None:
+        """DDP: run backward; an out-of-memory is noted and DDP's reduction completed for what it had not reached."""
         before = None if self._counted else self._fence.issued()  # once seen to move, the counts need no reading
         with self._track_reduced() as reduced:
             try:
@@ -884,8 +917,6 @@ class OOMGuard(GuardCallback):
                 self._counted = self._counted or self._issued_since(before) > 0  # DDP's all-reduce was counted
             if self._oom is not None and self._oom[0] == "backward":
                 self._complete_reduction(reduced())
-        # a failure here is told at the step's one agreement (on_before_optimizer_step, before any guard acts)
-        return None
 
     @contextlib.contextmanager
     def _track_reduced(self) -> Iterator[Callable[[], list[torch.nn.Parameter]]]:
@@ -933,12 +964,13 @@ class OOMGuard(GuardCallback):
         assert trainer is not None
         module = self._module()
         attempt = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
+        rerun = False  # a re-run after a failure: the window's earlier batches (accumulation) are replayed first
         while True:
             self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, None, 0
             closure = optimizer_closure
             self._part_log = None
-            if self._chunked():
-                closure = functools.partial(self._run_chunks, optimizer_closure, optimizer, epoch, batch_idx)
+            if self._chunked() or (rerun and self._window):
+                closure = functools.partial(self._run_chunks, optimizer_closure, optimizer, epoch, batch_idx, rerun)
                 self._part_log = _PartLog(trainer._results, self._batch, attempt)
             try:
                 result = inner(epoch, batch_idx, optimizer, closure, **kwargs)
@@ -961,6 +993,7 @@ class OOMGuard(GuardCallback):
                 self._part_log.finish()
             attempt.restore()  # buffers, metrics and logged values as before the failed attempt
             self._recover(optimizer, verdict)
+            rerun = True
 
     def _split(self, batch: Any, size: int) -> list[Any]:
         hook = getattr(self._module(), "split_batch", None)
@@ -969,35 +1002,47 @@ class OOMGuard(GuardCallback):
             raise GuardConfigError(f"`split_batch` returned no micro-batch for a batch of {batch_size(batch)}")
         return list(parts)
 
-    def _run_chunks(self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int) -> Any:
-        trainer = self._trainer
-        assert trainer is not None
-        assert self.micro_batch_size is not None
-        parts = self._split(self._batch, self.micro_batch_size)
+    def _parts(self, batch: Any) -> tuple[list[Any], list[float]]:
+        """A batch's micro-batches at the current size and the share of the batch's loss each one carries."""
+        if self.micro_batch_size is None or self._samples(batch) <= self.micro_batch_size:
+            return [batch], [1.0]
+        parts = self._split(batch, self.micro_batch_size)
         weights = [self._weight(p) for p in parts]
         total = float(sum(weights))
-        shares = [w / total if self.loss_reduction == "mean" else 1.0 for w in weights]
-        self._inner["optimizer_zero_grad"](epoch, batch_idx, optimizer)
-        self._hold_grads = True
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        model = trainer.strategy.model
-        no_sync = getattr(model, "no_sync", None) if self._distributed else None
-        earlier: torch.Tensor | None = None
+        return parts, [w / total if self.loss_reduction == "mean" else 1.0 for w in weights]
+
+    def _strategy_step(self, part: Any, batch_idx: int) -> Any:
+        """``training_step`` on a micro-batch through the strategy (DDP's forward), outside Lightning's closure."""
+        trainer = self._trainer
+        assert trainer is not None
         step_args = (batch_idx,) if takes_batch_idx(self._module().training_step) else ()
-        for part, share in zip(parts[:-1], shares[:-1], strict=True):
+        return call._call_strategy_hook(trainer, "training_step", part, *step_args)
+
+    def _run_parts(
+        self, parts: list[Any], shares: list[float], batch_idx: int, step: Callable[[Any, int], Any] | None = None
+    ) -> torch.Tensor | None:
+        """Forward and backward of micro-batches (under ``no_sync``), each loss weighted by its share of the batch.
+
+        Each backward also divides by ``accumulate_grad_batches``, as Lightning divides a batch's loss. Returns the
+        sum of the weighted losses (detached, undivided); one process raises ``_Retry`` at the first out-of-memory,
+        DDP meets the others at the next agreement.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        step = step or self._strategy_step
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        no_sync = getattr(trainer.strategy.model, "no_sync", None) if self._distributed else None
+        earlier: torch.Tensor | None = None
+        for part, share in zip(parts, shares, strict=True):
             with no_sync() if no_sync is not None else contextlib.nullcontext():
-                out = self._guarded_step(
-                    functools.partial(call._call_strategy_hook, trainer, "training_step", part, *step_args),
-                    part,
-                    synced=False,
-                )
+                out = self._guarded_step(functools.partial(step, part, batch_idx), part, synced=False)
                 loss = _loss_of(out)
                 del out
                 if loss is None:
                     continue
                 part_loss = loss.detach().float() * share
                 earlier = part_loss if earlier is None else earlier + part_loss
-                scaled = loss * share
+                scaled = loss * (share / self._accumulate)
                 del loss
                 self._busy = True
                 try:
@@ -1012,13 +1057,143 @@ class OOMGuard(GuardCallback):
                     del scaled
             if self._oom is not None and not self._distributed:
                 raise _Retry(self._local_agreement())
+        return earlier
+
+    def _replay(self, batches: list[tuple[Any, int]], step: Callable[[Any, int], Any] | None = None) -> None:
+        """Put the gradients of already accumulated batches back into the zeroed ``.grad``, and nothing else.
+
+        Their ``self.log`` values, metric updates and buffer writes were kept when they first ran: what the replay
+        writes is undone. An out-of-memory anywhere in it is agreed at its end (DDP) and raises ``_Retry``.
+        """
+        if not batches:
+            return
+        trainer = self._trainer
+        assert trainer is not None
+        module = self._module()
+        saved = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
+        part_log, self._part_log = self._part_log, None
+        try:
+            for batch, batch_idx in batches:
+                self._run_parts(*self._parts(batch), batch_idx, step)
+            if self._fence.active:
+                rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
+                if StepFence.failed(rows):
+                    raise _Retry(self._fence_verdict(rows))
+        finally:
+            saved.restore()
+            self._part_log = part_log
+
+    def _run_chunks(
+        self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int, rerun: bool = False
+    ) -> Any:
+        """The closure of a batch run in micro-batches: all but the last here, the last through Lightning's closure.
+
+        The gradients are zeroed unless the window's earlier batches accumulated into them; a re-run replays those
+        first (``rerun``).
+        """
+        if rerun or not self._window:
+            self._inner["optimizer_zero_grad"](epoch, batch_idx, optimizer)
+        self._hold_grads = True
+        if rerun:
+            self._replay(self._window)
+        parts, shares = self._parts(self._batch)
+        earlier = self._run_parts(parts[:-1], shares[:-1], batch_idx)
         # the last part runs through Lightning's closure (its backward is DDP's own, overlapped all-reduce); a rank
         # that failed in an earlier part's backward meets the others at that part's first agreement
         self._mode, self._last_part, self._last_share, self._earlier = "last", parts[-1], shares[-1], earlier
         del parts
         return closure()
 
-    def _recover(self, optimizer: Any, verdict: Agreement) -> None:
+    # ------------------------------------------------------------------ Lightning's gradient accumulation
+    def _accumulating_step(self, inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``training_step`` of a batch that accumulates: a failure is recovered here, before Lightning's backward.
+
+        Every rank learns of an out-of-memory at the agreement that ends the step; all restore what the attempt
+        wrote, zero the gradients, replay the window's earlier batches for their gradients and run this batch again
+        in smaller micro-batches; the last one's forward goes back to Lightning, which runs its backward.
+        """
+
+        def step(part: Any, batch_idx: int) -> Any:  # inside Lightning's (and DDP's) forward already
+            if not args:
+                return inner(**{**kwargs, "batch": part})
+            return inner(part, *((batch_idx,) if len(args) > 1 else ()), *args[2:], **kwargs)
+
+        try:
+            return self._accumulating_attempt(step)
+        except _Retry as retry:
+            verdict = retry.agreement
+        trainer = self._trainer
+        assert trainer is not None
+        assert self._batch_attempt is not None
+        while True:
+            self._batch_attempt.restore()
+            self._part_log = None
+            self._recover(trainer.optimizers[0], verdict)
+            self._oom, self._abandoned, self._deferred = None, None, None
+            try:
+                self._replay(self._window, step)
+                return self._accumulating_attempt(step)
+            except _Retry as retry:
+                verdict = retry.agreement
+
+    def _accumulating_attempt(self, step: Callable[[Any, int], Any]) -> Any:
+        trainer = self._trainer
+        assert trainer is not None
+        parts, shares = self._parts(self._batch)
+        if len(parts) > 1:
+            self._part_log = _PartLog(trainer._results, self._batch, self._batch_attempt)
+        if not self._window and not self._hold_grads:
+            # the window's first batch: Lightning zeroes the gradients after training_step, before its backward,
+            # which would drop the micro-batches run here; they are zeroed now instead
+            self._inner["optimizer_zero_grad"](trainer.current_epoch, self._batch_idx, trainer.optimizers[0])
+        self._hold_grads = True
+        earlier = self._run_parts(parts[:-1], shares[:-1], self._batch_idx, step)
+        last = parts[-1]
+        out = self._guarded_step(functools.partial(step, last, self._batch_idx), last, synced=False)
+        loss = _loss_of(out)
+        if loss is not None and len(parts) > 1:
+            total = loss * shares[-1]
+            out = _with_loss(out, total if earlier is None else total + earlier.to(total.dtype))
+        return out
+
+    def _accumulating_backward(
+        self, inner: Callable[..., Any], loss: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Backward of a batch that accumulates, then an agreement; a failure is recovered before Lightning goes on.
+
+        The batch's forward completed (its logs and buffer writes stand); the gradients of the window so far are
+        rebuilt: zeroed, and every batch of the window, this one included, replayed for its gradients only.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        if self._distributed:
+            self._ddp_backward(inner, loss, args, kwargs)
+        else:
+            self._local_backward(inner, loss, args, kwargs)
+        if self._fence.active:
+            rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
+            verdict = self._fence_verdict(rows) if StepFence.failed(rows) else None
+        else:
+            verdict = self._local_agreement() if self._oom is not None else None
+        if verdict is None:
+            if self._part_log is not None:
+                self._part_log.finish()
+        else:
+            self._part_log = None
+            while True:
+                # the batch's loss was recorded by the other guards already (its forward completed): kept
+                self._recover(trainer.optimizers[0], verdict, forget_attempt=False)
+                self._oom = None
+                try:
+                    self._replay([*self._window, (self._batch, self._batch_idx)])
+                    break
+                except _Retry as retry:
+                    verdict = retry.agreement
+        self._part_log, self._hold_grads = None, False
+        self._window.append((self._batch, self._batch_idx))
+
+    def _recover(self, optimizer: Any, verdict: Agreement, forget_attempt: bool = True) -> None:
+        """Clean up after a failed attempt (gradients, GradScaler state, memory), halve, and say so."""
         trainer = self._trainer
         assert trainer is not None
         start = time.perf_counter()
@@ -1029,7 +1204,7 @@ class OOMGuard(GuardCallback):
 
             scaler._per_optimizer_states.clear()
             scaler._per_optimizer_states.default_factory = _refresh_per_optimizer_state
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        for cb in trainer.callbacks if forget_attempt else ():  # type: ignore[attr-defined]
             if isinstance(cb, GuardCallback):
                 cb._on_batch_retry(trainer)
         free_memory(trainer.strategy.root_device)
@@ -1044,6 +1219,7 @@ class OOMGuard(GuardCallback):
             "where": [where[r] for r in failed],
             "batch_size": self._batch_n,
             "old_micro_batch_size": size,
+            "replayed_batches": len(self._window),  # gradient accumulation: the window's batches re-run first
             "cleanup_ms": cleanup_ms,
         }
         for i, key in enumerate(_MEM_KEYS):  # per failing rank, in the order of oom_ranks (CUDA only)
@@ -1143,7 +1319,9 @@ class OOMGuard(GuardCallback):
                 )
         if trainer.loggers:
             pl_module.log("guard/oom/micro_batch_size", float(current), on_step=True, on_epoch=False, logger=True)
-        self._batch = None
+        self._batch, self._batch_attempt = None, None
+        if not self._accumulating:  # the optimizer stepped: the window's batches are not needed any more
+            self._window = []
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, stage: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

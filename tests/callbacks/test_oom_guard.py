@@ -49,18 +49,6 @@ def test_bad_arguments_are_named(kwargs, message):
     assert str(err.value) == message
 
 
-def test_accumulate_grad_batches_is_refused_with_the_equivalent(tmp_path):
-    tr, _ = digits_loaders()
-    t = trainer(tmp_path, [OOMGuard()], max_steps=1, accumulate_grad_batches=4)
-    with pytest.raises(GuardConfigError) as err:
-        t.fit(DigitsNet(), tr)
-    assert str(err.value) == (
-        "OOMGuard does not support `accumulate_grad_batches=4`: for the same effective batch, make the DataLoader "
-        "batch 4x larger and pass `OOMGuard(micro_batch_size=<your current batch size>)`, which accumulates and can "
-        "also shrink"
-    )
-
-
 class ManualNet(DigitsNet):
     def __init__(self) -> None:
         super().__init__()

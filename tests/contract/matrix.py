@@ -155,7 +155,6 @@ for _row in ("warmup_cosine", "all"):
     for _col in ("user_scheduler_step", "user_scheduler_epoch"):
         REFUSED[(_row, _col)] = r"also returned the LR scheduler StepLR.*remove one of the two"
 for _row in ("oom_guard", "all"):
-    REFUSED[(_row, "accumulate_4")] = r"does not support `accumulate_grad_batches=4`"
     REFUSED[(_row, "manual_optimization")] = r"needs automatic optimization"
     REFUSED[(_row, "two_optimizers_10x")] = r"needs automatic optimization"
 for _row in ("gradient_guard", "all"):
