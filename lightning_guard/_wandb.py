@@ -6,6 +6,8 @@ every function here is a no-op (the counter metrics still reach every logger thr
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +62,55 @@ def run_dir(trainer: pl.Trainer) -> str | None:
     return str(files)
 
 
+def spawn_root_dir() -> str | None:
+    """In a process about to start ddp_spawn workers: the folder holding the active W&B run's ``wandb/``, or None.
+
+    A worker attaches to the launching process's run, but wandb builds the attached run's settings from the
+    worker's own environment, so its files directory (where table media are written) falls under the worker's
+    working directory. Handed to the workers (:func:`adopt_spawn_root_dir`) as ``WANDB_DIR``, the documented way
+    to set it.
+    """
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None or not hasattr(run, "dir"):
+        return None
+    files = Path(run.dir)  # <root>/wandb/<run folder>/files
+    return str(files.parents[2]) if files.parent.parent.name == "wandb" else None
+
+
+def adopt_spawn_root_dir(root: str | None) -> None:
+    """In a ddp_spawn worker, before Lightning attaches the run: its files go where the launching process's go."""
+    if root is not None and "WANDB_DIR" not in os.environ:
+        os.environ["WANDB_DIR"] = root
+
+
+_WARNED_MEDIA = False
+
+
+def _media_run(trainer: pl.Trainer) -> Any | None:
+    """The run, if tables can be logged to it without writing into the working directory; else None (warned once).
+
+    A ddp_spawn worker attached to a run that the launching process created lazily (during the spawn) has its files
+    directory under the worker's working directory: wandb would write the table media there, outside the run.
+    """
+    global _WARNED_MEDIA
+    run = _run(trainer)
+    save_dir = getattr(wandb_logger(trainer), "save_dir", None)
+    if run is None or not save_dir or Path(run.dir).resolve().is_relative_to(Path(save_dir).resolve()):
+        return run
+    if not _WARNED_MEDIA:
+        _WARNED_MEDIA = True
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(
+            f"lightning_guard does not log its W&B tables from this ddp_spawn worker: the attached run writes media "
+            f"to {run.dir}, under the working directory, not the run's folder under save_dir={save_dir!r}. Create the "
+            "run before `fit` (`logger.experiment`) or set WANDB_DIR to save_dir; guard_events.jsonl and the counters "
+            "are complete either way"
+        )
+    return None
+
+
 def on_event(trainer: pl.Trainer, event: GuardEvent, *, alerts: bool) -> None:
     """Per-event W&B extras: the run summary counter, and ``run.alert`` for error events when enabled."""
     run = _run(trainer)
@@ -84,7 +135,7 @@ def on_event(trainer: pl.Trainer, event: GuardEvent, *, alerts: bool) -> None:
 
 def log_events_table(trainer: pl.Trainer, events: Sequence[GuardEvent], counts: Counter[tuple[str, str]]) -> None:
     """Log the whole event list as the ``guard/events`` table (one new table version per call)."""
-    run = _run(trainer)
+    run = _media_run(trainer)
     if run is None:
         return
     import json
@@ -112,7 +163,7 @@ def log_compression(
 
     The artifact holds the exported files and the report; it uploads when the run syncs.
     """
-    run = _run(trainer)
+    run = _media_run(trainer)
     if run is None or not rows:
         return
     import wandb

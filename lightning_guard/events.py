@@ -206,8 +206,16 @@ class GuardEvent:
         )
 
 
-def _resolve_log_dir(trainer: pl.Trainer) -> Path:
-    """The run's log directory, computed without collectives (call on rank 0)."""
+#: without a logger, each run's events go to ``<default_root_dir>/guard_logs/<start time>-<run_id>/``
+RUNS_DIRNAME = "guard_logs"
+
+
+def _resolve_log_dir(trainer: pl.Trainer, run_id: str) -> Path:
+    """The run's log directory, computed without collectives (call on rank 0).
+
+    The wandb run's files, else the first logger's ``log_dir``, else a folder of its own for this run under
+    ``default_root_dir`` (a sweep in one folder is one file per run, sorted by start time).
+    """
     from lightning_guard import _wandb
 
     run_dir = _wandb.run_dir(trainer)
@@ -217,7 +225,7 @@ def _resolve_log_dir(trainer: pl.Trainer) -> Path:
         log_dir = getattr(logger, "log_dir", None)
         if log_dir:
             return Path(log_dir)
-    return Path(trainer.default_root_dir)
+    return Path(trainer.default_root_dir) / RUNS_DIRNAME / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
 
 
 class EventStream:
@@ -250,10 +258,16 @@ class EventStream:
             self.run_id = run_id
 
     @property
+    def has_log_dir(self) -> bool:
+        """Whether the log directory is fixed already (by :meth:`set_log_dir` or a first write)."""
+        return self._log_dir is not None
+
+    @property
     def log_dir(self) -> Path:
         """The directory holding ``guard_events.jsonl``."""
         if self._log_dir is None:
-            self._log_dir = _resolve_log_dir(self._trainer) if self.rank == 0 else Path(self._trainer.default_root_dir)
+            root = Path(self._trainer.default_root_dir)
+            self._log_dir = _resolve_log_dir(self._trainer, self.run_id) if self.rank == 0 else root
         return self._log_dir
 
     @property

@@ -20,9 +20,8 @@ from lightning_guard import (
     OverfitGuard,
     WarmupCosine,
 )
-from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
-from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer
 
 pytest.importorskip("torchao")
 
@@ -89,7 +88,7 @@ def test_all_guards_ddp_identical_ranks_and_a_complete_event_log(tmp_path, preci
     r0, r1 = _ranks(tmp_path)
     assert r0 == r1  # weights, micro-batch size, applied steps and LRs: identical on both ranks
     assert r0["micro_batch_size"] == 16
-    events = read_jsonl(tmp_path / EVENTS_FILENAME)
+    events = read_jsonl(events_file(tmp_path))
     seen = {(e["guard"], e["kind"], tuple(e["ranks"])) for e in events}
     # the NaN batch on rank 1 poisons the all-reduced gradients of both ranks: one agreed skip, at step 3
     skips = [e for e in events if (e["guard"], e["kind"]) == ("gradient_guard", "nonfinite_skip")]
@@ -122,6 +121,6 @@ def test_all_guards_ddp_resume_from_a_mid_run_checkpoint_equals_the_uninterrupte
     for a, b in zip(res[0]["w"], full[0]["w"], strict=True):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
     key = lambda e: (e["guard"], e["kind"], e["step"], tuple(e["ranks"]))  # noqa: E731
-    resumed = [key(e) for e in read_jsonl(tmp_path / "res" / EVENTS_FILENAME)]
-    uninterrupted = [key(e) for e in read_jsonl(tmp_path / "full" / EVENTS_FILENAME)]
+    resumed = [key(e) for e in read_jsonl(events_file(tmp_path / "res"))]
+    uninterrupted = [key(e) for e in read_jsonl(events_file(tmp_path / "full"))]
     assert resumed == uninterrupted  # the event log carried through the checkpoint, then continued alike

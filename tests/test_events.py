@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from lightning_guard.events import EVENTS_FILENAME
 from tests.helpers import (
     DigitsNet,
     digits_loaders,
+    events_file,
     read_jsonl,
     trainer,
     wandb_history,
@@ -95,7 +97,7 @@ def test_no_logger_writes_to_default_root_dir(tmp_path):
     tr, va = digits_loaders()
     t = trainer(tmp_path, [WarmupCosine(warmup=1), EmitAt(step=1)])
     t.fit(DigitsNet(), tr, va)
-    assert [e["kind"] for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "probe"] == ["poke"]
+    assert [e["kind"] for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "probe"] == ["poke"]
 
 
 def test_events_reach_a_real_wandb_offline_run(tmp_path, capsys, monkeypatch):
@@ -165,6 +167,45 @@ def test_event_log_survives_checkpoint_resume(tmp_path):
     t2 = trainer(tmp_path / "b", [WarmupCosine(warmup=1)], max_epochs=2)
     t2.fit(DigitsNet(), tr, va, ckpt_path=str(ckpt))
     # the resumed run's own log is complete: it starts with the restored events
-    kinds = [e["kind"] for e in read_jsonl(tmp_path / "b" / EVENTS_FILENAME)]
+    kinds = [e["kind"] for e in read_jsonl(events_file(tmp_path / "b"))]
     assert kinds.count("poke") == 1
     assert [e.kind for e in event_stream(t2).events].count("poke") == 1
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_ddp_spawn_wandb_tables_never_land_in_the_working_directory(tmp_path, mode):
+    """Main: under ddp_spawn with ``WandbLogger(save_dir=...)`` the ``guard/events`` table media were written to
+    ``./wandb/`` of the working directory (wandb builds an attached run's settings from the worker's environment).
+    Now a run that exists before the spawn ("eager") gets its tables in its own folder, as the workers inherit its
+    root as WANDB_DIR; one Lightning creates during the spawn ("lazy") gets no table from the workers, with a
+    warning saying how to have them; the working directory stays empty and the JSONL is complete either way."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    save, cwd = tmp_path / "save", tmp_path / "cwd"
+    save.mkdir()
+    cwd.mkdir()
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(root)}
+    env.pop("WANDB_SERVICE", None)
+    env.pop("WANDB_DIR", None)
+    script = root / "tests" / "scripts" / "ddp_wandb_media.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(save), str(cwd), mode], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    (run,) = wandb_run_dirs(save)
+    events = read_jsonl(events_file(run / "files"))
+    assert [e["kind"] for e in events if e["guard"] == "gradient_guard"] == ["nonfinite_skip"]
+    tables = sorted((run / "files" / "media" / "table" / "guard").glob("events_*.table.json"))
+    warned = "does not log its W&B tables from this ddp_spawn worker" in proc.stdout + proc.stderr
+    if mode == "eager":
+        assert tables
+        assert not warned
+        assert any(r[3] == "nonfinite_skip" for r in json.loads(tables[-1].read_text())["data"])
+    else:
+        assert not tables
+        assert warned

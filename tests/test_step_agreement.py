@@ -24,8 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lightning_guard
 from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard._fence import COLLECTIVES
-from lightning_guard.events import EVENTS_FILENAME
-from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, read_jsonl, trainer
+from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, events_file, read_jsonl, trainer
 
 _PACKAGE = str(Path(lightning_guard.__file__).parent)
 _READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -190,7 +189,7 @@ def test_one_rank_out_of_memory_in_a_quiet_step_is_told_at_the_step_agreement(tm
     assert got[0] == got[1]
     for g, r in zip(got[0], ref[0], strict=True):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(r), rtol=1e-6, atol=1e-6)
-    events = [e for e in read_jsonl(tmp_path / "oom" / EVENTS_FILENAME) if e["kind"] == "oom_retry"]
+    events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
     assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [
         (4, [1], ["forward"]),
         (6, [0], ["backward"]),
@@ -243,5 +242,5 @@ def test_one_rank_out_of_memory_in_a_quiet_step_with_a_collective_of_its_own_rec
     trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=8).fit(model, tr)
     w0, w1 = (json.loads((tmp_path / f"weights{r}.json").read_text()) for r in (0, 1))
     assert w0 == w1
-    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "oom"]
+    events = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "oom"]
     assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [("oom_retry", 5 if late else 4, [1])]

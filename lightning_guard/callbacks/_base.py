@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_guard import _wandb
 from lightning_guard._runtime import CHECKPOINT_KEY, GuardRuntime, get_runtime, reset_runtime
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir, emit
@@ -158,7 +159,13 @@ class GuardCallback(Callback):
             if token not in _DISCARD_AT_EXIT:  # a hand-back nobody reads goes with the launching process
                 _DISCARD_AT_EXIT.add(token)
                 atexit.register(_discard, token)
-        return self.__dict__.copy()
+        return {**self.__dict__, "_wandb_root": _wandb.spawn_root_dir()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # in a ddp_spawn worker, before Lightning attaches the W&B run: its media go to the run's folder, not ./wandb
+        state = dict(state)
+        _wandb.adopt_spawn_root_dir(state.pop("_wandb_root", None))
+        self.__dict__.update(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GuardCallback:
         clone = type(self).__new__(type(self))
@@ -252,8 +259,10 @@ class GuardCallback(Callback):
         if not self._is_owner(trainer):
             return
         runtime = reset_runtime(trainer) if stage == "fit" else get_runtime(trainer)
-        log_dir = str(_resolve_log_dir(trainer)) if trainer.global_rank == 0 else None
+        if runtime.events.has_log_dir:  # validate/test/predict after a fit: the fit's run directory
+            return
         run_id: str | None = runtime.events.run_id
+        log_dir = str(_resolve_log_dir(trainer, runtime.events.run_id)) if trainer.global_rank == 0 else None
         if trainer.world_size > 1:
             log_dir, run_id = trainer.strategy.broadcast((log_dir, run_id), src=0)
         if log_dir is not None:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from lightning_guard import ClassBalance, GuardConfigError, event_stream
 from lightning_guard.demo import long_tailed_digits
 from lightning_guard.functional import balanced_loss, class_weights
-from tests.helpers import DigitsNet, StopAfterEpoch, digits, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, StopAfterEpoch, digits, events_file, precision_kwargs, read_jsonl, trainer
 
 
 def long_tail_loader(batch_size=32):
@@ -255,11 +255,9 @@ def test_ddp_spawn_an_unsharded_iterable_dataset_is_counted_once(tmp_path):
         t.fit(DigitsNet(), DataLoader(data, batch_size=30))
         for r in (0, 1):
             assert json.loads((out / f"c{r}.json").read_text()) == expected, name
-        events = [e for e in read_jsonl(out / "guard_events.jsonl") if e["kind"] == "unsharded_stream"]
+        events = [e for e in read_jsonl(events_file(out)) if e["kind"] == "unsharded_stream"]
         assert len(events) == (1 if name == "unsharded" else 0)
-    (warning,) = [
-        e for e in read_jsonl(tmp_path / "unsharded" / "guard_events.jsonl") if e["kind"] == "unsharded_stream"
-    ]
+    (warning,) = [e for e in read_jsonl(events_file(tmp_path / "unsharded")) if e["kind"] == "unsharded_stream"]
     assert warning["message"].startswith("every rank read the same 120 labels from the training IterableDataset")
     assert "counted once, not 2 times" in warning["message"]
 

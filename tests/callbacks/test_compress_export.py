@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_guard import CompressExport, GuardConfigError, OverfitGuard
 from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.functional import compress as C
-from tests.helpers import DigitsNet, digits_loaders, read_jsonl, trainer, wandb_history
+from tests.helpers import DigitsNet, digits_loaders, events_file, read_jsonl, trainer, wandb_history
 
 pytest.importorskip("torchao")
 
@@ -227,7 +227,7 @@ def test_after_ddp_spawn_training_rank_0_exports_once(tmp_path):
     assert pt2.exists()
     report = json.loads((tmp_path / "x" / "compress_report.json").read_text())
     assert report["artifacts"] == {"pt2": str(pt2)}
-    kinds = [e["kind"] for e in _events(tmp_path / EVENTS_FILENAME)]
+    kinds = [e["kind"] for e in _events(events_file(tmp_path))]
     assert kinds.count("exported") == 1
     out = C.load_artifact(pt2)(torch.cat([b[0] for b in va]))
     assert out.shape == (256, 10)
@@ -257,7 +257,7 @@ def test_a_failed_export_leaves_the_trained_run_alone_unless_strict(tmp_path):
     model = DigitsNet()
     t = trainer(tmp_path, [ce, ck], max_epochs=1, enable_checkpointing=True)
     t.fit(model, tr, va)
-    (event,) = [e for e in _events(tmp_path / EVENTS_FILENAME) if e["kind"] == "export_failed"]
+    (event,) = [e for e in _events(events_file(tmp_path)) if e["kind"] == "export_failed"]
     assert event["severity"] == "error"
     assert "`monitor='val_f1'` is not logged by the validation loop" in event["message"]
     assert ce.result is None
@@ -276,7 +276,7 @@ def test_a_failure_on_rank_0_is_an_event_and_every_rank_returns(tmp_path):
     tr, va = digits_loaders(n_train=128, n_val=64, batch_size=32)
     t = trainer(tmp_path, [CompressExport(monitor="val_f1", mode="max")], devices=2, strategy="ddp_spawn", max_epochs=1)
     t.fit(DigitsNet(), tr, va)
-    kinds = [e["kind"] for e in _events(tmp_path / EVENTS_FILENAME)]
+    kinds = [e["kind"] for e in _events(events_file(tmp_path))]
     assert kinds.count("export_failed") == 1
 
 
@@ -314,7 +314,7 @@ def test_an_untraceable_forward_is_found_at_fit_start_not_after_training(tmp_pat
     ce = CompressExport(dirpath=str(tmp_path / "b" / "out"))
     trainer(tmp_path / "b", [ce], max_epochs=1).fit(model, tr, va)
     assert model.steps_run == 4
-    (event,) = [e for e in _events(tmp_path / "b" / EVENTS_FILENAME) if e["kind"] == "export_failed"]
+    (event,) = [e for e in _events(events_file(tmp_path / "b")) if e["kind"] == "export_failed"]
     assert (event["step"], event["data"]["when"]) == (0, "fit_start")
     assert event["message"].startswith(_UNTRACEABLE)
     assert ce.result is None

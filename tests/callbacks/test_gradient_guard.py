@@ -9,10 +9,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_guard import GradientExplosionError, GradientGuard, GuardConfigError, WarmupCosine, event_stream
-from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.functional import global_grad_norm
 from lightning_guard.testing import InjectNaN, LossSpike, LRSpike
-from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer
 
 
 class StepState(Callback):
@@ -254,7 +253,7 @@ def test_gives_up_with_a_diagnosis(tmp_path):
         r"norms by layer: \[\('net\.0\.weight', nan\)",
     ):
         t.fit(DigitsNet(), tr, va)
-    kinds = [e["kind"] for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "gradient_guard"]
+    kinds = [e["kind"] for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "gradient_guard"]
     assert kinds == ["nonfinite_skip", "nonfinite_skip", "rollback", "nonfinite_skip", "nonfinite_skip", "gave_up"]
 
 
@@ -438,7 +437,7 @@ def test_ddp_fault_on_one_rank_all_ranks_agree(tmp_path, bad_rank, precision):
     assert r0 == r1
     assert all(math.isfinite(v) for w in r0["w"] for v in w)
     assert r0["applied"] == [7]  # 8 steps, one skipped on both ranks
-    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "gradient_guard"]
+    events = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "gradient_guard"]
     expected_kind = "nonfinite_skip" if precision == "32-true" else "amp_overflow"
     assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [(expected_kind, 2, [bad_rank])]
 

@@ -12,9 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_guard import GuardConfigError, OOMGuard, OOMGuardError
-from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.testing import SimulatedOOM
-from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer
 
 
 def _params(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -26,7 +25,7 @@ def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _events(tmp_path: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    rows = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "oom"]
+    rows = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "oom"]
     return [e for e in rows if kind is None or e["kind"] == kind]
 
 

@@ -14,9 +14,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_guard import GradientGuard, OOMGuard
-from lightning_guard.events import EVENTS_FILENAME
 from tests.callbacks.test_oom_guard_steps import CountedSamples, MemoryLogger, MeteredConvNet
-from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer
 from tests.workloads.digits_conv import digits_image_loaders
 
 
@@ -76,7 +75,7 @@ def _params(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _oom_events(path: Path) -> list[dict[str, Any]]:
-    return [e for e in read_jsonl(path / EVENTS_FILENAME) if e["kind"] == "oom_retry"]
+    return [e for e in read_jsonl(events_file(path)) if e["kind"] == "oom_retry"]
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])

@@ -18,9 +18,8 @@ from torch.distributed import all_reduce as all_reduce_bound_at_import  # unseen
 from torch.utils.data import DataLoader
 
 from lightning_guard import GuardConfigError, OOMGuard
-from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.testing import SimulatedOOM
-from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, read_jsonl, trainer
+from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, events_file, read_jsonl, trainer
 from tests.workloads.digits_conv import DigitsConvNet, digits_image_loaders
 
 
@@ -379,7 +378,7 @@ def test_ddp_forward_oom_on_one_rank_with_collectives_in_the_step(tmp_path):
             )
         assert g["acc"] == r["acc"]
         assert g["metrics"] == pytest.approx(r["metrics"], rel=1e-6)
-    events = [e for e in read_jsonl(tmp_path / "oom" / EVENTS_FILENAME) if e["kind"] == "oom_retry"]
+    events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
     assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(1, [1], ["forward"])]
 
 
@@ -521,5 +520,5 @@ def test_ddp_a_one_rank_oom_in_backward_past_its_last_collective_is_recovered(tm
     r0, r1 = _ranks(tmp_path)
     assert r0 == r1
     assert r0["mbs"] == 16
-    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "oom_retry"]
+    events = [e for e in read_jsonl(events_file(tmp_path)) if e["kind"] == "oom_retry"]
     assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(1, [1], ["backward"])]

@@ -8,8 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_guard import GuardConfigError, OverfitGuard, event_stream
-from lightning_guard.events import EVENTS_FILENAME
-from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, read_jsonl, trainer
+from tests.helpers import DigitsNet, StopAfterEpoch, digits_loaders, events_file, read_jsonl, trainer
 
 # A deliberately oversized MLP on 100 digits: it overfits within a few epochs (measured: best val_loss at epoch 2).
 OVERFIT = {"n_train": 100, "n_val": 400, "batch_size": 32}
@@ -265,7 +264,7 @@ def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path, bad_rank):
     t.fit(NaNValidation(nan_epoch=3, rank=bad_rank), tr, va)
     w0, w1 = (json.loads((tmp_path / f"w{r}.json").read_text()) for r in (0, 1))
     assert w0 == w1  # both ranks restored the same best weights
-    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "overfit_guard"]
+    events = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "overfit_guard"]
     div = [e for e in events if e["kind"] == "divergence"]
     assert [(e["epoch"], e["ranks"]) for e in div] == [(3, [bad_rank])]
     assert [e["kind"] for e in events if e["kind"] in ("stop", "restore_best")] == ["stop", "restore_best"]
@@ -353,7 +352,7 @@ def test_best_weights_are_restored_when_the_run_is_interrupted(tmp_path, error):
     assert guard.best_epoch < 11  # the last weights are not the best ones
     (metrics,) = trainer(tmp_path / "v", []).validate(model, va, verbose=False)
     assert metrics["val_loss"] == pytest.approx(guard.best, abs=1e-6)
-    restores = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "restore_best"]
+    restores = [e for e in read_jsonl(events_file(tmp_path)) if e["kind"] == "restore_best"]
     assert len(restores) == 1
     assert type(error).__name__ in restores[0]["message"]
 

@@ -8,13 +8,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_guard import GuardConfigError, GuardMixin, WarmupCosine, event_stream
-from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.functional import warmup_cosine
 from lightning_guard.testing import InjectNaN
 from tests.helpers import (
     DigitsNet,
     StopAfterEpoch,
     digits_loaders,
+    events_file,
     precision_kwargs,
     read_jsonl,
     trainer,
@@ -94,7 +94,7 @@ def test_gradscaler_skip_holds_the_lr_and_is_reported(tmp_path):
     )
     assert event_stream(t).__class__
     assert cb.runtime(t).applied_steps == [7]
-    holds = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "hold"]
+    holds = [e for e in read_jsonl(events_file(tmp_path)) if e["kind"] == "hold"]
     assert [(h["step"], h["data"]["reason"]) for h in holds] == [(3, "amp_overflow")]
 
 
@@ -243,7 +243,7 @@ def test_ddp_spawn_rank1_event_reaches_rank0_and_wandb_and_ranks_agree(tmp_path,
     assert len(r0["lrs"]) == 8  # 4 batches per rank per epoch, 2 epochs
     assert r0["lrs"][2] == r0["lrs"][3]  # held on the skipped step, on both ranks
     (run,) = wandb_run_dirs(tmp_path)
-    events = read_jsonl(run / "files" / EVENTS_FILENAME)
+    events = read_jsonl(events_file(run / "files"))
     injected = [e for e in events if e["guard"] == "fault_injector"]
     assert [(e["kind"], e["step"], e["ranks"]) for e in injected] == [("nan_loss", 2, [bad_rank])]
     assert [(e["kind"], e["step"]) for e in events if e["kind"] == "hold"] == [("hold", 2)]

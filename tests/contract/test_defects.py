@@ -19,10 +19,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_guard import GradientGuard, OOMGuard, WarmupCosine
-from lightning_guard.events import EVENTS_FILENAME, event_stream
+from lightning_guard.events import event_stream
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 from tests.contract.model import NoBatchIdxNet
-from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer
 
 
 class NoBatchIdxDigits(DigitsNet):
@@ -136,7 +136,7 @@ def test_after_ddp_spawn_the_launching_process_holds_events_and_guard_state(tmp_
     t = trainer(tmp_path, [gg, InjectNaN("loss", steps=[2], ranks=[1])], devices=2, strategy="ddp_spawn")
     t.fit(DigitsNet(), tr, va)
     handed_back = Path(tempfile.gettempdir()) / f"lightning_guard-{gg._spawn_token}.pt"
-    logged = [(e["guard"], e["kind"], e["step"], tuple(e["ranks"])) for e in read_jsonl(tmp_path / EVENTS_FILENAME)]
+    logged = [(e["guard"], e["kind"], e["step"], tuple(e["ranks"])) for e in read_jsonl(events_file(tmp_path))]
     events = [(e.guard, e.kind, e.step, e.ranks) for e in event_stream(t).events]
     assert [(g, k, s) for g, k, s, _ in events if g == "gradient_guard"] == [("gradient_guard", "nonfinite_skip", 2)]
     assert sorted(events) == sorted(logged)

@@ -28,7 +28,7 @@ from lightning_guard import (
     OverfitGuard,
     WarmupCosine,
 )
-from lightning_guard.events import EVENTS_FILENAME, event_stream
+from lightning_guard.events import EVENTS_FILENAME, RUNS_DIRNAME, GuardEvent, emit, event_stream
 from lightning_guard.testing import InjectNaN
 from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
 from tests.workloads.digits_conv import DigitsConvNet, digits_image_loaders
@@ -325,18 +325,30 @@ class StepCounter(pl.Callback):
         self.steps.append(trainer.global_step)
 
 
-def test_each_jsonl_line_names_its_run_so_a_sweep_in_one_folder_is_told_apart(tmp_path):
-    """Main: with logger=False a two-run sweep was one guard_events.jsonl with restarting steps and no run id."""
+def test_without_a_logger_each_run_has_its_own_event_file_and_every_line_its_run_id(tmp_path):
+    """Main: with logger=False a two-run sweep was one guard_events.jsonl with restarting steps and no run id. Now
+    each fit writes ``guard_logs/<start>-<run_id>/guard_events.jsonl`` under ``default_root_dir`` (sorted by start
+    time), each line names its run, and ``trainer.validate`` after a fit writes to the fit's file."""
     tr, va = digits_loaders(n_train=64, n_val=32)
     for seed in (0, 1):
         torch.manual_seed(seed)
-        trainer(tmp_path, [GradientGuard(), InjectNaN("loss", steps=[1])]).fit(DigitsNet(), tr, va)
-    lines = read_jsonl(tmp_path / EVENTS_FILENAME)
-    runs = [line["run_id"] for line in lines]
-    assert len(set(runs)) == 2
-    assert runs == sorted(runs, key=runs.index)  # each run's lines together, in order
-    for run in set(runs):
-        assert [x["kind"] for x in lines if x["run_id"] == run].count("nonfinite_skip") == 1
+        t = trainer(tmp_path, [GradientGuard(), InjectNaN("loss", steps=[1]), EmitAtValidateEnd()])
+        t.fit(DigitsNet(), tr, va)
+        t.validate(t.lightning_module, va)
+    files = sorted((tmp_path / RUNS_DIRNAME).glob(f"*/{EVENTS_FILENAME}"))
+    assert len(files) == 2
+    assert not (tmp_path / EVENTS_FILENAME).exists()
+    for path in files:
+        lines = read_jsonl(path)
+        assert {line["run_id"] for line in lines} == {path.parent.name.rsplit("-", 1)[1]}
+        assert [x["kind"] for x in lines].count("nonfinite_skip") == 1
+        assert [x["kind"] for x in lines].count("validated") == 1  # trainer.validate's event, in the fit's file
+
+
+class EmitAtValidateEnd(pl.Callback):
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            emit(trainer, GuardEvent.at(trainer, "probe", "validated", message="trainer.validate ran"))
 
 
 class RecordWarnings(pl.Callback):

@@ -11,9 +11,8 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback
 
 from lightning_guard import GuardConfigError, OOMGuard, WarmupCosine
-from lightning_guard.events import EVENTS_FILENAME
 from lightning_guard.testing import InjectNaN, LossSpike, LRSpike, ScaleOverflow, SimulatedOOM, batch_size_of
-from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
+from tests.helpers import DigitsNet, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +48,7 @@ def test_inject_nan_hits_its_target_at_its_step_only(tmp_path, target):
     if target in ("batch", "loss"):
         assert math.isnan(probe.losses[2])
         assert math.isfinite(probe.losses[1])
-    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "fault_injector"]
+    events = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "fault_injector"]
     assert [(e["kind"], e["step"], e["severity"]) for e in events] == [(f"nan_{target}", 2, "warning")]
     assert events[0]["message"].startswith("INJECTED")
 
@@ -238,7 +237,7 @@ def test_forward_oom_leaves_training_step_inside_forward(tmp_path):
         t.fit(model, tr)
     assert (model.before, model.after, model.metric.update_count) == (2, 1, 1)
     assert inj.seen_sizes == [32, 32]
-    (event,) = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["kind"] == "simulated_oom"]
+    (event,) = [e for e in read_jsonl(events_file(tmp_path)) if e["kind"] == "simulated_oom"]
     assert (event["step"], event["data"]["module"], event["data"]["size"]) == (1, "net.0", 32)
     assert not model.net[0]._forward_pre_hooks  # removed although fit failed (Lightning calls no teardown then)
     assert "training_step" not in model.__dict__
@@ -375,7 +374,7 @@ def test_grad_nan_hits_exactly_the_named_parameter_before_unscaling(tmp_path, pr
     assert probe.bad[0] == probe.bad[1] == set()
     if precision == "16-mixed":  # written before unscale_: the GradScaler itself found it, skipped and backed off
         assert probe.scale[2] == probe.scale[1] / 2
-    (event,) = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "fault_injector"]
+    (event,) = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "fault_injector"]
     assert (event["kind"], event["step"], event["data"]["param"]) == ("nan_grad", 2, expected)
 
 
@@ -409,7 +408,7 @@ def test_ddp_grad_nan_on_one_rank_reaches_every_rank_through_the_all_reduce(tmp_
     cbs = [InjectNaN("grad", steps=[1], ranks=[1], param="net.2.bias"), DumpBadGrads(str(tmp_path))]
     trainer(tmp_path, cbs, devices=2, strategy="ddp_spawn", max_steps=2).fit(DigitsNet(), tr)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [["net.2.bias"]] * 2
-    events = [e for e in read_jsonl(tmp_path / EVENTS_FILENAME) if e["guard"] == "fault_injector"]
+    events = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "fault_injector"]
     assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [("nan_grad", 1, [1])]
 
 
@@ -450,7 +449,7 @@ def test_scale_overflow_is_skipped_and_backed_off_by_the_grad_scaler(tmp_path):
     # the inf entered at the output layer's output: backward carried it into every parameter gradient
     assert hit.bad[3] == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
     assert hit.bad[2] == hit.bad[4] == set()
-    (event,) = [e for e in read_jsonl(tmp_path / "b" / EVENTS_FILENAME) if e["guard"] == "fault_injector"]
+    (event,) = [e for e in read_jsonl(events_file(tmp_path / "b")) if e["guard"] == "fault_injector"]
     assert (event["kind"], event["step"], event["data"]["module"]) == ("scale_overflow", 3, "net.2")
     assert (event["data"]["scale"], event["data"]["dtype"]) == (65536.0, "torch.float16")
 
