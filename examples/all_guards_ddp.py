@@ -24,7 +24,7 @@ from lightning_guard import (
     OverfitGuard,
     WarmupCosine,
 )
-from lightning_guard.events import EVENTS_FILENAME
+from lightning_guard.events import event_stream
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 OUT = Path("runs/all_guards")
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     )
     t.fit(Net(), train, val)
     counts: dict[str, int] = {}
-    for line in (OUT / EVENTS_FILENAME).read_text().splitlines():
+    # the run's own file (without a logger: runs/all_guards/guard_logs/<start>-<run_id>/guard_events.jsonl)
+    for line in event_stream(t).jsonl_path.read_text().splitlines():
         event = json.loads(line)
         key = f"{event['guard']}/{event['kind']}"
         counts[key] = counts.get(key, 0) + 1

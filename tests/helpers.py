@@ -149,15 +149,15 @@ def trainer(tmp_path: Path, callbacks: list[Any] | None = None, **kwargs: Any) -
 
 def events_file(root: Path | str) -> Path:
     """The one run's ``guard_events.jsonl`` under ``root``: a logger's directory holding it, or, without a logger,
-    the run's folder ``<default_root_dir>/guard_logs/<start>-<run_id>/`` (exactly one run expected)."""
+    the run's folder ``<default_root_dir>/guard_logs/<start>-<run_id>/`` (at most one run expected)."""
     from lightning_guard.events import EVENTS_FILENAME, RUNS_DIRNAME
 
     direct = Path(root) / EVENTS_FILENAME
     if direct.exists():
         return direct
     runs = sorted((Path(root) / RUNS_DIRNAME).glob(f"*/{EVENTS_FILENAME}"))
-    assert len(runs) == 1, f"expected one run's {EVENTS_FILENAME} under {root}, found {[str(p) for p in runs]}"
-    return runs[0]
+    assert len(runs) <= 1, f"expected one run's {EVENTS_FILENAME} under {root}, found {[str(p) for p in runs]}"
+    return runs[0] if runs else direct  # none: a run that emitted nothing (read_jsonl gives [])
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:

@@ -550,11 +550,7 @@ class OOMGuard(GuardCallback):
             self._window = []
         self._batch_idx = batch_idx
         self._accumulating = self._accumulate > 1 and trainer.fit_loop._should_accumulate()
-        self._batch_attempt = None
-        if self._accumulating:  # re-run in place, inside Lightning's closure: the state before it is taken here
-            self._batch_attempt = _AttemptState(
-                pl_module, trainer._results, self._dynamic_buffers, self._layout_of(pl_module)
-            )
+        self._batch_attempt = None  # a batch that accumulates: taken at its training_step (after every batch hook)
 
     # ------------------------------------------------------------------ the batch protocol
     def _samples(self, batch: Any) -> int:
@@ -1118,13 +1114,19 @@ class OOMGuard(GuardCallback):
                 return inner(**{**kwargs, "batch": part})
             return inner(part, *((batch_idx,) if len(args) > 1 else ()), *args[2:], **kwargs)
 
+        trainer = self._trainer
+        assert trainer is not None
+        if self._batch_attempt is None:
+            # here, not at on_train_batch_start: the module's own on_train_batch_start (and callbacks after this one)
+            # run after that and their writes belong to the batch, not to the attempt
+            module = self._module()
+            self._batch_attempt = _AttemptState(
+                module, trainer._results, self._dynamic_buffers, self._layout_of(module)
+            )
         try:
             return self._accumulating_attempt(step)
         except _Retry as retry:
             verdict = retry.agreement
-        trainer = self._trainer
-        assert trainer is not None
-        assert self._batch_attempt is not None
         while True:
             self._batch_attempt.restore()
             self._part_log = None

@@ -220,3 +220,28 @@ def test_ddp_accumulated_window_recovered_with_the_oom_on_rank_1_only(tmp_path):
         (e["ranks"], e["data"]["where"], e["data"]["new_micro_batch_size"], e["data"]["replayed_batches"])
         for e in events
     ] == [([1], ["backward"], 16, 1), ([1], ["forward"], 8, 2)]
+
+
+class BatchStartWriter(DigitsNet):
+    """Writes in its own ``on_train_batch_start`` (which Lightning calls after every callback's): a buffer, a log."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd", lr=0.5)
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.batches_seen += 1
+        self.log("n_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+
+
+def test_what_the_batch_hooks_wrote_survives_the_recovery_of_an_accumulating_batch(tmp_path):
+    """Review: the recovery of a batch that accumulates restored a state taken at OOMGuard's on_train_batch_start,
+    before the module's own hook ran: an OOM at batch 1 lost that batch's buffer increment and ``self.log`` (9 of
+    10). The attempt's state is now taken at its training_step."""
+    tr, _ = digits_loaders(n_train=320, batch_size=32)
+    log, model = MemoryLogger(), BatchStartWriter()
+    fault = OOMAtBatches({1: (16, "forward")})
+    trainer(tmp_path, [OOMGuard(), fault], logger=log, max_epochs=1, accumulate_grad_batches=3).fit(model, tr)
+    assert fault.raised == 1
+    assert int(model.batches_seen) == 10
+    assert log.series("n_batches") == [10.0]
