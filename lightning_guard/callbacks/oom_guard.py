@@ -1071,13 +1071,19 @@ class OOMGuard(GuardCallback):
         try:
             for batch, batch_idx in batches:
                 self._run_parts(*self._parts(batch), batch_idx, step)
-            if self._fence.active:
-                rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
-                if StepFence.failed(rows):
-                    raise _Retry(self._fence_verdict(rows))
+            verdict = self._end_verdict()
+            if verdict is not None:
+                raise _Retry(verdict)
         finally:
             saved.restore()
             self._part_log = part_log
+
+    def _end_verdict(self) -> Agreement | None:
+        """After backward(s) run outside Lightning's step: did any rank run out of memory (DDP: agreed)? None: no."""
+        if not self._fence.active:
+            return self._local_agreement() if self._oom is not None else None
+        rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
+        return self._fence_verdict(rows) if StepFence.failed(rows) else None
 
     def _run_chunks(
         self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int, rerun: bool = False
@@ -1172,11 +1178,7 @@ class OOMGuard(GuardCallback):
             self._ddp_backward(inner, loss, args, kwargs)
         else:
             self._local_backward(inner, loss, args, kwargs)
-        if self._fence.active:
-            rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
-            verdict = self._fence_verdict(rows) if StepFence.failed(rows) else None
-        else:
-            verdict = self._local_agreement() if self._oom is not None else None
+        verdict = self._end_verdict()
         if verdict is None:
             if self._part_log is not None:
                 self._part_log.finish()
