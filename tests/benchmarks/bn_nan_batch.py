@@ -24,8 +24,7 @@ import torch
 from lightning_guard import GradientGuard
 from lightning_guard.callbacks._snapshot import StepBuffers
 from lightning_guard.testing import InjectNaN
-from tests.benchmarks.do_no_harm import _git_state, _machine, one_thread
-from tests.benchmarks.report import quiet_trainer, save
+from tests.benchmarks.report import git_state, machine, one_thread, quiet_trainer, save
 from tests.workloads import WORKLOADS
 
 NAN_STEP = 15
@@ -78,7 +77,7 @@ def main(out: str = "docs/benchmarks") -> dict[str, Any]:
     """Run every configuration and seed, write ``bn_nan_batch.json`` / ``.md`` under ``out``."""
     with one_thread():
         rows = [run(config, seed) for seed in SEEDS for config in CONFIGS]
-    result = {"nan_step": NAN_STEP, "seeds": list(SEEDS), "rows": rows, "git": _git_state(), "machine": _machine()}
+    result = {"nan_step": NAN_STEP, "seeds": list(SEEDS), "rows": rows, "git": git_state(), "machine": machine()}
     return save(out, "bn_nan_batch", result, to_markdown(result))
 
 

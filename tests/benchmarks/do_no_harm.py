@@ -11,6 +11,9 @@ best-weight restore counts) and the guard events the run produced.
   most ``TOLERANCE`` (0.5%) and no event of severity ``warning`` or ``error`` was emitted.
 * ``WarmupCosine`` is a schedule, not a guard that must be invisible: its difference from the unguarded run is
   reported and judged apart (verdict ``schedule``), only its events must stay below ``warning``.
+* Under a fault: the BatchNorm conv net with a NaN batch (``tests.benchmarks.bn_nan_batch``), ``GradientGuard()``'s
+  skip against the clean run of the same seed (final accuracy within ``FAULT_ACC_TOLERANCE``, every buffer finite),
+  beside the unguarded run and the skip as main did it (BatchNorm statistics left as the NaN forward wrote them).
 * ``L1Penalty`` has a default strength (``1e-5``) and runs at it; ``ClassBalance`` runs only on the workloads whose
   loss is ``GuardMixin.balanced_loss`` (not the LM).
 
@@ -20,15 +23,13 @@ and gave the same numbers. ``python -m tests.benchmarks.do_no_harm`` or ``make b
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
+import math
 import platform
-import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ from lightning_guard import (
     configure_events,
     event_stream,
 )
-from tests.benchmarks.report import quiet_trainer, save
+from tests.benchmarks import bn_nan_batch
+from tests.benchmarks.report import git_state, machine, one_thread, quiet_trainer, save
 from tests.helpers import precision_kwargs
 from tests.workloads import WORKLOADS
 
@@ -195,17 +197,6 @@ def compare(guarded: dict[str, Any], reference: dict[str, Any], tolerance: float
     }
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block (the shared 2-core machine), then restore the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 #: precisions where the benchmark also measures the noise floor
 NOISE_PRECISIONS: tuple[str, ...] = ("32-true",)
 
@@ -226,6 +217,43 @@ def measure_set(workload: str, precision: str, seed: int, size: str, root: Path)
     return list(done.values())
 
 
+#: the fault rows: the BatchNorm conv net with a NaN in one sample of one batch (``tests.benchmarks.bn_nan_batch``)
+FAULT_CONFIGS: tuple[str, ...] = ("nan_unguarded", "skip_without_buffers", "skip")
+#: a faulted run guarded by GradientGuard is "ok" when its final accuracy is within this of the clean run's
+FAULT_ACC_TOLERANCE = 0.02
+
+
+def measure_faults(seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Each fault configuration against the clean run of the same seed (final weights' loss and accuracy)."""
+    rows = []
+    for seed in seeds:
+        clean = bn_nan_batch.run("clean", seed)
+        for config in FAULT_CONFIGS:
+            r = bn_nan_batch.run(config, seed)
+            acc_diff = r["val_acc"] - clean["val_acc"]
+            finite = not math.isnan(r["val_loss"]) and r["buffers_finite"]
+            verdict = "ok" if finite and abs(acc_diff) <= FAULT_ACC_TOLERANCE else "harm"
+            if config != "skip":
+                verdict = "reference: " + verdict  # what happens without the guard, or with main's skip
+            rows.append(
+                {
+                    "workload": "conv_bn",
+                    "fault": f"NaN batch at step {bn_nan_batch.NAN_STEP}",
+                    "config": config,
+                    "seed": seed,
+                    "clean_val_loss": clean["val_loss"],
+                    "clean_val_acc": clean["val_acc"],
+                    "val_loss": r["val_loss"],
+                    "val_acc": r["val_acc"],
+                    "rel_diff": r["val_loss"] / clean["val_loss"] - 1.0,
+                    "acc_diff": acc_diff,
+                    "buffers_finite": r["buffers_finite"],
+                    "verdict": verdict,
+                }
+            )
+    return rows
+
+
 def measure(
     seeds: Sequence[int] = (0, 1), size: str = "bench", plan: Sequence[tuple[str, Sequence[str]]] = PLAN
 ) -> dict[str, Any]:
@@ -244,6 +272,8 @@ def measure(
                         if guard != UNGUARDED:
                             verdict = compare(guarded, done[reference_of(guard)])
                             rows.append({"workload": workload, "precision": precision, "seed": seed, **verdict})
+        with one_thread():
+            faults = measure_faults(seeds)
     finally:
         configure_events(summary=True)
     return {
@@ -251,38 +281,15 @@ def measure(
         "size": size,
         "seeds": list(seeds),
         "rows": rows,
+        "fault_rows": faults,
         "runs": runs,
         "total_s": time.perf_counter() - start,
-        "machine": _machine(),
-        "git": _git_state(),
+        "machine": machine(),
+        "git": git_state(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": pl.__version__,
     }
-
-
-def _git_state() -> str:
-    """The commit measured, and whether the library had uncommitted changes (others edit it concurrently)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "lightning_guard"], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    changed = len(dirty.stdout.splitlines())
-    return head.stdout.strip() + (f" + {changed} uncommitted library files" if changed else "")
-
-
-def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores (shared), runs on 1 thread"
 
 
 def _kinds(kinds: dict[str, int]) -> str:
@@ -357,6 +364,26 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['workload']} | {r['precision']} | {r['guard']} | {r['seed']} | {r['reference_val_loss']:.4f} "
             f"({r['reference']}) | {r['val_loss']:.4f} | {100 * r['rel_diff']:+.3f}% | "
             f"{_kinds(r['warning_kinds'])} | {_kinds(r['info_kinds'])} | {r['verdict']} |"
+        )
+    lines += [
+        "",
+        f"Under a fault (`tests/benchmarks/bn_nan_batch.py`): the conv+BatchNorm net with a NaN in one sample of the "
+        f"batch at step {bn_nan_batch.NAN_STEP}, against the clean run of the same seed. `skip`: `GradientGuard()` as "
+        "shipped (the skip also puts back the BatchNorm statistics the forward wrote); `skip_without_buffers`: the "
+        "skip as main did it before the second do-no-harm round; `nan_unguarded`: no guard. Verdict `ok`: final loss "
+        f"finite, every buffer finite, accuracy within {FAULT_ACC_TOLERANCE} of the clean run.",
+        "",
+        "| workload | fault | run | seed | clean val loss / acc | val loss / acc | rel. diff (loss) | acc diff | "
+        "buffers finite | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result.get("fault_rows", []):
+        loss = "nan" if math.isnan(r["val_loss"]) else f"{r['val_loss']:.4f}"
+        rel = "nan" if math.isnan(r["rel_diff"]) else f"{100 * r['rel_diff']:+.2f}%"
+        lines.append(
+            f"| {r['workload']} | {r['fault']} | {r['config']} | {r['seed']} | {r['clean_val_loss']:.4f} / "
+            f"{r['clean_val_acc']:.3f} | {loss} / {r['val_acc']:.3f} | {rel} | {r['acc_diff']:+.3f} | "
+            f"{r['buffers_finite']} | {r['verdict']} |"
         )
     noisy = [run for run in result["runs"] if run["warnings"]]
     if noisy:

@@ -32,8 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_guard import GradientGuard, configure_events, event_stream
 from lightning_guard.testing import InjectNaN, LRSpike
-from tests.benchmarks.do_no_harm import _git_state, _machine, one_thread
-from tests.benchmarks.report import quiet_trainer, save
+from tests.benchmarks.report import git_state, machine, one_thread, quiet_trainer, save
 from tests.helpers import DigitsNet, digits_loaders, precision_kwargs
 from tests.workloads.char_lm import CharLM, char_lm_loaders
 
@@ -129,8 +128,8 @@ def measure() -> dict[str, Any]:
         r["rel_diff"] = (r["val_loss"] - reference) / reference if math.isfinite(r["val_loss"]) else math.inf
     return {
         "runs": runs,
-        "machine": _machine(),
-        "git": _git_state(),
+        "machine": machine(),
+        "git": git_state(),
         "torch": torch.__version__,
         "lightning": pl.__version__,
     }

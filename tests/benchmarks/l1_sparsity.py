@@ -14,8 +14,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_guard import L1Penalty, configure_events
-from tests.benchmarks.do_no_harm import _git_state, _machine, one_thread
-from tests.benchmarks.report import quiet_trainer, save
+from tests.benchmarks.report import git_state, machine, one_thread, quiet_trainer, save
 from tests.helpers import DigitsNet, digits_loaders
 
 #: (optimizer, mode, strengths)
@@ -63,7 +62,7 @@ def measure() -> dict[str, Any]:
                 rows += [run(optimizer, mode, s) for s in strengths]
     finally:
         configure_events(summary=True)
-    return {"rows": rows, "machine": _machine(), "git": _git_state(), "torch": torch.__version__}
+    return {"rows": rows, "machine": machine(), "git": git_state(), "torch": torch.__version__}
 
 
 def to_markdown(result: dict[str, Any]) -> str:

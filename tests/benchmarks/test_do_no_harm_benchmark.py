@@ -26,5 +26,11 @@ def test_do_no_harm_benchmark():
     assert all(r["precision"] == "32-true" for r in result["rows"] if r["guard"] == NOISE)
     # with no out-of-memory error OOMGuard only wraps the step: the runs are bit-identical to the unguarded ones
     assert all(r["rel_diff"] == 0.0 for r in result["rows"] if r["guard"] == "oom_guard")
+    # a NaN batch skipped by GradientGuard on the BatchNorm net ends where the clean run ends; main's skip did not
+    faults = {(r["config"], r["seed"]): r for r in result["fault_rows"]}
+    for seed in result["seeds"]:
+        assert faults["skip", seed]["verdict"] == "ok"
+        assert faults["skip_without_buffers", seed]["verdict"] == "reference: harm"
+    assert "| conv_bn | NaN batch at step" in (DOCS / "do_no_harm.md").read_text()
     # the schedule never warns on a healthy run
     assert all(r["quiet"] for r in result["rows"] if r["guard"] == "warmup_cosine")
