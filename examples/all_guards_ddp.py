@@ -23,8 +23,8 @@ from lightning_guard import (
     OOMGuard,
     OverfitGuard,
     WarmupCosine,
+    event_stream,
 )
-from lightning_guard.events import event_stream
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 OUT = Path("runs/all_guards")

@@ -3,6 +3,7 @@
 The public API is re-exported here; the guide lives in ``docs/``.
 """
 
+from lightning_guard._runtime import emit, event_stream
 from lightning_guard.callbacks import (
     ClassBalance,
     CompressExport,
@@ -20,7 +21,7 @@ from lightning_guard.errors import (
     GuardRuntimeError,
     OOMGuardError,
 )
-from lightning_guard.events import GuardEvent, configure_events, emit, event_stream
+from lightning_guard.events import GuardEvent, configure_events
 from lightning_guard.lr_scheduler import WarmupCosineLR
 from lightning_guard.mixin import GuardMixin
 

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_guard.events import EventStream
+from lightning_guard.distributed import Agreement, agree, world_size
+from lightning_guard.errors import GuardConfigError
+from lightning_guard.events import EventStream, GuardEvent
 from lightning_guard.lr_scheduler import APPLIED_STEPS_ATTR
 
 if TYPE_CHECKING:
@@ -213,10 +215,30 @@ class GuardRuntime:
             else:
                 rows = [row]
         self.step_row_size = size + 1
-        if world > 1 and any(r[size] > 0 for r in rows):
-            self.events.exchange()
+        if world > 1:
+            self._exchange_if_pending([r[size] for r in rows])
         for cb, start, end in spans:
             cb._step_verdict(trainer, optimizer, [tuple(r[start:end]) for r in rows])
+
+    def agree(self, flag: bool | torch.Tensor, payload: torch.Tensor | None = None) -> Agreement:
+        """Agree on a flag across ranks (``lightning_guard.distributed.agree``), carrying the pending events.
+
+        Every rank's count of guard events not yet handed to rank 0 rides in the same collective; when any rank has
+        some, the event exchange follows at once, so events raised on other ranks reach rank 0 at the next decision.
+        """
+        if world_size(self.trainer) <= 1:
+            return agree(self.trainer, flag, payload)
+        dev = self.trainer.strategy.root_device
+        pending = torch.tensor([float(self.events.pending())], dtype=torch.float32, device=dev)
+        full = pending if payload is None else torch.cat([payload.reshape(-1).float().to(dev), pending])
+        outcome = agree(self.trainer, flag, full)
+        self._exchange_if_pending([row[-1] for row in outcome.values])
+        return Agreement(outcome.flags, tuple(row[:-1] for row in outcome.values))
+
+    def _exchange_if_pending(self, pending_per_rank: list[float]) -> None:
+        """The event exchange (a collective), when an agreement showed events waiting on some rank."""
+        if any(n > 0 for n in pending_per_rank):
+            self.events.exchange()
 
     def abandon_step(self, optimizer: Any) -> None:
         """The step being attempted is dropped before it runs (OOMGuard re-runs the batch): undo its preparation."""
@@ -445,6 +467,44 @@ def get_runtime(trainer: pl.Trainer) -> GuardRuntime:
         runtime = GuardRuntime(trainer)
         trainer.__dict__[_ATTR] = runtime
     return runtime
+
+
+#: readers of a ddp_spawn fit's hand-back, run in the launching process when its event stream is read (the guard base
+#: registers the one that loads the guards' final states: this module knows no guards)
+_HAND_BACK_READERS: list[Callable[[pl.Trainer], None]] = []
+
+
+def register_hand_back_reader(reader: Callable[[pl.Trainer], None]) -> None:
+    """Run ``reader(trainer)`` before :func:`event_stream` returns (it loads what a ddp_spawn rank 0 handed back)."""
+    if reader not in _HAND_BACK_READERS:
+        _HAND_BACK_READERS.append(reader)
+
+
+def event_stream(trainer: pl.Trainer) -> EventStream:
+    """The trainer's event stream (created on first use).
+
+    After a ``ddp_spawn`` fit, in the launching process, it holds the run's events as rank 0 published them, and the
+    guards in ``trainer.callbacks`` hold their final states (rank 0 hands both back when the fit ends).
+    """
+    for reader in _HAND_BACK_READERS:
+        reader(trainer)
+    return get_runtime(trainer).events
+
+
+def emit(trainer: pl.Trainer, event: GuardEvent) -> None:
+    """Report a guard event. Callable on any rank; see ``lightning_guard.events`` for where it goes.
+
+    Example:
+        >>> import lightning.pytorch as pl, tempfile
+        >>> from lightning_guard import GuardEvent
+        >>> trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tempfile.mkdtemp())
+        >>> emit(trainer, GuardEvent.at(trainer, "my_guard", "noticed", message="hello"))
+        >>> [e.kind for e in event_stream(trainer).events]
+        ['noticed']
+    """
+    if not isinstance(event, GuardEvent):
+        raise GuardConfigError(f"`event` must be a GuardEvent, got {type(event).__name__}")
+    get_runtime(trainer).events.emit(event)  # not event_stream(): reading a ddp_spawn hand-back is the user's call
 
 
 def reset_runtime(trainer: pl.Trainer) -> GuardRuntime:

@@ -11,14 +11,36 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning_utilities.core.imports import RequirementCache
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lightning_guard.events import GuardEvent
+
+class GuardEvent(Protocol):
+    """What this sink reads of a ``lightning_guard.events.GuardEvent`` (the sink sits below the record's module)."""
+
+    @property
+    def guard(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def severity(self) -> str: ...
+    @property
+    def ranks(self) -> tuple[int, ...]: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def metric_name(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 _WANDB_AVAILABLE = RequirementCache("wandb")
 TABLE_KEY = "guard/events"

@@ -3,8 +3,8 @@
 Every control-flow decision a guard takes (skip, stop, halve, roll back, restore) goes through :func:`agree`, so no
 rank ever acts alone. On one process every function here is a no-op that needs no process group.
 
-The agreement collective also carries the number of guard events waiting on each rank, so events raised on a
-non-zero rank reach rank 0 at the next decision instead of waiting for the epoch end.
+This module knows no events and no guards: the runtime (``lightning_guard._runtime``) adds what it needs to carry (the
+number of guard events waiting on each rank) to the payload of the agreements it holds.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def _device(trainer: pl.Trainer) -> torch.device:
 def agree(trainer: pl.Trainer, flag: bool | torch.Tensor, payload: torch.Tensor | None = None) -> Agreement:
     """Agree on a boolean across all ranks: every rank learns which ranks raised it (and their payloads).
 
-    One small ``all_gather`` per call (the cost of an all-reduce) and one host sync; it also forwards pending guard
-    events from non-zero ranks to rank 0 when there are any. On one process no collective is issued (the one host
-    sync reads the flag and payload).
+    One small ``all_gather`` per call (the cost of an all-reduce) and one host sync. On one process no collective is
+    issued (the one host sync reads the flag and payload). Guards agree through ``GuardRuntime.agree``, which also
+    carries the guard events waiting on each rank.
 
     Args:
         trainer: the running trainer.
@@ -92,23 +92,17 @@ def agree(trainer: pl.Trainer, flag: bool | torch.Tensor, payload: torch.Tensor 
             parts.append(payload.reshape(-1).float().to(parts[0].device))
         row = torch.cat(parts).tolist()  # the one host sync
         return Agreement((bool(row[0]),), (tuple(row[1:]),))
-    from lightning_guard.events import event_stream
-
-    stream = event_stream(trainer)
     device = _device(trainer)
-    local = torch.zeros(2 + n, dtype=torch.float32, device=device)
+    local = torch.zeros(1 + n, dtype=torch.float32, device=device)
     if isinstance(flag, torch.Tensor):
         local[0] = flag.to(device=device, dtype=torch.float32).reshape(())
     else:
         local[0] = float(bool(flag))
-    local[1] = float(stream.pending())
     if payload is not None:
-        local[2:] = payload.reshape(-1).to(device=device, dtype=torch.float32)
-    gathered = trainer.strategy.all_gather(local).reshape(-1, 2 + n).cpu()  # the one host sync
+        local[1:] = payload.reshape(-1).to(device=device, dtype=torch.float32)
+    gathered = trainer.strategy.all_gather(local).reshape(-1, 1 + n).cpu()  # the one host sync
     flags = tuple(bool(v) for v in gathered[:, 0].tolist())
-    values = tuple(tuple(row) for row in gathered[:, 2:].tolist())
-    if float(gathered[:, 1].max()) > 0:
-        stream.exchange()
+    values = tuple(tuple(row) for row in gathered[:, 1:].tolist())
     return Agreement(flags, values)
 
 

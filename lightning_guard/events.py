@@ -1,6 +1,7 @@
 """Guard events: what a guard did, when, where, and why - and the per-trainer stream that reports them.
 
-One :class:`EventStream` lives on each trainer. :func:`emit` may be called on any rank:
+One :class:`EventStream` lives on each trainer (held by its guard runtime). ``lightning_guard.emit`` may be called on
+any rank:
 
 * on rank 0 the event is published at once: appended to ``guard_events.jsonl`` in the run's log directory (flushed
   per event, so a crash loses nothing), counted in the ``guard/<guard>/<kind>`` metric of every attached Lightning
@@ -11,6 +12,9 @@ One :class:`EventStream` lives on each trainer. :func:`emit` may be called on an
   ``guard_events.rank<k>.jsonl`` beside the main file.
 
 At fit end rank 0 prints a summary table (rich) of what every guard did.
+
+This module is the record and its sinks: it knows no guards and no runtime. ``emit`` and ``event_stream`` (which find a
+trainer's stream) live one layer up, in ``lightning_guard._runtime``, and are exported by ``lightning_guard``.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_guard import _wandb
+from lightning_guard.distributed import gather_json
 from lightning_guard.errors import GuardConfigError
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["EVENTS_FILENAME", "EventStream", "GuardEvent", "configure_events", "emit", "event_stream"]
+__all__ = ["EVENTS_FILENAME", "RUNS_DIRNAME", "EventStream", "GuardEvent", "configure_events"]
 
 EVENTS_FILENAME = "guard_events.jsonl"
 Severity = Literal["info", "warning", "error"]
@@ -216,8 +222,6 @@ def _resolve_log_dir(trainer: pl.Trainer, run_id: str) -> Path:
     The wandb run's files, else the first logger's ``log_dir``, else a folder of its own for this run under
     ``default_root_dir`` (a sweep in one folder is one file per run, sorted by start time).
     """
-    from lightning_guard import _wandb
-
     run_dir = _wandb.run_dir(trainer)
     if run_dir is not None:
         return Path(run_dir)
@@ -300,8 +304,6 @@ class EventStream:
         self._file.flush()
 
     def _publish(self, event: GuardEvent, *, log_metric: bool = True) -> None:
-        from lightning_guard import _wandb
-
         self.events.append(event)
         key = (event.guard, event.kind)
         self.counts[key] += 1
@@ -319,8 +321,6 @@ class EventStream:
     # ------------------------------------------------------------------ distributed
     def exchange(self) -> None:
         """Collective: hand every rank's outbox to rank 0. All ranks must call it at the same point."""
-        from lightning_guard.distributed import gather_json
-
         payload = [e.to_dict() for e in self._outbox]
         gathered = gather_json(self._trainer, payload)
         self._outbox.clear()
@@ -348,8 +348,6 @@ class EventStream:
     # ------------------------------------------------------------------ reporting
     def refresh_table(self, *, force: bool = False) -> None:
         """Log the ``guard/events`` W&B table if new events arrived (rank 0; no-op without a WandbLogger)."""
-        from lightning_guard import _wandb
-
         if self.rank != 0 or not (self._table_dirty or force):
             return
         _wandb.log_events_table(self._trainer, self.events, self.counts)
@@ -427,33 +425,3 @@ def _unjson(v: Any) -> Any:
     if isinstance(v, list):
         return [_unjson(x) for x in v]
     return v
-
-
-def event_stream(trainer: pl.Trainer) -> EventStream:
-    """The trainer's event stream (created on first use).
-
-    After a ``ddp_spawn`` fit, in the launching process, it holds the run's events as rank 0 published them, and the
-    guards in ``trainer.callbacks`` hold their final states (rank 0 hands both back when the fit ends).
-    """
-    from lightning_guard._runtime import get_runtime
-    from lightning_guard.callbacks._base import _recover_spawned
-
-    _recover_spawned(trainer)
-    return get_runtime(trainer).events
-
-
-def emit(trainer: pl.Trainer, event: GuardEvent) -> None:
-    """Report a guard event. Callable on any rank; see the module docstring for where it goes.
-
-    Example:
-        >>> import lightning.pytorch as pl, tempfile
-        >>> trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tempfile.mkdtemp())
-        >>> emit(trainer, GuardEvent.at(trainer, "my_guard", "noticed", message="hello"))
-        >>> [e.kind for e in event_stream(trainer).events]
-        ['noticed']
-    """
-    from lightning_guard._runtime import get_runtime
-
-    if not isinstance(event, GuardEvent):
-        raise GuardConfigError(f"`event` must be a GuardEvent, got {type(event).__name__}")
-    get_runtime(trainer).events.emit(event)  # not event_stream(): reading a ddp_spawn hand-back is the user's call

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from lightning_guard.events import GuardEvent, event_stream
+from lightning_guard._runtime import event_stream
+from lightning_guard.events import GuardEvent
 from lightning_guard.functional.class_balance import Task, balanced_loss
 from lightning_guard.functional.oom import split_batch
 

@@ -26,9 +26,16 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_guard import _wandb
-from lightning_guard._runtime import CHECKPOINT_KEY, GuardRuntime, get_runtime, reset_runtime
+from lightning_guard._runtime import (
+    CHECKPOINT_KEY,
+    GuardRuntime,
+    emit,
+    get_runtime,
+    register_hand_back_reader,
+    reset_runtime,
+)
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir, emit
+from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir
 
 __all__ = ["GuardCallback"]
 
@@ -93,6 +100,8 @@ def _recover_spawned(trainer: pl.Trainer) -> None:
     for cb, state in zip(guards, payload["guards"], strict=False):
         cb.load_state_dict(state)
 
+
+register_hand_back_reader(_recover_spawned)
 
 _AFTER_EXCEPTION = "_lightning_guard_after_exception"
 

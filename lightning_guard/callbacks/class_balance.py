@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import DistributedSampler, IterableDataset, Subset, TensorDataset
 from typing_extensions import override
 
+from lightning_guard._runtime import emit
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_max, all_reduce_sum, gather_json
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.events import GuardEvent, emit
+from lightning_guard.events import GuardEvent
 from lightning_guard.functional.class_balance import class_weights, log_prior
 from lightning_guard.mixin import GuardMixin
 

@@ -22,7 +22,6 @@ from typing_extensions import override
 from lightning_guard import _wandb
 from lightning_guard._checks import check_int, check_number, metric_direction, resolve_mode
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.distributed import agree
 from lightning_guard.errors import GuardConfigError, GuardRuntimeError
 from lightning_guard.functional.compress import (
     CompressionResult,
@@ -340,7 +339,7 @@ class CompressExport(GuardCallback):
                     data={"error": type(exc).__name__, "message": first, "when": "fit_start"},
                     ranks=(trainer.global_rank,),
                 )
-        verdict = agree(trainer, error is not None)
+        verdict = self.runtime(trainer).agree(error is not None)
         if not verdict.any:
             return
         if error is None:  # another rank failed: this one stops (or skips) with it
@@ -603,7 +602,7 @@ class CompressExport(GuardCallback):
                         severity="error",
                         data={"error": type(exc).__name__, "message": str(exc)[:2000]},
                     )
-        if trainer.world_size > 1 and agree(trainer, error is not None).any and self.strict:
+        if trainer.world_size > 1 and self.runtime(trainer).agree(error is not None).any and self.strict:
             message = trainer.strategy.broadcast(f"{type(error).__name__}: {error}", src=0)
             self._summary_before_raise(trainer)  # every rank raises here: the event exchange stays aligned
             if error is not None:

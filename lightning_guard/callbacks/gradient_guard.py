@@ -12,11 +12,11 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number
-from lightning_guard._runtime import StepOutcome, _lr_copy, set_group_lrs
+from lightning_guard._runtime import StepOutcome, _lr_copy, emit, set_group_lrs
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot, StepBuffers
 from lightning_guard.errors import GradientExplosionError, GuardConfigError
-from lightning_guard.events import GuardEvent, Severity, emit
+from lightning_guard.events import GuardEvent, Severity
 from lightning_guard.functional.grad import (
     EmaStats,
     clip_grads_,

@@ -12,11 +12,11 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
-from lightning_guard._runtime import StepOutcome
+from lightning_guard._runtime import StepOutcome, emit
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_sum
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.events import GuardEvent, emit
+from lightning_guard.events import GuardEvent
 from lightning_guard.functional.l1 import (
     l1_adaptive_proximal_,
     l1_norm,

@@ -10,11 +10,12 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number, resolve_mode
+from lightning_guard._runtime import emit
 from lightning_guard.callbacks._base import GuardCallback, after_exception_callbacks
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.distributed import gather_json
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.events import GuardEvent, Severity, emit
+from lightning_guard.events import GuardEvent, Severity
 from lightning_guard.functional.overfit import generalization_loss, progress_quotient, training_progress, up_stops
 
 __all__ = ["OverfitGuard"]

@@ -9,10 +9,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_guard._runtime import StepOutcome
+from lightning_guard._runtime import StepOutcome, emit
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.events import GuardEvent, emit
+from lightning_guard.events import GuardEvent
 from lightning_guard.functional.schedule import (
     validate_schedule_args,
     validate_warmup,

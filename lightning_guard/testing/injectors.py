@@ -29,9 +29,11 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_guard._runtime import emit, event_stream, get_runtime
 from lightning_guard._wrapping import wraps_method
+from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError
-from lightning_guard.events import GuardEvent, emit, event_stream
+from lightning_guard.events import GuardEvent
 from lightning_guard.functional.oom import batch_size
 
 __all__ = [
@@ -237,8 +239,6 @@ class FaultInjector(Callback):
     # ------------------------------------------------------------------ events of other ranks
     def _owns_events(self, trainer: pl.Trainer) -> bool:
         """Without a guard, the first injector carries the other ranks' events to rank 0 (a guard does it otherwise)."""
-        from lightning_guard.callbacks._base import GuardCallback
-
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(cb, GuardCallback):
                 return False
@@ -498,24 +498,18 @@ class LRSpike(FaultInjector):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_guard._runtime import get_runtime
-
         runtime = get_runtime(trainer)
         if not runtime._optimizers:  # no guard callback attached the runtime: do it here
             runtime.attach(list(trainer.optimizers))
 
     @staticmethod
     def _without_guard(trainer: pl.Trainer) -> bool:
-        from lightning_guard.callbacks._base import GuardCallback
-
         return not any(isinstance(c, GuardCallback) for c in trainer.callbacks)  # type: ignore[attr-defined]
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        from lightning_guard._runtime import get_runtime
-
         if self._without_guard(trainer):
             get_runtime(trainer).after_batch()  # no guard resolves the step: restore an LR the step never used
 
@@ -523,8 +517,6 @@ class LRSpike(FaultInjector):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        from lightning_guard._runtime import get_runtime
-
         runtime = get_runtime(trainer)
         if self._without_guard(trainer):
             runtime.before_optimizer_step(optimizer)  # otherwise the owning guard marks the step

@@ -35,8 +35,8 @@ from lightning_guard import (
     OOMGuard,
     OverfitGuard,
     WarmupCosine,
+    event_stream,
 )
-from lightning_guard.events import event_stream
 from tests.contract.model import PLAIN, ContractNet, NoBatchIdxNet, Reference, RestoreBest
 from tests.helpers import StopAfterEpoch, digits_loaders, precision_kwargs, trainer
 

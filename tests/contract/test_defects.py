@@ -18,8 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_guard import GradientGuard, OOMGuard, WarmupCosine
-from lightning_guard.events import event_stream
+from lightning_guard import GradientGuard, OOMGuard, WarmupCosine, event_stream
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 from tests.contract.model import NoBatchIdxNet
 from tests.helpers import DigitsNet, digits_loaders, events_file, precision_kwargs, read_jsonl, trainer

@@ -27,8 +27,10 @@ from lightning_guard import (
     OOMGuard,
     OverfitGuard,
     WarmupCosine,
+    emit,
+    event_stream,
 )
-from lightning_guard.events import EVENTS_FILENAME, RUNS_DIRNAME, GuardEvent, emit, event_stream
+from lightning_guard.events import EVENTS_FILENAME, RUNS_DIRNAME, GuardEvent
 from lightning_guard.testing import InjectNaN
 from tests.helpers import DigitsNet, digits_loaders, precision_kwargs, read_jsonl, trainer
 from tests.workloads.digits_conv import DigitsConvNet, digits_image_loaders

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_guard import GuardConfigError
-from lightning_guard.events import event_stream
+from lightning_guard import GuardConfigError, event_stream
 from tests.contract.matrix import (
     COLUMNS,
     KNOWN,
