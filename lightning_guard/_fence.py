@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_guard._compat import collectives_issued
+
 __all__ = ["COLLECTIVES", "FenceAbort", "FenceTimeout", "StepFence"]
 
 #: the ``torch.distributed`` collectives the fence intercepts (looked up by name at each call by Lightning,
@@ -163,14 +165,7 @@ class StepFence:
         Read from the groups' sequence numbers (gloo and NCCL count every collective, a compiled graph's and a C++
         extension's too); None where a backend does not keep them.
         """
-        total = 0
-        try:
-            for pg in dist.distributed_c10d._world.pg_map:
-                if pg is not self.group:
-                    total += int(pg._get_sequence_number_for_group())  # type: ignore[attr-defined]
-        except Exception:
-            return None
-        return total
+        return collectives_issued(exclude=self.group)
 
     @staticmethod
     def failed(rows: list[list[float]]) -> bool:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_guard._compat import unwrap_optimizer
+from lightning_guard._state import StateSchema
 from lightning_guard.distributed import Agreement, agree, world_size
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import EventStream, GuardEvent
@@ -37,6 +39,13 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 _ATTR = "_lightning_guard_runtime"
+#: the runtime's checkpoint state (version 0: before states carried versions)
+_STATE = StateSchema(
+    "lightning_guard runtime (checkpoint key 'lightning_guard')",
+    1,
+    frozenset({"applied_steps", "events"}),
+    legacy={"applied_steps": [], "events": {"events": []}},
+)
 CHECKPOINT_KEY = "lightning_guard"
 
 
@@ -159,7 +168,7 @@ class GuardRuntime:
 
     def optimizer_index(self, optimizer: Any) -> int:
         """Index of an optimizer (raw or LightningOptimizer) in ``trainer.optimizers``; -1 if unknown."""
-        raw = getattr(optimizer, "_optimizer", optimizer)
+        raw = unwrap_optimizer(optimizer)
         for i, opt in enumerate(self._optimizers):
             if opt is raw:
                 return i
@@ -428,14 +437,15 @@ class GuardRuntime:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Counters and the event log, stored under ``checkpoint["lightning_guard"]``."""
-        return {"applied_steps": list(self.applied_steps), "events": self.events.state_dict()}
+        return _STATE.dump({"applied_steps": list(self.applied_steps), "events": self.events.state_dict()})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counters (applied when the optimizers are attached) and the event log."""
-        self._restored_steps = [int(s) for s in state.get("applied_steps", [])]
+        state = _STATE.load(state)
+        self._restored_steps = [int(s) for s in state["applied_steps"]]
         if self._optimizers:
             self.applied_steps = list(self._restored_steps) + [0] * (len(self._optimizers) - len(self._restored_steps))
-        self.events.load_state_dict(state.get("events", {}))
+        self.events.load_state_dict(state["events"])
 
 
 def set_group_lrs(optimizer: torch.optim.Optimizer, lrs: list[Any]) -> None:

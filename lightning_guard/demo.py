@@ -34,6 +34,7 @@ from lightning_guard import (
     WarmupCosine,
     event_stream,
 )
+from lightning_guard._compat import wandb_init_kwargs
 from lightning_guard.plot import MetricHistory, plot_run
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
@@ -208,7 +209,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         os.environ.setdefault("WANDB_SILENT", "true")
         logger = WandbLogger(project="lightning_guard_demo", save_dir=str(out), name="demo")
         # Lightning passes wandb an `anonymous=None` that wandb 0.2x warns about on every run: leave it out.
-        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        wandb_init_kwargs(logger).pop("anonymous", None)
 
     history = MetricHistory()
     callbacks: list[pl.Callback] = [

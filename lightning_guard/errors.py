@@ -7,7 +7,14 @@ those keeps working.
 
 from __future__ import annotations
 
-__all__ = ["GradientExplosionError", "GuardConfigError", "GuardError", "GuardRuntimeError", "OOMGuardError"]
+__all__ = [
+    "GradientExplosionError",
+    "GuardConfigError",
+    "GuardError",
+    "GuardRuntimeError",
+    "GuardStateError",
+    "OOMGuardError",
+]
 
 
 class GuardError(Exception):
@@ -16,6 +23,10 @@ class GuardError(Exception):
 
 class GuardConfigError(GuardError, ValueError):
     """A guard was given an argument it cannot accept, or a Trainer set-up it cannot work with."""
+
+
+class GuardStateError(GuardError, ValueError):
+    """A guard's checkpoint state cannot be loaded: a key unknown or missing, or written by a newer version."""
 
 
 class GuardRuntimeError(GuardError, RuntimeError):

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_guard import _wandb
+from lightning_guard._state import StateSchema
 from lightning_guard.distributed import gather_json
 from lightning_guard.errors import GuardConfigError
 
@@ -49,6 +50,8 @@ Scalar = bool | int | float | str | None
 DataValue = Scalar | Sequence[Scalar]
 _SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 _SEVERITY_RANK = {s: i for i, s in enumerate(_SEVERITIES)}
+#: the event log's checkpoint state (inside the runtime's)
+_STATE = StateSchema("lightning_guard event log", 1, frozenset({"events"}), legacy={"events": []})
 
 # Process-wide defaults, changed with `configure_events` (or the LIGHTNING_GUARD_ALERTS environment variable).
 _OPTIONS: dict[str, Any] = {
@@ -393,11 +396,12 @@ class EventStream:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The published events (for checkpoints: a resumed run keeps the whole log)."""
-        return {"events": [e.to_dict() for e in self.events]}
+        return _STATE.dump({"events": [e.to_dict() for e in self.events]})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore published events; a fresh log file receives them first, so it is complete on its own."""
-        restored = [GuardEvent.from_dict(d) for d in state.get("events", [])]
+        state = _STATE.load(state)
+        restored = [GuardEvent.from_dict(d) for d in state["events"]]
         if not restored:
             return
         known = {(e.guard, e.kind, e.step, e.time) for e in self.events}

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lightning_guard._compat import attached_trainer
 from lightning_guard._runtime import event_stream
 from lightning_guard.events import GuardEvent
 from lightning_guard.functional.class_balance import Task, balanced_loss
@@ -122,7 +123,7 @@ class GuardMixin:
     @property
     def guard_events(self) -> list[GuardEvent]:
         """Events reported by the guards in the current run (all ranks' events on rank 0; own events elsewhere)."""
-        trainer: Any = getattr(self, "_trainer", None)
+        trainer: Any = attached_trainer(self)
         if trainer is None:
             return []
         return list(event_stream(trainer).events)

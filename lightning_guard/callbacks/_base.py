@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_guard import _wandb
+from lightning_guard._compat import spawn_launched
 from lightning_guard._runtime import (
     CHECKPOINT_KEY,
     GuardRuntime,
@@ -63,10 +64,7 @@ _HAND_BACK_MAX_NUMEL = 65536
 
 
 def _spawned_worker(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    launcher = getattr(trainer.strategy, "launcher", None)
-    return isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method == "spawn"
+    return spawn_launched(trainer)
 
 
 _DISCARD_AT_EXIT: set[str] = set()

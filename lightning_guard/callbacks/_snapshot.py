@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from lightning_guard._compat import foreach_copy_, foreach_norm, non_persistent_buffer_names
+
 _ALIGN = 64
 
 
@@ -87,11 +89,11 @@ class Snapshot:
                 self._stream = torch.cuda.Stream()
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
-                torch._foreach_copy_(views, sources, non_blocking=True)
+                foreach_copy_(views, sources, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record(self._stream)
         elif views:
-            torch._foreach_copy_(views, sources)
+            foreach_copy_(views, sources)
         self.params = [views[i] for i in params]
         self.buffers = [views[i] for i in buffers]
         self.optimizers = [_resolve(s, views) for s in states]
@@ -149,14 +151,14 @@ def persistent_buffers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, s
     """
     out: list[tuple[torch.nn.Module, str]] = []
     for sub in module.modules():
-        skip: set[str] = getattr(sub, "_non_persistent_buffers_set", set())
+        skip = non_persistent_buffer_names(sub)
         out.extend((sub, name) for name, b in sub.named_buffers(recurse=False) if name not in skip and b is not None)
     return out
 
 
 def _inf_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The largest magnitude of each tensor (NaN when it holds a NaN, inf when an infinity), as one float tensor."""
-    return torch.stack([n.float() for n in torch._foreach_norm(tensors, ord=float("inf"))])
+    return torch.stack([n.float() for n in foreach_norm(tensors, ord=float("inf"))])
 
 
 class StepBuffers:
@@ -193,7 +195,7 @@ class StepBuffers:
             self._where = where
             self._saved = [t.clone() for t in live]
         elif live:
-            torch._foreach_copy_(self._saved, live)
+            foreach_copy_(self._saved, live)
         floats = [t for t in self._saved if t.is_floating_point()]
         self._norms = _inf_norms(floats) if floats else None
         self.taken = bool(where)

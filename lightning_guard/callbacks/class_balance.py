@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import DistributedSampler, IterableDataset, Subset, TensorDataset
 from typing_extensions import override
 
+from lightning_guard._compat import tree_leaves
 from lightning_guard._runtime import emit
+from lightning_guard._state import StateSchema
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_max, all_reduce_sum, gather_json
 from lightning_guard.errors import GuardConfigError
@@ -304,7 +306,7 @@ class ClassBalance(GuardCallback):
         self._stream_checksum = 0.0  # of the whole batches, inputs included: shards with equal labels still differ
         for i, batch in enumerate(batches):
             items.append(self._extract(batch))
-            leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+            leaves = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
             self._stream_checksum += (i + 1) * sum(float(t.double().sum()) for t in leaves)
         if not items:
             return torch.zeros(0, dtype=torch.long)
@@ -508,17 +510,27 @@ class ClassBalance(GuardCallback):
             m.reset()
 
     # ------------------------------------------------------------------ state
+    #: the version of the checkpoint state this class writes
+    STATE_VERSION = 1
+
+    def _state_schema(self) -> StateSchema:
+        legacy = {"counts": None, "total": 0, "num_classes": self.num_classes}
+        return StateSchema("ClassBalance", self.STATE_VERSION, frozenset(legacy), legacy=legacy)
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "counts": None if self.counts is None else self.counts.tolist(),
-            "total": self.total,
-            "num_classes": self.num_classes,
-        }
+        return self._state_schema().dump(
+            {
+                "counts": None if self.counts is None else self.counts.tolist(),
+                "total": self.total,
+                "num_classes": self.num_classes,
+            }
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        counts = state_dict.get("counts")
+        state = self._state_schema().load(state_dict)
+        counts = state["counts"]
         self.counts = None if counts is None else torch.tensor(counts, dtype=torch.float64)
-        self.total = int(state_dict.get("total", 0))
-        self.num_classes = state_dict.get("num_classes", self.num_classes)
+        self.total = int(state["total"])
+        self.num_classes = state["num_classes"]

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_guard import _wandb
 from lightning_guard._checks import check_int, check_number, metric_direction, resolve_mode
+from lightning_guard._compat import forget_metric_attributes, val_data_source
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError, GuardRuntimeError
 from lightning_guard.functional.compress import (
@@ -284,7 +285,7 @@ class CompressExport(GuardCallback):
 
         if not trainer.limit_val_batches or not is_overridden("validation_step", pl_module):
             return False
-        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        source = val_data_source(trainer)
         if source.instance is None or not source.is_defined():
             return False
         try:  # the loaders themselves (a datamodule's or the module's method is called, as Lightning will)
@@ -357,7 +358,7 @@ class CompressExport(GuardCallback):
         if self.example_input is not None:
             example = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
         else:
-            loaders = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+            loaders = val_data_source(trainer).dataloader()
             loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
             example = _inputs_of(next(iter(loader)))
         return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
@@ -431,7 +432,7 @@ class CompressExport(GuardCallback):
         def evaluator(data: Any) -> Callable[[torch.nn.Module], float]:
             def evaluate(model: torch.nn.Module) -> float:
                 if isinstance(model, pl.LightningModule):
-                    model._metric_attributes = None  # a copy's cached ids point at the original's torchmetrics
+                    forget_metric_attributes(model)  # a copy's cached ids point at the original's torchmetrics
                 trainer_ = self._nested_trainer(device, root, limit_val_batches=trainer.limit_val_batches)
                 metrics = trainer_.validate(model, dataloaders=data, verbose=False)[0]  # type: ignore[arg-type]
                 if self.monitor not in metrics:

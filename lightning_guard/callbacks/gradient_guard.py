@@ -5,14 +5,16 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number
+from lightning_guard._compat import scaler_check_inf, scaler_optimizer_state, scaler_scale, steps_unscale_inside
 from lightning_guard._runtime import StepOutcome, _lr_copy, emit, set_group_lrs
+from lightning_guard._state import StateSchema
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot, StepBuffers
 from lightning_guard.errors import GradientExplosionError, GuardConfigError
@@ -29,6 +31,13 @@ from lightning_guard.functional.grad import (
 __all__ = ["GradientGuard"]
 
 SpikeAction = Literal["clip", "skip", "warn"]
+
+
+def _current_scale(scaler: Any) -> torch.Tensor:
+    """The GradScaler's loss scale (device tensor); the scaler is in use, so it has one."""
+    scale = scaler_scale(scaler)
+    assert scale is not None, "GradScaler without a scale in a step it scaled"
+    return scale
 
 
 def _drop_grads(optimizer: torch.optim.Optimizer) -> None:
@@ -320,10 +329,11 @@ class GradientGuard(GuardCallback):
         super().on_before_backward(trainer, pl_module, loss)
         loss = loss.detach()
         scaler = self._scaler(trainer)
-        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+        scale = scaler_scale(scaler)
+        if scale is not None:
             # Lightning hands this hook the loss already multiplied by the GradScaler's scale: judged as it is, every
             # growth of the scale would look like a loss spike. A tensor division: no host sync.
-            loss = loss.float() / scaler._scale.to(loss.device)
+            loss = loss.float() / scale.to(loss.device)
         self._losses.append(loss)  # judged with the norm, in the step's one sync
 
     def _scaler(self, trainer: pl.Trainer) -> Any:
@@ -388,9 +398,9 @@ class GradientGuard(GuardCallback):
         if self._reduce:  # sharded: each rank holds a part; the squares add up across ranks
             norm = norm * norm
         scaler = self._scaler(trainer)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        if scaler is not None and steps_unscale_inside(optimizer):
             # fused optimizers unscale inside step(): the gradients are still scaled
-            scale = scaler._scale.to(norm.device)
+            scale = _current_scale(scaler).to(norm.device)
             norm = norm / (scale * scale if self._reduce else scale)
         losses, self._losses = self._losses, []
         if not losses:
@@ -473,7 +483,7 @@ class GradientGuard(GuardCallback):
                     norm_v,
                     ranks=bad_ranks,
                     diagnose=False,
-                    scale=float(scaler._scale.item()),
+                    scale=float(_current_scale(scaler).item()),
                 )
                 self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
                 return
@@ -639,11 +649,12 @@ class GradientGuard(GuardCallback):
         if scaler is not None:
             from torch.amp.grad_scaler import OptState
 
-            state = scaler._per_optimizer_states[id(optimizer)]
+            state = scaler_optimizer_state(scaler, optimizer)
             if not state.get("found_inf_per_device") and state.get("stage") is OptState.READY:
-                scaler._check_inf_per_device(optimizer)
+                scaler_check_inf(scaler, optimizer)
                 if not state.get("found_inf_per_device"):  # no gradient at all: give update() a clean check
-                    state["found_inf_per_device"] = {scaler._scale.device: torch.zeros(1, device=scaler._scale.device)}
+                    device = _current_scale(scaler).device
+                    state["found_inf_per_device"] = {device: torch.zeros(1, device=device)}
                 state["stage"] = OptState.UNSCALED
             if overflow:
                 for found in state["found_inf_per_device"].values():
@@ -895,41 +906,66 @@ class GradientGuard(GuardCallback):
         """Global step of the current rollback snapshot (-1 before the first)."""
         return self._snapshot.step
 
+    #: the version of the checkpoint state this class writes
+    STATE_VERSION = 1
+    _STATE_LEGACY: ClassVar[dict[str, Any]] = {  # what a version-0 state lacking a key meant
+        "stats": [],
+        "loss_stats": [],
+        "consecutive_bad": [],
+        "suspect_damage": [],
+        "loss_streak": [],
+        "rollbacks": 0,
+        "unstable_steps": [],
+        "backoff_scale": [],
+        "backoff_progress": [],
+        "skip_remaining": 0,
+        "history": [],
+        "counts": {},
+        "last_capture_applied": -1,
+        "snapshot_step": -1,
+    }
+    _STATE: ClassVar[StateSchema] = StateSchema(
+        "GradientGuard", STATE_VERSION, frozenset(_STATE_LEGACY), legacy=_STATE_LEGACY
+    )
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "stats": [s.state_dict() for s in self._stats],
-            "loss_stats": [s.state_dict() for s in self._loss_stats],
-            "consecutive_bad": list(self._bad),
-            "suspect_damage": list(self._suspect),
-            "loss_streak": list(self._loss_streak),
-            "rollbacks": self._rollbacks,
-            "unstable_steps": [list(w) for w in self._unstable_steps],
-            "backoff_scale": list(self._backoff_scale),
-            "backoff_progress": list(self._backoff_progress),
-            "skip_remaining": self._skip_remaining,
-            "history": list(self._history),
-            "counts": dict(self._counts),
-            "last_capture_applied": self._last_capture_applied,
-            "snapshot_step": self._snapshot.step if self._snapshot.taken else self._loaded_snapshot_step,
-        }
+        return self._STATE.dump(
+            {
+                "stats": [s.state_dict() for s in self._stats],
+                "loss_stats": [s.state_dict() for s in self._loss_stats],
+                "consecutive_bad": list(self._bad),
+                "suspect_damage": list(self._suspect),
+                "loss_streak": list(self._loss_streak),
+                "rollbacks": self._rollbacks,
+                "unstable_steps": [list(w) for w in self._unstable_steps],
+                "backoff_scale": list(self._backoff_scale),
+                "backoff_progress": list(self._backoff_progress),
+                "skip_remaining": self._skip_remaining,
+                "history": list(self._history),
+                "counts": dict(self._counts),
+                "last_capture_applied": self._last_capture_applied,
+                "snapshot_step": self._snapshot.step if self._snapshot.taken else self._loaded_snapshot_step,
+            }
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         def per_optimizer(value: Any) -> list[Any]:  # checkpoints of 0.x kept one value for all optimizers
             return list(value) if isinstance(value, list) else [value]
 
-        self._stats = [self._stats_from(s) for s in state_dict.get("stats", [])]
-        self._loss_stats = [self._stats_from(s) for s in per_optimizer(state_dict.get("loss_stats", []))]
-        self._bad = [int(v) for v in per_optimizer(state_dict.get("consecutive_bad", []))]
-        self._suspect = [bool(v) for v in per_optimizer(state_dict.get("suspect_damage", []))]
-        self._loss_streak = [int(v) for v in per_optimizer(state_dict.get("loss_streak", []))]
-        self._rollbacks = int(state_dict.get("rollbacks", 0))
-        self._unstable_steps = [deque(int(s) for s in w) for w in state_dict.get("unstable_steps", [])]
-        self._backoff_scale = [float(v) for v in per_optimizer(state_dict.get("backoff_scale", []))]
-        self._backoff_progress = [int(v) for v in per_optimizer(state_dict.get("backoff_progress", []))]
-        self._skip_remaining = int(state_dict.get("skip_remaining", 0))
-        self._history = deque((float(h) for h in state_dict.get("history", [])), maxlen=32)
-        self._counts = dict(state_dict.get("counts", {}))
-        self._last_capture_applied = int(state_dict.get("last_capture_applied", -1))
-        self._loaded_snapshot_step = int(state_dict.get("snapshot_step", -1))
+        state_dict = self._STATE.load(state_dict)
+        self._stats = [self._stats_from(s) for s in state_dict["stats"]]
+        self._loss_stats = [self._stats_from(s) for s in per_optimizer(state_dict["loss_stats"])]
+        self._bad = [int(v) for v in per_optimizer(state_dict["consecutive_bad"])]
+        self._suspect = [bool(v) for v in per_optimizer(state_dict["suspect_damage"])]
+        self._loss_streak = [int(v) for v in per_optimizer(state_dict["loss_streak"])]
+        self._rollbacks = int(state_dict["rollbacks"])
+        self._unstable_steps = [deque(int(s) for s in w) for w in state_dict["unstable_steps"]]
+        self._backoff_scale = [float(v) for v in per_optimizer(state_dict["backoff_scale"])]
+        self._backoff_progress = [int(v) for v in per_optimizer(state_dict["backoff_progress"])]
+        self._skip_remaining = int(state_dict["skip_remaining"])
+        self._history = deque((float(h) for h in state_dict["history"]), maxlen=32)
+        self._counts = dict(state_dict["counts"])
+        self._last_capture_applied = int(state_dict["last_capture_applied"])
+        self._loaded_snapshot_step = int(state_dict["snapshot_step"])

@@ -12,6 +12,7 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
+from lightning_guard._compat import NORM_BASE, scaler_scale, steps_unscale_inside
 from lightning_guard._runtime import StepOutcome, emit
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_sum
@@ -30,7 +31,7 @@ __all__ = ["L1Penalty"]
 _EXCLUDED_MODULES = (
     torch.nn.Embedding,
     torch.nn.EmbeddingBag,
-    torch.nn.modules.batchnorm._NormBase,
+    NORM_BASE,
     torch.nn.LayerNorm,
     torch.nn.GroupNorm,
     *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()),
@@ -268,7 +269,7 @@ class L1Penalty(GuardCallback):
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             # A fused optimizer under a GradScaler unscales inside its own step: Lightning hands this hook gradients
             # still multiplied by the loss scale, so the subgradient is scaled alike (or it would be 65536x too weak).
-            scale = getattr(scaler, "_scale", None) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+            scale = scaler_scale(scaler) if steps_unscale_inside(optimizer) else None
             for mult, params in self._params_of(idx):
                 l1_subgradient_(params, lam * mult, scale=scale, workspace=self._workspace(idx, mult, params))
         else:  # remember the LR each param group uses this step (a schedule may change it before the proximal step)

@@ -13,10 +13,26 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer import call
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
+from lightning_guard._compat import (
+    buffer_slots,
+    call_training_step,
+    forward_cache,
+    get_buffer,
+    logged_results,
+    metric_bookkeeping,
+    metric_reduction,
+    metric_state_names,
+    scaler_forget_step,
+    set_buffer,
+    set_forward_cache,
+    set_metric_bookkeeping,
+    should_accumulate,
+    tensor_version,
+    update_count,
+)
 from lightning_guard._fence import (
     AT_END,
     AT_STEP,
@@ -26,6 +42,7 @@ from lightning_guard._fence import (
     FenceTimeout,
     StepFence,
 )
+from lightning_guard._state import StateSchema
 from lightning_guard._wrapping import takes_batch_idx, wraps_method
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import Agreement
@@ -99,7 +116,7 @@ def _metric_state(metric: Any) -> dict[str, Any]:
     """A torchmetrics metric's states: tensors cloned, list states as ``(list, length)`` (updates only append)."""
     return {
         name: (value, len(value)) if isinstance(value, list) else value.detach().clone()
-        for name, value in ((n, getattr(metric, n)) for n in metric._defaults)
+        for name, value in ((n, getattr(metric, n)) for n in metric_state_names(metric))
     }
 
 
@@ -113,9 +130,7 @@ def _default_split(module: Any) -> bool:
 
 def _layout(module: torch.nn.Module) -> tuple[list[tuple[torch.nn.Module, str]], list[Any]]:
     """The persistent buffer slots ``(submodule, name)`` and the torchmetrics metrics of a module."""
-    slots = [
-        (mod, name) for mod in module.modules() for name in mod._buffers if name not in mod._non_persistent_buffers_set
-    ]
+    slots = [(mod, name) for mod in module.modules() for name in buffer_slots(mod)]
     return slots, [mod for mod in module.modules() if isinstance(mod, torchmetrics.Metric)]
 
 
@@ -145,18 +160,17 @@ class _AttemptState:
         self.buffers: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self.versions: dict[tuple[int, str], tuple[torch.nn.Module, torch.Tensor, int]] = {}
         for mod, name in slots:
-            buf = mod._buffers.get(name)
+            buf = get_buffer(mod, name)
             if buf is None:
                 continue
             key = (id(mod), name)
             if buffers is None or key in buffers:
                 self.buffers.append((mod, name, buf, buf.detach().clone()))
             else:  # watched for a first write, not copied
-                self.versions[key] = (mod, buf, buf._version)
+                self.versions[key] = (mod, buf, tensor_version(buf))
         self.metrics: list[tuple[Any, dict[str, Any], tuple[Any, ...]]] = []
         for mod in metrics:
-            extra = (mod._update_count, mod._computed, mod._forward_cache)
-            self.metrics.append((mod, _metric_state(mod), extra))
+            self.metrics.append((mod, _metric_state(mod), metric_bookkeeping(mod)))
         self.results = results
         self.logged: dict[str, tuple[Any, ...]] = {}
         if results is not None:
@@ -164,9 +178,7 @@ class _AttemptState:
                 self.logged[key] = (
                     rm.value,
                     getattr(rm, "cumulated_batch_size", None),
-                    rm._forward_cache,
-                    rm._update_count,
-                    rm._computed,
+                    metric_bookkeeping(rm),
                     rm.has_reset,
                 )
         capture = getattr(module, "oom_attempt_state", None)
@@ -183,7 +195,7 @@ class _AttemptState:
         changed = set()
         with torch.no_grad():
             for mod, name, _, saved in self.buffers if by_value else ():
-                current = mod._buffers.get(name)
+                current = get_buffer(mod, name)
                 if current is None or current.shape != saved.shape or not torch.equal(current, saved):
                     changed.add((id(mod), name))
         for mod, name, *_ in self.buffers if not by_value else ():
@@ -193,21 +205,21 @@ class _AttemptState:
     def _first_writes(self) -> set[tuple[int, str]]:
         changed = set()
         for (mod_id, name), (mod, old, version) in self.versions.items():
-            buf = mod._buffers.get(name)
-            if buf is not old or (buf is not None and buf._version != version):
+            buf = get_buffer(mod, name)
+            if buf is not old or (buf is not None and tensor_version(buf) != version):
                 changed.add((mod_id, name))
         return changed
 
     def restore(self) -> None:
         with torch.no_grad():
             for mod, name, original, saved in self.buffers:
-                current = mod._buffers.get(name)
+                current = get_buffer(mod, name)
                 if current is original:
                     current.copy_(saved)  # in place: DDP and others keep their references to the buffer
                 else:  # the step reassigned it (``self.ema = 0.9 * self.ema + ...``): put the tensor back
                     original.copy_(saved)
-                    mod._buffers[name] = original
-        for mod, states, (count, computed, cache) in self.metrics:
+                    set_buffer(mod, name, original)
+        for mod, states, bookkeeping in self.metrics:
             for name, saved in states.items():
                 if isinstance(saved, tuple):
                     values, n = saved
@@ -215,16 +227,17 @@ class _AttemptState:
                     setattr(mod, name, values)
                 else:
                     setattr(mod, name, saved.clone())
-            mod._update_count, mod._computed, mod._forward_cache = count, computed, cache
+            set_metric_bookkeeping(mod, *bookkeeping)
         if self.results is not None:
             for key in [k for k in self.results if k not in self.logged]:
                 del self.results[key]
-            for key, (value, cumulated, cache, count, computed, has_reset) in self.logged.items():
+            for key, (value, cumulated, bookkeeping, has_reset) in self.logged.items():
                 rm = self.results[key]
                 rm.value = value
                 if cumulated is not None:
                     rm.cumulated_batch_size = cumulated
-                rm._forward_cache, rm._update_count, rm._computed, rm.has_reset = cache, count, computed, has_reset
+                set_metric_bookkeeping(rm, *bookkeeping)
+                rm.has_reset = has_reset
         restore = getattr(self.module, "restore_oom_attempt_state", None)
         if callable(restore):
             restore(self.user)
@@ -252,7 +265,7 @@ class _PartLog:
         if self.results is None:
             return
         self.results.batch, self.results.batch_size = part, None
-        self._before = {k: rm._forward_cache for k, rm in self.results.items()}
+        self._before = {k: forward_cache(rm) for k, rm in self.results.items()}
         for rm in self.results.values():  # a Metric object logged on step: keep its state before this batch
             metric = rm.value
             if not rm.is_tensor and rm.meta.on_step and id(metric) not in self._metric_states:
@@ -267,7 +280,7 @@ class _PartLog:
             return None
         states: dict[str, Any] = {}
         for name, before in saved[1].items():
-            after, reduce = getattr(metric, name), metric._reductions.get(name)
+            after, reduce = getattr(metric, name), metric_reduction(metric, name)
             if isinstance(before, tuple) and reduce is dim_zero_cat:
                 states[name] = list(after[before[1] :])
             elif isinstance(before, torch.Tensor) and reduce is dim_zero_sum:
@@ -277,14 +290,14 @@ class _PartLog:
         step = copy.deepcopy(metric)
         for name, value in states.items():
             setattr(step, name, value)
-        step._update_count, step._computed = 1, None
+        set_metric_bookkeeping(step, 1, None, forward_cache(step))
         return step.compute()
 
     def leave(self, weight: float) -> None:
         if self.results is None:
             return
         for key, rm in self.results.items():
-            cache = rm._forward_cache
+            cache = forward_cache(rm)
             if rm.is_tensor and rm.meta.on_step and cache is not None and cache is not self._before.get(key):
                 self.parts.setdefault(key, []).append((cache, weight))
 
@@ -293,10 +306,10 @@ class _PartLog:
             return
         self.results.batch, self.results.batch_size = self.batch, None
         for rm in self.results.values():
-            if not rm.is_tensor and rm.meta.on_step and rm.value._update_count > 1:
+            if not rm.is_tensor and rm.meta.on_step and update_count(rm.value) > 1:
                 value = self._step_value(rm.value)
                 if value is not None:
-                    rm._forward_cache = value
+                    set_forward_cache(rm, value)
 
         for key, values in self.parts.items():
             rm = self.results.get(key)
@@ -314,7 +327,7 @@ class _PartLog:
                 combined = stacked.min()
             else:
                 continue
-            rm._forward_cache = combined
+            set_forward_cache(rm, combined)
             if not rm.meta.on_epoch:
                 rm.value = combined
         self.parts = {}
@@ -549,7 +562,7 @@ class OOMGuard(GuardCallback):
         if batch_idx % self._accumulate == 0:  # where Lightning zeroes the gradients: a new window
             self._window = []
         self._batch_idx = batch_idx
-        self._accumulating = self._accumulate > 1 and trainer.fit_loop._should_accumulate()
+        self._accumulating = self._accumulate > 1 and should_accumulate(trainer)
         self._batch_attempt = None  # a batch that accumulates: taken at its training_step (after every batch hook)
 
     # ------------------------------------------------------------------ the batch protocol
@@ -959,7 +972,7 @@ class OOMGuard(GuardCallback):
         trainer = self._trainer
         assert trainer is not None
         module = self._module()
-        attempt = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
+        attempt = _AttemptState(module, logged_results(trainer), self._dynamic_buffers, self._layout_of(module))
         rerun = False  # a re-run after a failure: the window's earlier batches (accumulation) are replayed first
         while True:
             self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, None, 0
@@ -967,7 +980,7 @@ class OOMGuard(GuardCallback):
             self._part_log = None
             if self._chunked() or (rerun and self._window):
                 closure = functools.partial(self._run_chunks, optimizer_closure, optimizer, epoch, batch_idx, rerun)
-                self._part_log = _PartLog(trainer._results, self._batch, attempt)
+                self._part_log = _PartLog(logged_results(trainer), self._batch, attempt)
             try:
                 result = inner(epoch, batch_idx, optimizer, closure, **kwargs)
                 if self._part_log is not None:
@@ -1012,7 +1025,7 @@ class OOMGuard(GuardCallback):
         trainer = self._trainer
         assert trainer is not None
         step_args = (batch_idx,) if takes_batch_idx(self._module().training_step) else ()
-        return call._call_strategy_hook(trainer, "training_step", part, *step_args)
+        return call_training_step(trainer, part, *step_args)
 
     def _run_parts(
         self, parts: list[Any], shares: list[float], batch_idx: int, step: Callable[[Any, int], Any] | None = None
@@ -1066,7 +1079,7 @@ class OOMGuard(GuardCallback):
         trainer = self._trainer
         assert trainer is not None
         module = self._module()
-        saved = _AttemptState(module, trainer._results, self._dynamic_buffers, self._layout_of(module))
+        saved = _AttemptState(module, logged_results(trainer), self._dynamic_buffers, self._layout_of(module))
         part_log, self._part_log = self._part_log, None
         try:
             for batch, batch_idx in batches:
@@ -1127,7 +1140,7 @@ class OOMGuard(GuardCallback):
             # run after that and their writes belong to the batch, not to the attempt
             module = self._module()
             self._batch_attempt = _AttemptState(
-                module, trainer._results, self._dynamic_buffers, self._layout_of(module)
+                module, logged_results(trainer), self._dynamic_buffers, self._layout_of(module)
             )
         try:
             return self._accumulating_attempt(step)
@@ -1149,7 +1162,7 @@ class OOMGuard(GuardCallback):
         assert trainer is not None
         parts, shares = self._parts(self._batch)
         if len(parts) > 1:
-            self._part_log = _PartLog(trainer._results, self._batch, self._batch_attempt)
+            self._part_log = _PartLog(logged_results(trainer), self._batch, self._batch_attempt)
         if not self._window and not self._hold_grads:
             # the window's first batch: Lightning zeroes the gradients after training_step, before its backward,
             # which would drop the micro-batches run here; they are zeroed now instead
@@ -1203,11 +1216,7 @@ class OOMGuard(GuardCallback):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and hasattr(scaler, "_per_optimizer_states"):
-            from torch.amp.grad_scaler import _refresh_per_optimizer_state
-
-            scaler._per_optimizer_states.clear()
-            scaler._per_optimizer_states.default_factory = _refresh_per_optimizer_state
+        scaler_forget_step(scaler)
         for cb in trainer.callbacks if forget_attempt else ():  # type: ignore[attr-defined]
             if isinstance(cb, GuardCallback):
                 cb._on_batch_retry(trainer)
@@ -1334,7 +1343,7 @@ class OOMGuard(GuardCallback):
         batch, rest = args[0], args[1:]
         n = self._samples(batch)
         size = self.eval_micro_batch_size.get(stage)
-        results = self._trainer._results if self._trainer is not None else None
+        results = logged_results(self._trainer) if self._trainer is not None else None
         attempt: _AttemptState | None = None
         if size is None or n <= size:
             attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
@@ -1428,24 +1437,42 @@ class OOMGuard(GuardCallback):
         self._reset_step()
         self._fence.unwatch()
 
+    #: the version of the checkpoint state this class writes
+    STATE_VERSION = 1
+
+    def _state_schema(self) -> StateSchema:
+        legacy: dict[str, Any] = {
+            "micro_batch_size": None,
+            "eval_micro_batch_size": {},
+            "retries": 0,
+            "clean_steps": 0,
+            "grow_wait": self.grow_after or 0,
+            "growing_from": None,
+            "largest_batch": 0,
+        }
+        return StateSchema("OOMGuard", self.STATE_VERSION, frozenset(legacy), legacy=legacy)
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "micro_batch_size": self.micro_batch_size,
-            "eval_micro_batch_size": dict(self.eval_micro_batch_size),
-            "retries": self.retries,
-            "clean_steps": self._clean_steps,
-            "grow_wait": self._grow_wait,
-            "growing_from": self._growing_from,
-            "largest_batch": self._largest_batch,
-        }
+        return self._state_schema().dump(
+            {
+                "micro_batch_size": self.micro_batch_size,
+                "eval_micro_batch_size": dict(self.eval_micro_batch_size),
+                "retries": self.retries,
+                "clean_steps": self._clean_steps,
+                "grow_wait": self._grow_wait,
+                "growing_from": self._growing_from,
+                "largest_batch": self._largest_batch,
+            }
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.micro_batch_size = state_dict.get("micro_batch_size")
-        self.eval_micro_batch_size = dict(state_dict.get("eval_micro_batch_size", {}))
-        self.retries = int(state_dict.get("retries", 0))
-        self._clean_steps = int(state_dict.get("clean_steps", 0))
-        self._grow_wait = int(state_dict.get("grow_wait", self.grow_after or 0))
-        self._growing_from = state_dict.get("growing_from")
-        self._largest_batch = int(state_dict.get("largest_batch", 0))
+        state = self._state_schema().load(state_dict)
+        self.micro_batch_size = state["micro_batch_size"]
+        self.eval_micro_batch_size = dict(state["eval_micro_batch_size"])
+        self.retries = int(state["retries"])
+        self._clean_steps = int(state["clean_steps"])
+        self._grow_wait = int(state["grow_wait"])
+        self._growing_from = state["growing_from"]
+        self._largest_batch = int(state["largest_batch"])

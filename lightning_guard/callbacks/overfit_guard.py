@@ -10,7 +10,9 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number, resolve_mode
+from lightning_guard._compat import epoch_batches_done
 from lightning_guard._runtime import emit
+from lightning_guard._state import StateSchema
 from lightning_guard.callbacks._base import GuardCallback, after_exception_callbacks
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.distributed import gather_json
@@ -236,7 +238,7 @@ class OverfitGuard(GuardCallback):
         if self._should_skip(trainer):
             return
         val = self._read(trainer, self.monitor, "monitor")
-        if self.train_monitor is not None and trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+        if self.train_monitor is not None and epoch_batches_done(trainer):
             # Validation at the end of a training epoch runs before Lightning aggregates the epoch's training
             # metrics (`train_loss_epoch` is missing, or still the previous epoch's): finish this evaluation at
             # on_train_epoch_end, where they are this epoch's.
@@ -610,6 +612,38 @@ class OverfitGuard(GuardCallback):
             logger.log_metrics(metrics, step=int(trainer.global_step))
 
     # ------------------------------------------------------------------ state
+    #: the version of the checkpoint state this class writes
+    STATE_VERSION = 1
+    _STATE_KEYS = frozenset(
+        {"best", "best_step", "best_epoch", "wait", "history", "stopped_reason", "stopped_step", "flags", "val_min"}
+        | {"deferred_val"}
+    )
+
+    def _state_schema(self) -> StateSchema:
+        def from_v0(state: dict[str, Any]) -> dict[str, Any]:
+            best = float(state.get("best", self.best))
+            legacy = {
+                "best": best,
+                "best_step": -1,
+                "best_epoch": -1,
+                "wait": 0,
+                "history": [],
+                "stopped_reason": None,
+                "stopped_step": -1,
+                "flags": {},
+                "val_min": best if self.mode == "min" else math.inf,
+                "deferred_val": None,
+            }
+            return {**legacy, **state}
+
+        return StateSchema(
+            "OverfitGuard",
+            self.STATE_VERSION,
+            self._STATE_KEYS,
+            optional=frozenset({"best_weights"}),
+            migrations={0: from_v0},
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -630,21 +664,22 @@ class OverfitGuard(GuardCallback):
                 "params": [t.clone() for t in self._best_weights.params],
                 "buffers": [t.clone() for t in self._best_weights.buffers],
             }
-        return state
+        return self._state_schema().dump(state)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = float(state_dict.get("best", self.best))
-        self.best_step = int(state_dict.get("best_step", -1))
-        self.best_epoch = int(state_dict.get("best_epoch", -1))
-        self.wait = int(state_dict.get("wait", 0))
-        self.history = [dict(h) for h in state_dict.get("history", [])]
-        self.stopped_reason = state_dict.get("stopped_reason")
-        self.stopped_step = int(state_dict.get("stopped_step", -1))
-        self._flags = dict(state_dict.get("flags", {}))
-        self._val_min = float(state_dict.get("val_min", self.best if self.mode == "min" else math.inf))
-        deferred = state_dict.get("deferred_val")
+        state = self._state_schema().load(state_dict)
+        self.best = float(state["best"])
+        self.best_step = int(state["best_step"])
+        self.best_epoch = int(state["best_epoch"])
+        self.wait = int(state["wait"])
+        self.history = [dict(h) for h in state["history"]]
+        self.stopped_reason = state["stopped_reason"]
+        self.stopped_step = int(state["stopped_step"])
+        self._flags = dict(state["flags"])
+        self._val_min = float(state["val_min"])
+        deferred = state["deferred_val"]
         self._deferred = None if deferred is None else (float(deferred), ())
-        weights = state_dict.get("best_weights")
+        weights = state.get("best_weights")
         if weights:
             self._best_weights.load_tensors(list(weights["params"]), list(weights["buffers"]), self.best_step)

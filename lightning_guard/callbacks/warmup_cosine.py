@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
 from lightning_guard._runtime import StepOutcome, emit
+from lightning_guard._state import StateSchema
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent
@@ -331,18 +332,28 @@ class WarmupCosine(GuardCallback):
         self._restored = False
 
     # ------------------------------------------------------------------ state
+    #: the version of the checkpoint state this class writes
+    STATE_VERSION = 1
+    _STATE_LEGACY: ClassVar[dict[str, Any]] = {"base_lrs": None, "total_steps": None, "warmup_steps": None}
+    _STATE: ClassVar[StateSchema] = StateSchema(
+        "WarmupCosine", STATE_VERSION, frozenset(_STATE_LEGACY), legacy=_STATE_LEGACY
+    )
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "base_lrs": self._base_lrs,
-            "total_steps": self._resolved_total,
-            "warmup_steps": self._resolved_warmup,
-        }
+        return self._STATE.dump(
+            {
+                "base_lrs": self._base_lrs,
+                "total_steps": self._resolved_total,
+                "warmup_steps": self._resolved_warmup,
+            }
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._base_lrs = state_dict.get("base_lrs")
-        total, warmup = state_dict.get("total_steps"), state_dict.get("warmup_steps")
+        state = self._STATE.load(state_dict)
+        self._base_lrs = state["base_lrs"]
+        total, warmup = state["total_steps"], state["warmup_steps"]
         n = len(self._base_lrs or [None])  # checkpoints of 0.x kept one length for every optimizer
         self._resolved_total = None if total is None else (list(total) if isinstance(total, list) else [total] * n)
         self._resolved_warmup = None if warmup is None else (list(warmup) if isinstance(warmup, list) else [warmup] * n)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_guard._checks import check_number
+from lightning_guard._compat import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from lightning_guard.errors import GuardConfigError
 
 __all__ = [
@@ -296,7 +297,7 @@ def _batch_dims(example_inputs: tuple[Any, ...]) -> dict[str, Any]:
     Follows the inputs' structure (a dict or tuple of tensors as one argument gets a spec of the same structure).
     """
     batch = torch.export.Dim("batch", min=1)
-    spec = torch.utils._pytree.tree_map(
+    spec = tree_map(
         lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None, tuple(example_inputs)
     )
     return {"args": spec}
@@ -315,7 +316,7 @@ def _traceable_example(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         t = t.detach()
         return torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t.clone()
 
-    return tuple(torch.utils._pytree.tree_map(widen, tuple(example_inputs)))
+    return tuple(tree_map(widen, tuple(example_inputs)))
 
 
 def export_program(model: nn.Module, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
@@ -414,11 +415,11 @@ def load_artifact(path: str | Path, output_spec: Any = None) -> Callable[..., An
         names = [i.name for i in session.get_inputs()]
 
         def run_onnx(*inputs: Any) -> Any:
-            flat = torch.utils._pytree.tree_leaves(inputs)
+            flat = tree_leaves(inputs)
             feed = {n: t.detach().cpu().numpy() for n, t in zip(names, flat, strict=True)}
             outs = [torch.from_numpy(o) for o in session.run(None, feed)]
             if output_spec is not None:
-                return torch.utils._pytree.tree_unflatten(outs, output_spec)
+                return tree_unflatten(outs, output_spec)
             return outs[0] if len(outs) == 1 else tuple(outs)
 
         return run_onnx
@@ -428,7 +429,7 @@ def load_artifact(path: str | Path, output_spec: Any = None) -> Callable[..., An
 def output_spec(model: Callable[..., Any], inputs: tuple[Any, ...]) -> Any:
     """The ``torch.utils._pytree`` spec of ``model(*inputs)``'s output structure."""
     with torch.no_grad():
-        return torch.utils._pytree.tree_flatten(model(*inputs))[1]
+        return tree_flatten(model(*inputs))[1]
 
 
 #: layer types whose weights quantisation could shrink (reported when left in fp32)
@@ -489,10 +490,8 @@ def artifact_metric(
             args = tuple(bound.args[1:])
         calls += 1
         out = artifact(*args)
-        device = next((a.device for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
-        return torch.utils._pytree.tree_map(
-            lambda t: t.to(device) if device is not None and isinstance(t, torch.Tensor) else t, out
-        )
+        device = next((a.device for a in tree_leaves(args) if isinstance(a, torch.Tensor)), None)
+        return tree_map(lambda t: t.to(device) if device is not None and isinstance(t, torch.Tensor) else t, out)
 
     def count_direct(*_: Any) -> None:
         nonlocal direct
@@ -519,8 +518,8 @@ def max_output_error(fn: Callable[..., Any], reference: Callable[..., Any], inpu
     worst = 0.0
     with torch.no_grad():
         for args in inputs:
-            refs, ref_spec = torch.utils._pytree.tree_flatten(reference(*args))
-            gots, got_spec = torch.utils._pytree.tree_flatten(fn(*args))
+            refs, ref_spec = tree_flatten(reference(*args))
+            gots, got_spec = tree_flatten(fn(*args))
             if len(refs) != len(gots) or (ref_spec != got_spec and len(refs) > 1):
                 return float("inf")
             for ref, got in zip(refs, gots, strict=True):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_guard._compat import foreach_mul_, foreach_norm
+
 __all__ = [
     "EmaStats",
     "clip_grads_",
@@ -60,8 +62,7 @@ def global_grad_norm(
         by_device[g.device].append(g)
     target = grads[0].device
     per_device = [
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
-        for gs in by_device.values()
+        torch.linalg.vector_norm(torch.stack(foreach_norm(gs, 2.0, dtype=torch.float32))) for gs in by_device.values()
     ]
     norm = (
         per_device[0]
@@ -86,7 +87,7 @@ def clip_grads_(grads: Sequence[torch.Tensor], coef: float | torch.Tensor) -> No
         groups[(g.device, g.dtype)].append(g)
     for (device, _), gs in groups.items():
         c = coef.to(device) if isinstance(coef, torch.Tensor) else coef
-        torch._foreach_mul_(gs, c)
+        foreach_mul_(gs, c)
 
 
 def zclip_threshold(mean: float, std: float, z: float, z_threshold: float) -> float:
@@ -192,7 +193,7 @@ def top_k_grad_norms(named_params: Iterable[tuple[str, torch.Tensor]], k: int = 
         by_device[g.device].append(i)
     norms = [0.0] * len(named)
     for idx in by_device.values():
-        values = torch.stack(torch._foreach_norm([named[i][1] for i in idx], 2.0, dtype=torch.float32)).tolist()
+        values = torch.stack(foreach_norm([named[i][1] for i in idx], 2.0, dtype=torch.float32)).tolist()
         for i, v in zip(idx, values, strict=True):
             norms[i] = v
     order = sorted(

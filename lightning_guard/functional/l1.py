@@ -6,6 +6,16 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_guard._compat import (
+    foreach_add_,
+    foreach_clamp_max_,
+    foreach_clamp_min,
+    foreach_mul_,
+    foreach_norm,
+    foreach_sign,
+    foreach_sub_,
+)
+
 __all__ = ["l1_adaptive_proximal_", "l1_norm", "l1_proximal_", "l1_subgradient_", "zero_count"]
 
 
@@ -38,10 +48,10 @@ def l1_subgradient_(
     if workspace is not None:
         signs = [torch.sign(p.detach(), out=w) for p, w in zip(params, workspace, strict=True) if p.grad is not None]
     else:
-        signs = list(torch._foreach_sign([p.detach() for p in with_grad]))
+        signs = list(foreach_sign([p.detach() for p in with_grad]))
     if scale is not None:
-        torch._foreach_mul_(signs, scale.to(signs[0].device))
-    torch._foreach_add_(grads, signs, alpha=strength)  # type: ignore[arg-type]
+        foreach_mul_(signs, scale.to(signs[0].device))
+    foreach_add_(grads, signs, alpha=strength)
 
 
 @torch.no_grad()
@@ -59,9 +69,9 @@ def l1_proximal_(params: Sequence[torch.Tensor], threshold: float) -> None:
     if not params or threshold <= 0:
         return
     ws = [p.detach() for p in params]
-    clipped = torch._foreach_clamp_min(ws, -threshold)
-    torch._foreach_clamp_max_(clipped, threshold)
-    torch._foreach_sub_(ws, clipped)
+    clipped = foreach_clamp_min(ws, -threshold)
+    foreach_clamp_max_(clipped, threshold)
+    foreach_sub_(ws, clipped)
 
 
 @torch.no_grad()
@@ -104,7 +114,7 @@ def l1_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not params:
         return torch.zeros(())
-    norms = torch._foreach_norm([p.detach() for p in params], 1.0, dtype=torch.float32)
+    norms = foreach_norm([p.detach() for p in params], 1.0, dtype=torch.float32)
     return torch.stack([n.to(norms[0].device) for n in norms]).sum()
 
 

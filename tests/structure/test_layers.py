@@ -15,13 +15,19 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lightning_guard"
 
 #: lowest first; a module may import modules of its own layer or below (prefix match on the dotted name)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("lightning_guard.errors", "lightning_guard._checks", "lightning_guard._compat", "lightning_guard._wrapping"),
+    (
+        "lightning_guard.errors",
+        "lightning_guard._checks",
+        "lightning_guard._compat",
+        "lightning_guard._state",
+        "lightning_guard._wrapping",
+    ),
     ("lightning_guard.functional", "lightning_guard.lr_scheduler"),
     ("lightning_guard.distributed", "lightning_guard._fence", "lightning_guard._wandb"),
     ("lightning_guard.events",),
     ("lightning_guard._runtime",),
     ("lightning_guard.mixin",),
-    ("lightning_guard.callbacks._base", "lightning_guard.callbacks._snapshot", "lightning_guard.callbacks._state"),
+    ("lightning_guard.callbacks._base", "lightning_guard.callbacks._snapshot"),
     ("lightning_guard.callbacks", "lightning_guard.compress"),
     ("lightning_guard.testing", "lightning_guard.plot"),
     ("lightning_guard.demo", "lightning_guard"),

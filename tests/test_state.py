@@ -1,0 +1,115 @@
+"""Strict, versioned checkpoint state: every stateful guard writes a version; an unknown or missing key, or a newer
+version, is a clear error naming the guard and the key; a state from before versions (0) is migrated."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_guard import ClassBalance, GradientGuard, GuardEvent, OOMGuard, OverfitGuard, WarmupCosine
+from lightning_guard._runtime import GuardRuntime
+from lightning_guard._state import StateSchema
+from lightning_guard.errors import GuardStateError
+
+GUARDS = {
+    "GradientGuard": GradientGuard,
+    "OOMGuard": OOMGuard,
+    "OverfitGuard": lambda: OverfitGuard(monitor="val_loss"),
+    "ClassBalance": ClassBalance,
+    "WarmupCosine": WarmupCosine,
+}
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_the_state_carries_its_version_and_loads_back(name):
+    guard = GUARDS[name]()
+    state = guard.state_dict()
+    assert state["version"] == type(guard).STATE_VERSION == 1
+    fresh = GUARDS[name]()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_an_unknown_key_is_an_error_naming_the_guard_and_the_key(name):
+    state = {**GUARDS[name]().state_dict(), "histroy": []}
+    with pytest.raises(GuardStateError, match=rf"^{name}: unknown key 'histroy' in its checkpoint state"):
+        GUARDS[name]().load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_a_missing_key_is_an_error_naming_the_guard_and_the_key(name):
+    state = GUARDS[name]().state_dict()
+    key = sorted(k for k in state if k != "version")[0]
+    del state[key]
+    with pytest.raises(GuardStateError, match=rf"^{name}: key '{key}' is missing from its checkpoint state"):
+        GUARDS[name]().load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_a_newer_version_is_refused(name):
+    state = {**GUARDS[name]().state_dict(), "version": 2}
+    with pytest.raises(GuardStateError, match=rf"^{name}: the checkpoint's state is version 2, written by a newer"):
+        GUARDS[name]().load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_a_state_from_before_versions_is_migrated(name):
+    """Version 0 (no ``version`` key): the same keys load as version 1 does; missing keys take the old defaults."""
+    current = GUARDS[name]().state_dict()
+    v0 = {k: v for k, v in current.items() if k != "version"}
+    fresh = GUARDS[name]()
+    fresh.load_state_dict(v0)
+    assert fresh.state_dict() == current
+    partial = GUARDS[name]()
+    partial.load_state_dict({})  # a 0.x state lacking every key: what its loader assumed
+    assert partial.state_dict() == current
+
+
+def test_gradient_guard_migrates_the_single_optimizer_values_of_0x():
+    guard = GradientGuard()
+    guard.load_state_dict({"consecutive_bad": 3, "backoff_scale": 0.5})  # 0.x: one value, not a list per optimizer
+    state = guard.state_dict()
+    assert state["consecutive_bad"] == [3]
+    assert state["backoff_scale"] == [0.5]
+
+
+def test_overfit_guard_migrates_val_min_by_its_direction():
+    low = OverfitGuard(monitor="val_loss")
+    low.load_state_dict({"best": 0.25})
+    assert low.state_dict()["val_min"] == 0.25
+    high = OverfitGuard(monitor="val_acc")
+    high.load_state_dict({"best": 0.9})
+    assert math.isinf(high.state_dict()["val_min"])
+
+
+def test_the_runtime_and_event_log_are_strict_and_versioned():
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tempfile.mkdtemp())
+    runtime = GuardRuntime(trainer)
+    runtime.events.emit(GuardEvent.at(trainer, "g", "k"))
+    state = runtime.state_dict()
+    assert state["version"] == 1
+    assert state["events"]["version"] == 1
+    other = GuardRuntime(trainer)
+    other.load_state_dict(state)
+    assert [e.kind for e in other.events.events] == ["k"]
+    with pytest.raises(GuardStateError, match=r"runtime .*unknown key 'applied'"):
+        GuardRuntime(trainer).load_state_dict({**state, "applied": []})
+    with pytest.raises(GuardStateError, match=r"^lightning_guard event log: unknown key 'evnts'"):
+        GuardRuntime(trainer).load_state_dict({**state, "events": {"version": 1, "evnts": []}})
+    GuardRuntime(trainer).load_state_dict({"applied_steps": [3]})  # version 0: the events default to none
+
+
+def test_schema_errors_are_clear():
+    schema = StateSchema("MyGuard", 2, frozenset({"a"}), migrations={1: lambda s: {"a": s["old"]}})
+    assert schema.load({"version": 1, "old": 5}) == {"a": 5}
+    gap = StateSchema("MyGuard", 3, frozenset({"a"}), migrations={1: lambda s: s})
+    with pytest.raises(GuardStateError, match=r"^MyGuard: no migration from checkpoint state version 2"):
+        gap.load({"version": 2, "a": 1})
+    with pytest.raises(GuardStateError, match=r"^MyGuard: checkpoint state version must be an int >= 0, got 'x'"):
+        schema.load({"version": "x", "a": 1})
+    with pytest.raises(GuardStateError, match=r"^MyGuard: its checkpoint state must be a mapping, got list"):
+        schema.load([])  # type: ignore[arg-type]
