@@ -3,6 +3,7 @@
 The public API is re-exported here; the guide lives in ``docs/``.
 """
 
+from lightning_guard._compat import UpstreamChangedError
 from lightning_guard._runtime import emit, event_stream
 from lightning_guard.callbacks import (
     ClassBalance,
@@ -19,6 +20,7 @@ from lightning_guard.errors import (
     GuardConfigError,
     GuardError,
     GuardRuntimeError,
+    GuardStateError,
     OOMGuardError,
 )
 from lightning_guard.events import GuardEvent, configure_events
@@ -38,10 +40,12 @@ __all__ = [
     "GuardEvent",
     "GuardMixin",
     "GuardRuntimeError",
+    "GuardStateError",
     "L1Penalty",
     "OOMGuard",
     "OOMGuardError",
     "OverfitGuard",
+    "UpstreamChangedError",
     "WarmupCosine",
     "WarmupCosineLR",
     "__version__",

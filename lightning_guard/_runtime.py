@@ -12,10 +12,10 @@ Listeners (WarmupCosine, GradientGuard) are told after every step whether it was
 **The step's one agreement.** Guards that must agree with the other ranks on every optimizer step (GradientGuard's
 gradient norm and loss, OOMGuard's status under DDP) do not each issue a collective: at ``on_before_optimizer_step``
 (in the hook of the last guard whose vote depends on its place in the callback list, GradientGuard; otherwise in the
-first guard's) the runtime asks every guard for its vote (:meth:`GuardCallback._step_vote`: a few numbers, the same
+first guard's) the runtime asks every guard for its vote (:meth:`GuardCallback.step_vote`: a few numbers, the same
 count on every rank), joins them with the number of guard events waiting on this rank, reads the device values once
 (the step's one host sync), gathers the row from every rank in one collective and hands each guard its columns
-(:meth:`GuardCallback._step_verdict`) before any of them judges the step. A guard that established that the step's
+(:meth:`GuardCallback.step_verdict`) before any of them judges the step. A guard that established that the step's
 gradients are finite says so (:meth:`GuardRuntime.note_finite`), and the fused-optimizer ``found_inf`` read is then
 skipped.
 """
@@ -189,7 +189,7 @@ class GuardRuntime:
         self._mark_loss(self.optimizer_index(optimizer))  # has_loss() is valid for the votes
         votes: list[tuple[Any, torch.Tensor | list[float]]] = []
         for cb in voters:
-            vote = cb._step_vote(trainer, pl_module, optimizer)
+            vote = cb.step_vote(trainer, pl_module, optimizer)
             if vote is not None:
                 votes.append((cb, vote))
         if not votes:
@@ -227,7 +227,7 @@ class GuardRuntime:
         if world > 1:
             self._exchange_if_pending([r[size] for r in rows])
         for cb, start, end in spans:
-            cb._step_verdict(trainer, optimizer, [tuple(r[start:end]) for r in rows])
+            cb.step_verdict(trainer, optimizer, [tuple(r[start:end]) for r in rows])
 
     def agree(self, flag: bool | torch.Tensor, payload: torch.Tensor | None = None) -> Agreement:
         """Agree on a flag across ranks (``lightning_guard.distributed.agree``), carrying the pending events.

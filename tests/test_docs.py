@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = [
-    r"(?:_event|_emit)\(\s*trainer,\s*\"([a-z_]+)\"",
+    r"(?:_event|\.emit)\(\s*trainer,\s*\"([a-z_]+)\"",
     r"GuardEvent\.at\(\s*trainer,\s*[A-Za-z_.\"]+,\s*\"([a-z_]+)\"",
     r"notify\(\s*\"([a-z_]+)\"",
     r"GuardEvent\(\s*self\.guard_name,\s*\"([a-z_]+)\"",

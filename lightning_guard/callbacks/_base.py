@@ -136,17 +136,23 @@ def after_exception_callbacks(trainer: pl.Trainer, action: Callable[[], None], *
 
 
 class GuardCallback(Callback):
-    """Base class of the guards: runtime ownership and the event-stream plumbing."""
+    """Base class of the guards, public for guards of your own (docs/extending.md).
+
+    The protocol a guard implements: :meth:`step_vote` and :meth:`step_verdict` (its part in the one agreement per
+    optimizer step), :attr:`vote_first` / :attr:`vote_in_place`, :meth:`on_batch_retry`, :meth:`setup_problems`;
+    what it uses: :meth:`emit` (events), :meth:`runtime` (the per-trainer runtime). Call ``super()`` in every Lightning
+    hook you override: the first guard in ``trainer.callbacks`` owns the runtime and works in those hooks.
+    """
 
     #: short name used in events and metric names (``guard/<name>/<kind>``)
     guard_name: str = "guard"
     #: this guard's vote goes in front of the others' in the step's agreement (OOMGuard: a failed attempt is abandoned
     #: before any guard judges its gradients)
-    _vote_first = False
+    vote_first = False
     #: this guard's vote depends on where it sits in the callback list (GradientGuard judges the gradients as the
     #: callbacks listed before it left them): the step's agreement runs in the last such guard's
     #: ``on_before_optimizer_step`` (without one, in the owner's, first)
-    _vote_in_place = False
+    vote_in_place = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GuardCallback:
         self = super().__new__(cls)
@@ -223,16 +229,16 @@ class GuardCallback(Callback):
         """``(owner, agreeing guard, voters in vote order)`` for the trainer's callback list as it is.
 
         Asked in every hook of every guard: worked out once and kept with the trainer until the list changes. The
-        owner is the first guard; the step's agreement runs in the last guard with ``_vote_in_place`` (else in the
-        owner's hook); votes are laid out in callback order, ``_vote_first`` guards in front.
+        owner is the first guard; the step's agreement runs in the last guard with ``vote_in_place`` (else in the
+        owner's hook); votes are laid out in callback order, ``vote_first`` guards in front.
         """
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         cached = trainer.__dict__.get("_lightning_guard_roles")
         if cached is None or cached[0] is not callbacks or cached[1] != len(callbacks):
             guards = [cb for cb in callbacks if isinstance(cb, GuardCallback)]
             owner = guards[0] if guards else None
-            in_place = [cb for cb in guards if cb._vote_in_place]
-            voters = sorted(guards, key=lambda cb: not cb._vote_first)
+            in_place = [cb for cb in guards if cb.vote_in_place]
+            voters = sorted(guards, key=lambda cb: not cb.vote_first)
             cached = (callbacks, len(callbacks), (owner, in_place[-1] if in_place else owner, voters))
             trainer.__dict__["_lightning_guard_roles"] = cached
         return cached[2]
@@ -405,7 +411,7 @@ class GuardCallback(Callback):
         if self._is_owner(trainer) and CHECKPOINT_KEY in checkpoint:
             self.runtime(trainer).load_state_dict(checkpoint[CHECKPOINT_KEY])
 
-    def _emit(
+    def emit(
         self,
         trainer: pl.Trainer,
         kind: str,
@@ -431,22 +437,22 @@ class GuardCallback(Callback):
         """
         return any(e.guard == self.guard_name and e.kind == kind for e in self.runtime(trainer).events.events)
 
-    def _step_vote(
+    def step_vote(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> torch.Tensor | list[float] | None:
         """This rank's numbers for the step's one agreement (a 1-d tensor on any device, or floats), or None.
 
         Called on every rank at every optimizer step, before any guard's ``on_before_optimizer_step`` work; the count
-        of numbers must be the same on every rank. The answer comes to :meth:`_step_verdict`.
+        of numbers must be the same on every rank. The answer comes to :meth:`step_verdict`.
         """
         return None
 
-    def _step_verdict(
+    def step_verdict(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
     ) -> None:
         """Every rank's vote for this step, in rank order (called only for a guard that voted)."""
 
-    def _on_batch_retry(self, trainer: pl.Trainer) -> None:
+    def on_batch_retry(self, trainer: pl.Trainer) -> None:
         """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""
 
     def _sync_events(self, trainer: pl.Trainer, *, force_table: bool = False) -> None:

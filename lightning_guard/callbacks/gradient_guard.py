@@ -221,7 +221,7 @@ class GradientGuard(GuardCallback):
         self.loss_min_rise = float(loss_min_rise)
         self._reset_state()
 
-    _vote_in_place = True  # the norm of the gradients as the callbacks listed before this guard left them
+    vote_in_place = True  # the norm of the gradients as the callbacks listed before this guard left them
 
     def _reset_state(self) -> None:
         self._stats: list[EmaStats] = []  # per optimizer: gradient-norm statistics
@@ -319,7 +319,7 @@ class GradientGuard(GuardCallback):
 
     # ------------------------------------------------------------------ per step
     @override
-    def _on_batch_retry(self, trainer: pl.Trainer) -> None:
+    def on_batch_retry(self, trainer: pl.Trainer) -> None:
         # the failed attempt's loss (this batch's only: under accumulation the window's earlier batches stand); the
         # re-run records the batch's loss again
         del self._losses[self._batch_losses_from :]
@@ -377,7 +377,7 @@ class GradientGuard(GuardCallback):
         return spike, z, loss_spike, loss_z
 
     @override
-    def _step_vote(
+    def step_vote(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> torch.Tensor | list[float] | None:
         """``[has_loss, norm, loss, buffers_nonfinite]``.
@@ -414,7 +414,7 @@ class GradientGuard(GuardCallback):
         return torch.stack([torch.ones((), device=norm.device), norm.float(), loss, buffers_bad])
 
     @override
-    def _step_verdict(
+    def step_verdict(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
     ) -> None:
         self._verdict = rows

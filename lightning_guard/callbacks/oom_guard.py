@@ -401,7 +401,7 @@ class OOMGuard(GuardCallback):
     """
 
     guard_name = "oom"
-    _vote_first = True  # a failed attempt is abandoned before any guard acts on its gradients
+    vote_first = True  # a failed attempt is abandoned before any guard acts on its gradients
 
     def __init__(
         self,
@@ -732,7 +732,7 @@ class OOMGuard(GuardCallback):
 
     # ------------------------------------------------------------------ the step's one agreement (DDP)
     @override
-    def _step_vote(
+    def step_vote(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> torch.Tensor | list[float] | None:
         """``[place, *failure]``: failed (and where, at what size, the memory figures) or not, and whether quiet."""
@@ -744,7 +744,7 @@ class OOMGuard(GuardCallback):
         return [AT_STEP_QUIET if quiet else AT_STEP, *self._payload()]
 
     @override
-    def _step_verdict(
+    def step_verdict(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
     ) -> None:
         table = [list(r) for r in rows]
@@ -828,7 +828,7 @@ class OOMGuard(GuardCallback):
                 "at the first step, before OOMGuard had seen them), or a step is slower than `collective_timeout`"
             )
         message = f"OOMGuard: {cause}. The error was: {_error_text(exc)[:300]}"
-        self._emit(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
+        self.emit(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), {}) from exc
 
@@ -850,7 +850,7 @@ class OOMGuard(GuardCallback):
             "without gradients"
         )
         data = {"where": "backward", "oom_ranks": failed}
-        self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=tuple(failed), rank_zero_only=True)
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=tuple(failed), rank_zero_only=True)
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), tuple(failed), {})
 
@@ -1219,7 +1219,7 @@ class OOMGuard(GuardCallback):
         scaler_forget_step(scaler)
         for cb in trainer.callbacks if forget_attempt else ():  # type: ignore[attr-defined]
             if isinstance(cb, GuardCallback):
-                cb._on_batch_retry(trainer)
+                cb.on_batch_retry(trainer)
         free_memory(trainer.strategy.root_device)
         cleanup_ms = round((time.perf_counter() - start) * 1000.0, 1)
         failed = {r: verdict.values[r] for r in verdict.ranks}
@@ -1252,7 +1252,7 @@ class OOMGuard(GuardCallback):
         self.retries += 1
         data["new_micro_batch_size"] = new
         ranks = ", ".join(f"{r} ({w})" for r, w in where.items())
-        self._emit(
+        self.emit(
             trainer,
             "oom_retry",
             f"out of memory on rank {ranks} at micro-batch {size}; re-running the batch as micro-batches of {new} "
@@ -1278,7 +1278,7 @@ class OOMGuard(GuardCallback):
         data = {"where": "optimizer_step", "oom_ranks": [rank], **_memory_lists((rank,), memory)}
         # This rank alone knows, and it is about to fail: its event goes to disk now (a ddp_spawn worker that raises
         # runs no on_exception hook to dump it later).
-        self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=(rank,))
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=(rank,))
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), memory) from exc
 
@@ -1303,7 +1303,7 @@ class OOMGuard(GuardCallback):
                 f"torch.backends.cudnn.enabled=False to see the real error. The error was: {self._oom_text[:500]}"
             )
         data = {"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)}
-        self._emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
         raise OOMGuardError(message, 1, ranks, memory)
 
     @override
@@ -1323,7 +1323,7 @@ class OOMGuard(GuardCallback):
                 self.micro_batch_size = None if grown >= self._largest_batch else grown
                 self._growing_from, self._clean_steps = old, 0
                 new = self.micro_batch_size or self._largest_batch
-                self._emit(
+                self.emit(
                     trainer,
                     "grow_back",
                     f"{self._grow_wait} clean steps at micro-batch {old}: trying {new}",
@@ -1394,7 +1394,7 @@ class OOMGuard(GuardCallback):
         free_memory(device)
         if trainer is not None:
             new = size // 2
-            self._emit(
+            self.emit(
                 trainer,
                 "oom_retry",
                 f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",

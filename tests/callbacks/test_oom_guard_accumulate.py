@@ -169,8 +169,8 @@ def test_gradient_guard_judges_the_whole_window_loss_after_a_recovery(tmp_path):
     seen: list[float] = []
 
     class Spy(GradientGuard):
-        def _step_vote(self, trainer, pl_module, optimizer):
-            vote = super()._step_vote(trainer, pl_module, optimizer)
+        def step_vote(self, trainer, pl_module, optimizer):
+            vote = super().step_vote(trainer, pl_module, optimizer)
             seen.append(float(vote[2]))
             return vote
 
