@@ -75,4 +75,11 @@ def machine() -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    return f"{name}, {os.cpu_count()} cores (shared), runs on 1 thread"
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "bf16 emulated (no avx512_bf16/amx)"
+    return f"{name}, {os.cpu_count()} cores (shared), {bf16}, runs on 1 thread"

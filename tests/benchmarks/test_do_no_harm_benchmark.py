@@ -11,7 +11,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 
 
 @pytest.mark.benchmark
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(5400)  # bf16 is emulated on CPUs without avx512_bf16: ~100 s a char_lm run
 def test_do_no_harm_benchmark():
     result = main(str(DOCS))
     assert json.loads((DOCS / "do_no_harm.json").read_text())["rows"] == result["rows"]
