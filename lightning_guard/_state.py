@@ -4,7 +4,10 @@ Each stateful guard writes its state with a ``version`` (:meth:`StateSchema.dump
 :meth:`StateSchema.load`, which refuses what it cannot vouch for: a key it does not know (a misspelt or foreign key),
 a key missing from the state, a version newer than this package's. An older version is migrated step by step to the
 current one. Version 0 is a state written before states carried versions (lightning_guard 0.x): its missing keys take
-the values the loaders of that time assumed.
+the values the loaders of that time assumed, and keys that 0.x wrote and no longer exist are dropped.
+
+A subclass of a guard may add keys of its own to the state (``{**super().state_dict(), "mine": ...}``): the guard
+loads with ``extra=True`` then, and leaves those keys to the subclass.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class StateSchema:
         keys: the keys every state of this version holds.
         optional: keys a state may hold (written only in some situations).
         legacy: for version 0 states, the value of each key such a state may lack.
+        removed: keys that version 0 states may hold and this version no longer has (dropped by the migration).
         migrations: ``{v: f}`` turns a state of version ``v`` into one of ``v + 1`` (``0`` defaults to filling
             ``legacy``).
     """
@@ -42,14 +46,18 @@ class StateSchema:
     keys: frozenset[str]
     optional: frozenset[str] = frozenset()
     legacy: Mapping[str, Any] = field(default_factory=dict)
+    removed: frozenset[str] = frozenset()
     migrations: Mapping[int, Migration] = field(default_factory=dict)
 
     def dump(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """The state with its version."""
         return {VERSION_KEY: self.version, **state}
 
-    def load(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """The state migrated to the current version and checked key by key (without the version)."""
+    def load(self, state: Mapping[str, Any], *, extra: bool = False) -> dict[str, Any]:
+        """The state migrated to the current version and checked key by key (without the version).
+
+        ``extra``: keys this schema does not know are allowed and kept (a subclass's own keys).
+        """
         if not isinstance(state, Mapping):
             raise GuardStateError(f"{self.owner}: its checkpoint state must be a mapping, got {type(state).__name__}")
         out = dict(state)
@@ -65,10 +73,11 @@ class StateSchema:
             out = self.migrations.get(version, self._fill_legacy if version == 0 else self._no_migration(version))(out)
             version += 1
         unknown = sorted(set(out) - self.keys - self.optional)
-        if unknown:
+        if unknown and not extra:
             raise GuardStateError(
                 f"{self.owner}: unknown key {unknown[0]!r} in its checkpoint state (version {self.version} holds "
-                f"{sorted(self.keys | self.optional)}): the checkpoint was not written by this guard, or was edited"
+                f"{sorted(self.keys | self.optional)}): a key no version of this guard wrote (a misspelt or edited "
+                "state, or another guard's)"
             )
         missing = sorted(self.keys - set(out))
         if missing:
@@ -79,7 +88,8 @@ class StateSchema:
         return out
 
     def _fill_legacy(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {**copy.deepcopy(dict(self.legacy)), **state}
+        kept = {k: v for k, v in state.items() if k not in self.removed}
+        return {**copy.deepcopy(dict(self.legacy)), **kept}
 
     def _no_migration(self, version: int) -> Migration:
         def fail(state: dict[str, Any]) -> dict[str, Any]:

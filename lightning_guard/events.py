@@ -423,6 +423,16 @@ class EventStream:
             self._file = None
 
 
+#: names this module exported before the runtime layer held them (lightning_guard 0.1)
+_MOVED = {"emit": "lightning_guard.emit", "event_stream": "lightning_guard.event_stream"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:  # `from lightning_guard.events import emit` of 0.1 scripts: say where it went
+        raise ImportError(f"lightning_guard.events.{name} moved: import it as `from lightning_guard import {name}`")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _unjson(v: Any) -> Any:
     if v in ("nan", "inf", "-inf"):
         return float(v)

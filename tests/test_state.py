@@ -12,7 +12,7 @@ import pytest
 from lightning_guard import ClassBalance, GradientGuard, GuardEvent, OOMGuard, OverfitGuard, WarmupCosine
 from lightning_guard._runtime import GuardRuntime
 from lightning_guard._state import StateSchema
-from lightning_guard.errors import GuardStateError
+from lightning_guard.errors import GuardConfigError, GuardStateError
 
 GUARDS = {
     "GradientGuard": GradientGuard,
@@ -113,3 +113,84 @@ def test_schema_errors_are_clear():
         schema.load({"version": "x", "a": 1})
     with pytest.raises(GuardStateError, match=r"^MyGuard: its checkpoint state must be a mapping, got list"):
         schema.load([])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ found by the review of the strict state
+def test_a_0x_gradient_guard_state_with_its_removed_key_is_migrated():
+    """GradientGuard wrote ``spike_steps`` (and one loss-stats dict, one bad count) until 2026-12-02."""
+    guard = GradientGuard()
+    guard.load_state_dict({"spike_steps": [3, 7], "consecutive_bad": 2, "rollbacks": 1})
+    state = guard.state_dict()
+    assert "spike_steps" not in state
+    assert state["consecutive_bad"] == [2]
+    assert state["rollbacks"] == 1
+
+
+class CountingGuard(GradientGuard):
+    """A user's subclass adding its own key, the ordinary Lightning way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def state_dict(self):
+        return {**super().state_dict(), "seen": self.seen}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.seen = int(state_dict["seen"])
+
+
+def test_a_subclass_keeps_its_own_keys_and_the_guard_stays_strict_on_its_own():
+    guard = CountingGuard()
+    guard.seen = 12
+    fresh = CountingGuard()
+    fresh.load_state_dict(guard.state_dict())
+    assert fresh.seen == 12
+    state = guard.state_dict()
+    del state["rollbacks"]
+    with pytest.raises(GuardStateError, match=r"^GradientGuard: key 'rollbacks' is missing"):
+        CountingGuard().load_state_dict(state)
+
+
+def test_the_old_protocol_names_are_refused_or_pointed_to_their_new_names():
+    from lightning_guard import GuardCallback
+
+    with pytest.raises(
+        GuardConfigError, match=r"^Mine defines `_step_vote`, which the guard protocol calls `step_vote`"
+    ):
+
+        class Mine(GuardCallback):
+            def _step_vote(self, trainer, pl_module, optimizer):
+                return [1.0]
+
+    with pytest.raises(AttributeError, match=r"^GuardCallback\._emit is now `emit`"):
+        GradientGuard()._emit  # noqa: B018
+    with pytest.raises(
+        ImportError, match=r"^lightning_guard.events.event_stream moved: import it as `from lightning_guard"
+    ):
+        from lightning_guard.events import event_stream  # noqa: F401
+
+
+def test_a_hand_back_a_guard_cannot_load_costs_the_others_nothing(tmp_path, monkeypatch):
+    """ddp_spawn hand-back: a guard whose state does not load is warned about; the next guard and the events load."""
+    import torch
+
+    from lightning_guard import event_stream
+    from lightning_guard.callbacks import _base
+
+    first, second = GradientGuard(), WarmupCosine()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=str(tmp_path), callbacks=[first, second])
+    first.__dict__["_spawn_token"] = token = "test-hand-back"
+    runtime_state = GuardRuntime(trainer).state_dict()
+    good = {**WarmupCosine().state_dict(), "total_steps": [40]}
+    payload = {
+        "jsonl": str(tmp_path / "run" / "guard_events.jsonl"),
+        "runtime": runtime_state,
+        "guards": [{"x": 1}, good],
+    }
+    torch.save(payload, _base._hand_back_path(token))
+    monkeypatch.setattr(_base, "_spawned_worker", lambda trainer: True)
+    with pytest.warns(UserWarning, match=r"the final state of GradientGuard handed back .* unknown key 'x'"):
+        event_stream(trainer)
+    assert second.state_dict()["total_steps"] == [40]

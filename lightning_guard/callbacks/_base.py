@@ -96,7 +96,14 @@ def _recover_spawned(trainer: pl.Trainer) -> None:
     runtime.load_state_dict(payload["runtime"])
     runtime.applied_steps = list(runtime._restored_steps or [])
     for cb, state in zip(guards, payload["guards"], strict=False):
-        cb.load_state_dict(state)
+        try:
+            cb.load_state_dict(state)
+        except Exception as exc:  # one guard's state must not cost the others theirs, nor the events
+            warnings.warn(
+                f"lightning_guard: the final state of {type(cb).__name__} handed back by the ddp_spawn workers could "
+                f"not be loaded: {exc}",
+                stacklevel=2,
+            )
 
 
 register_hand_back_reader(_recover_spawned)
@@ -135,6 +142,17 @@ def after_exception_callbacks(trainer: pl.Trainer, action: Callable[[], None], *
     pending[last].append(action)
 
 
+#: members of the guard protocol under their names before it was public (lightning_guard 0.1) -> their names now
+_RENAMED = {
+    "_step_vote": "step_vote",
+    "_step_verdict": "step_verdict",
+    "_on_batch_retry": "on_batch_retry",
+    "_vote_first": "vote_first",
+    "_vote_in_place": "vote_in_place",
+    "_emit": "emit",
+}
+
+
 class GuardCallback(Callback):
     """Base class of the guards, public for guards of your own (docs/extending.md).
 
@@ -153,6 +171,22 @@ class GuardCallback(Callback):
     #: callbacks listed before it left them): the step's agreement runs in the last such guard's
     #: ``on_before_optimizer_step`` (without one, in the owner's, first)
     vote_in_place = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        old = sorted(set(cls.__dict__) & set(_RENAMED))
+        if old:
+            raise GuardConfigError(
+                f"{cls.__name__} defines `{old[0]}`, which the guard protocol calls `{_RENAMED[old[0]]}` (renamed "
+                "after lightning_guard 0.1.0, now public): rename it, or it is never called (docs/extending.md)"
+            )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _RENAMED:
+            raise AttributeError(
+                f"GuardCallback.{name} is now `{_RENAMED[name]}` (renamed after lightning_guard 0.1.0)"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GuardCallback:
         self = super().__new__(cls)

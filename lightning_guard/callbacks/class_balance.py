@@ -529,7 +529,7 @@ class ClassBalance(GuardCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = self._state_schema().load(state_dict)
+        state = self._state_schema().load(state_dict, extra=type(self) is not ClassBalance)
         counts = state["counts"]
         self.counts = None if counts is None else torch.tensor(counts, dtype=torch.float64)
         self.total = int(state["total"])

@@ -925,7 +925,11 @@ class GradientGuard(GuardCallback):
         "snapshot_step": -1,
     }
     _STATE: ClassVar[StateSchema] = StateSchema(
-        "GradientGuard", STATE_VERSION, frozenset(_STATE_LEGACY), legacy=_STATE_LEGACY
+        "GradientGuard",
+        STATE_VERSION,
+        frozenset(_STATE_LEGACY),
+        legacy=_STATE_LEGACY,
+        removed=frozenset({"spike_steps"}),  # written until 2026-12-02 (d57927d)
     )
 
     @override
@@ -954,7 +958,7 @@ class GradientGuard(GuardCallback):
         def per_optimizer(value: Any) -> list[Any]:  # checkpoints of 0.x kept one value for all optimizers
             return list(value) if isinstance(value, list) else [value]
 
-        state_dict = self._STATE.load(state_dict)
+        state_dict = self._STATE.load(state_dict, extra=type(self) is not GradientGuard)  # a subclass's keys
         self._stats = [self._stats_from(s) for s in state_dict["stats"]]
         self._loss_stats = [self._stats_from(s) for s in per_optimizer(state_dict["loss_stats"])]
         self._bad = [int(v) for v in per_optimizer(state_dict["consecutive_bad"])]

@@ -1468,7 +1468,7 @@ class OOMGuard(GuardCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = self._state_schema().load(state_dict)
+        state = self._state_schema().load(state_dict, extra=type(self) is not OOMGuard)
         self.micro_batch_size = state["micro_batch_size"]
         self.eval_micro_batch_size = dict(state["eval_micro_batch_size"])
         self.retries = int(state["retries"])

@@ -668,7 +668,7 @@ class OverfitGuard(GuardCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = self._state_schema().load(state_dict)
+        state = self._state_schema().load(state_dict, extra=type(self) is not OverfitGuard)
         self.best = float(state["best"])
         self.best_step = int(state["best_step"])
         self.best_epoch = int(state["best_epoch"])

@@ -351,7 +351,7 @@ class WarmupCosine(GuardCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = self._STATE.load(state_dict)
+        state = self._STATE.load(state_dict, extra=type(self) is not WarmupCosine)  # a subclass's keys
         self._base_lrs = state["base_lrs"]
         total, warmup = state["total_steps"], state["warmup_steps"]
         n = len(self._base_lrs or [None])  # checkpoints of 0.x kept one length for every optimizer
