@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _main(argv)
 
 
-def _main(argv: list[str] | None) -> dict[str, Any]:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lightning_guard.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     parser.add_argument(
@@ -185,34 +185,27 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     )
     parser.add_argument("--fast", action="store_true", help="3 epochs, for smoke tests")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
-    args = parser.parse_args(argv)
-    epochs = 3 if args.fast else args.epochs
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    pl.seed_everything(0, verbose=False)
-    train, val, test, counts = long_tailed_digits()
-    print(f"digits, long-tailed train split: class counts {counts} (imbalance {counts[0] / counts[-1]:.0f}x)")
-    loaders = {
-        "train": DataLoader(train, batch_size=32, shuffle=True),
-        "val": DataLoader(val, batch_size=256),
-        "test": DataLoader(test, batch_size=256),
-    }
-    steps_per_epoch = len(loaders["train"])
+    return parser.parse_args(argv)
 
-    logger: Any = False
-    if not args.no_wandb:
-        from lightning.pytorch.loggers import WandbLogger
 
-        if not _wandb_configured():
-            os.environ["WANDB_MODE"] = "offline"
-        os.environ.setdefault("WANDB_SILENT", "true")
-        logger = WandbLogger(project="lightning_guard_demo", save_dir=str(out), name="demo")
-        # Lightning passes wandb an `anonymous=None` that wandb 0.2x warns about on every run: leave it out.
-        wandb_init_kwargs(logger).pop("anonymous", None)
+def _logger(out: Path, no_wandb: bool) -> Any:
+    """A WandbLogger (offline unless wandb is configured), or False."""
+    if no_wandb:
+        return False
+    from lightning.pytorch.loggers import WandbLogger
 
-    history = MetricHistory()
-    callbacks: list[pl.Callback] = [
+    if not _wandb_configured():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(project="lightning_guard_demo", save_dir=str(out), name="demo")
+    # Lightning passes wandb an `anonymous=None` that wandb 0.2x warns about on every run: leave it out.
+    wandb_init_kwargs(logger).pop("anonymous", None)
+    return logger
+
+
+def _callbacks(out: Path, steps_per_epoch: int, history: MetricHistory) -> list[pl.Callback]:
+    """Every guard, and the faults injected on purpose."""
+    return [
         history,
         WarmupCosine(warmup=0.1, min_lr_ratio=0.02),
         GradientGuard(snapshot_every=10),
@@ -237,6 +230,35 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
             formats=("pt2", "onnx"),
         ),
     ]
+
+
+def _figure(history: MetricHistory, events: list[Any], out: Path) -> str | None:
+    try:  # the figure needs matplotlib (installed by `make demo`)
+        return str(
+            plot_run(
+                history.series,
+                events,
+                out / "run.png",
+                title="lightning_guard demo: digits (long-tailed), every guard, faults injected on purpose",
+                panels=[["train_loss"], ["val_loss"], ["val_balanced_acc"], ["lr"]],
+            )
+        )
+    except ImportError:
+        return None
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
+    args = _parse(argv)
+    epochs = 3 if args.fast else args.epochs
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pl.seed_everything(0, verbose=False)
+    train, val, test, counts = long_tailed_digits()
+    print(f"digits, long-tailed train split: class counts {counts} (imbalance {counts[0] / counts[-1]:.0f}x)")
+    train_loader = DataLoader(train, batch_size=32, shuffle=True)
+    logger, history = _logger(out, args.no_wandb), MetricHistory()
+    callbacks = _callbacks(out, len(train_loader), history)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -250,32 +272,18 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         enable_progress_bar=False,
     )
     model = DemoNet()
-    trainer.fit(model, loaders["train"], loaders["val"])
+    trainer.fit(model, train_loader, DataLoader(val, batch_size=256))
     stream = event_stream(trainer)
-    jsonl = stream.jsonl_path
-    try:  # the figure needs matplotlib (installed by `make demo`)
-        result_png: str | None = str(
-            plot_run(
-                history.series,
-                stream.events,
-                out / "run.png",
-                title="lightning_guard demo: digits (long-tailed), every guard, faults injected on purpose",
-                panels=[["train_loss"], ["val_loss"], ["val_balanced_acc"], ["lr"]],
-            )
-        )
-    except ImportError:
-        result_png = None
-    (metrics,) = trainer.test(model, loaders["test"], verbose=False)
+    result_png = _figure(history, stream.events, out)
+    (metrics,) = trainer.test(model, DataLoader(test, batch_size=256), verbose=False)
     result: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
-    result["events"] = len(stream.events)
-    result["jsonl"] = str(jsonl)
-    result["figure"] = result_png
+    result.update(events=len(stream.events), jsonl=str(stream.jsonl_path), figure=result_png)
     compress = next(c for c in callbacks if isinstance(c, CompressExport)).result
     if compress is not None:
         result["artifacts"] = dict(compress.artifacts)
         print(f"compressed model: {compress.artifacts} (verified by reloading)")
     print(f"\ntest accuracy {result['test_acc']:.3f}, balanced accuracy {result['test_balanced_acc']:.3f}")
-    print(f"guard events ({result['events']}): {jsonl}")
+    print(f"guard events ({result['events']}): {stream.jsonl_path}")
     if result_png:
         print(f"figure of the run with its events: {result_png}")
     if logger:

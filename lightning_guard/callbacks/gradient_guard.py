@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -27,10 +29,27 @@ from lightning_guard.functional.grad import (
     top_k_grad_norms,
     zclip_threshold,
 )
+from lightning_guard.functional.gradient_policy import StepDecision, StepFacts, decide_step, step_facts
 
 __all__ = ["GradientGuard"]
 
 SpikeAction = Literal["clip", "skip", "warn"]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The step being acted on."""
+
+    trainer: pl.Trainer
+    pl_module: pl.LightningModule
+    optimizer: torch.optim.Optimizer
+    idx: int
+    grads: Any
+    facts: StepFacts
+    z: float  # the norm's z against the running statistics (NaN where not judged)
+
+
+_UNJUDGED = (False, math.nan, False, math.nan)
 
 
 def _current_scale(scaler: Any) -> torch.Tensor:
@@ -420,6 +439,7 @@ class GradientGuard(GuardCallback):
         self._verdict = rows
 
     def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """Judge the agreed step (``functional.gradient_policy``), then act on the decision."""
         runtime = self.runtime(trainer)
         vote, rows = self._vote, self._verdict
         self._vote, self._verdict = None, None
@@ -430,194 +450,189 @@ class GradientGuard(GuardCallback):
                 "GradientGuard: no step agreement for this optimizer step (its on_before_optimizer_step was called "
                 "outside Lightning's optimizer step, or a guard's hook did not call super())"
             )
-        grads = vote[1]
         idx = max(runtime.optimizer_index(optimizer), 0)
-        scaler = self._scaler(trainer)
-        voted = [r for r in rows if r[0]]  # ranks whose step has a loss
-        if self._reduce:  # the norm of the whole model: the square root of the shards' squares
-            total = math.fsum(r[1] for r in voted)
-            norms = [math.sqrt(total) if math.isfinite(total) else math.nan] * len(rows)
-            norms = [n if math.isfinite(r[1]) else math.nan for n, r in zip(norms, rows, strict=True)]
-        else:
-            norms = [r[1] for r in rows]
-        rank_losses = [r[2] for r in voted]
-        loss_bad_ranks = tuple(r for r, v in enumerate(rows) if v[0] and not math.isfinite(v[2]))
-        buffer_bad_ranks = tuple(r for r, v in enumerate(rows) if v[0] and v[3] > 0)
-        bad_ranks = tuple(
-            r
-            for r, (n, v) in enumerate(zip(norms, rows, strict=True))
-            if v[0] and (not math.isfinite(n) or r in loss_bad_ranks or r in buffer_bad_ranks)
-        )
-        any_loss_bad = bool(loss_bad_ranks)
-        grads_bad = any(v[0] and not math.isfinite(n) for n, v in zip(norms, rows, strict=True))
-        loss_mean = sum(rank_losses) / max(len(rank_losses), 1)
-        norm_v = max(n for n, v in zip(norms, rows, strict=True) if v[0]) if not bad_ranks else math.nan
-        if not bad_ranks:
+        facts = step_facts(rows, sharded=self._reduce)
+        if facts.healthy:
             runtime.note_finite(optimizer)  # the GradScaler's inf check of these gradients needs no host read
-        self.last_norm = norm_v
-        self._history.append(norm_v)
-        post = norm_v
+        self.last_norm = facts.norm
+        self._history.append(facts.norm)
+        self._promote_candidate(idx, facts)
+        scheduled = self._skip_remaining > 0
+        judged = facts.healthy and not scheduled
+        spike, z, loss_spike, loss_z = self._judge(idx, facts.norm, facts.loss_mean) if judged else _UNJUDGED
+        decision = decide_step(
+            facts,
+            scheduled_skip=scheduled,
+            scaler=self._scaler(trainer) is not None,
+            spike=spike,
+            z=z,
+            loss_spike=loss_spike,
+            loss_z=loss_z,
+            spike_action=self.spike_action,
+            rollback_z=self.rollback_z,
+            rollback_enabled=self._rollback_enabled,
+            suspect=self._suspect[idx],
+            loss_streak=self._loss_streak[idx],
+        )
+        if judged and self.monitor_loss and not loss_spike:
+            self._loss_stats[idx].update(facts.loss_mean)
+        step = _Step(trainer, pl_module, optimizer, idx, vote[1], facts, z)
+        _ACTIONS[decision.action](self, step, decision)
 
-        healthy = not bad_ranks
-        if self._candidate.taken and idx == 0:
-            spike0, _, loss_spike0, _ = self._judge(0, norm_v, loss_mean) if healthy else (True, 0.0, True, 0.0)
-            if healthy and not spike0 and not loss_spike0:
+    def _promote_candidate(self, idx: int, facts: StepFacts) -> None:
+        """A rollback candidate taken before this step becomes the snapshot if the step was healthy (judged once)."""
+        if not (self._candidate.taken and idx == 0):
+            return
+        if facts.healthy:
+            spike, _, loss_spike, _ = self._judge(0, facts.norm, facts.loss_mean)
+            if not spike and not loss_spike:
                 self._snapshot, self._candidate = self._candidate, self._snapshot  # promote; reuse the old buffers
-            self._candidate.step = -1  # a candidate is judged once
+        self._candidate.step = -1
 
-        if self._skip_remaining > 0:
-            self._skip_remaining -= 1
-            self._skip(trainer, optimizer, grads, scaler, overflow=False)
-            self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
-            return
+    def _act_scheduled_skip(self, s: _Step, d: StepDecision) -> None:
+        self._skip_remaining -= 1
+        self._skip(s.trainer, s.optimizer, s.grads, self._scaler(s.trainer), overflow=False)
+        self._log(s.trainer, s.pl_module, s.idx, s.facts.norm, math.nan, math.nan)
 
-        if bad_ranks:
-            amp = scaler is not None and not any_loss_bad and grads_bad
-            self._skip(trainer, optimizer, grads, scaler, overflow=True)
-            if amp:
-                self._event(
-                    trainer,
-                    "amp_overflow",
-                    "info",
-                    "GradScaler overflow: step skipped, loss scale lowered",
-                    norm_v,
-                    ranks=bad_ranks,
-                    diagnose=False,
-                    scale=float(_current_scale(scaler).item()),
-                )
-                self._log(trainer, pl_module, idx, norm_v, math.nan, math.nan)
-                return
-            self._bad[idx] += 1
-            what = "loss" if any_loss_bad else "gradients" if grads_bad else "buffers"
-            self._event(
-                trainer,
-                "nonfinite_skip",
-                "warning",
-                f"non-finite {what}: step skipped",
-                norm_v,
-                ranks=bad_ranks,
-                loss=loss_mean,
-                buffers_restored=self._step_buffers.count,
-                pl_module=pl_module,
+    def _act_amp_overflow(self, s: _Step, d: StepDecision) -> None:
+        scaler = self._scaler(s.trainer)
+        self._skip(s.trainer, s.optimizer, s.grads, scaler, overflow=True)
+        self._event(
+            s.trainer,
+            "amp_overflow",
+            "info",
+            "GradScaler overflow: step skipped, loss scale lowered",
+            s.facts.norm,
+            ranks=s.facts.bad_ranks,
+            diagnose=False,
+            scale=float(_current_scale(scaler).item()),
+        )
+        self._log(s.trainer, s.pl_module, s.idx, s.facts.norm, math.nan, math.nan)
+
+    def _act_nonfinite_skip(self, s: _Step, d: StepDecision) -> None:
+        self._skip(s.trainer, s.optimizer, s.grads, self._scaler(s.trainer), overflow=True)
+        self._bad[s.idx] += 1
+        what = s.facts.what_is_bad
+        self._event(
+            s.trainer,
+            "nonfinite_skip",
+            "warning",
+            f"non-finite {what}: step skipped",
+            s.facts.norm,
+            ranks=s.facts.bad_ranks,
+            loss=s.facts.loss_mean,
+            buffers_restored=self._step_buffers.count,
+            pl_module=s.pl_module,
+        )
+        self._skip_and_maybe_roll_back(s, reason=f"non-finite {what}", z=math.inf, log_z=math.inf)
+
+    def _act_damage_skip(self, s: _Step, d: StepDecision) -> None:
+        """A huge spike, a spike right after one, or a loss that stays high: skip; roll back now if damage persists."""
+        self._loss_streak[s.idx] = d.loss_streak
+        self._skip(s.trainer, s.optimizer, s.grads, self._scaler(s.trainer), overflow=False)
+        self._bad[s.idx] += 1
+        self._spike_skip_event(s, f"spike z={d.z:.1f} {d.why}: step skipped", d.z)
+        rollbacks = self._rollbacks
+        if d.roll_back_now:
+            self._rollback_or_give_up(
+                s.trainer, s.pl_module, s.optimizer, s.idx, reason=f"spikes persist (z={d.z:.1f})"
             )
-            rollbacks = self._rollbacks
-            self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"non-finite {what}", z=math.inf)
-            if self._rollbacks == rollbacks:  # a rollback counts itself once, and clears the skips it undid
-                self._note_instability(trainer, idx)
-            self._log(trainer, pl_module, idx, norm_v, math.nan, math.inf)
-            return
-
-        stats, loss_stats = self._stats[idx], self._loss_stats[idx]
-        spike, z, loss_spike, loss_z = self._judge(idx, norm_v, loss_mean)
-        if self.monitor_loss and not loss_spike:
-            loss_stats.update(loss_mean)
-        if spike or loss_spike:
-            zz = max(z if spike else 0.0, loss_z if loss_spike else 0.0)
-            # Huge: the gradient norm's z is above rollback_z. The loss's z alone does not make a step huge: a hard
-            # batch of a healthy small-batch run had a loss z of 12.6 with a norm z of 3.5 (its update was ordinary,
-            # and clipping bounds it); a loss that stays high is damage and is handled below.
-            hard = self.rollback_z is not None and spike and z > self.rollback_z
-            self._loss_streak[idx] = self._loss_streak[idx] + 1 if loss_spike else 0
-            persistent = self._loss_streak[idx] >= 3  # the loss stays high: the weights were damaged
-            if hard or self._suspect[idx] or persistent:
-                # A huge spike may be one bad batch or weights damaged by the previous update: skip it, and roll
-                # back only if the next step still spikes (damage persists); a lone bad batch costs one step. A loss
-                # that spikes on two steps in a row is damage too (a hard batch does not repeat).
-                self._skip(trainer, optimizer, grads, scaler, overflow=False)
-                self._bad[idx] += 1
-                why = (
-                    "above rollback_z"
-                    if hard and not self._suspect[idx]
-                    else "right after a huge spike"
-                    if self._suspect[idx]
-                    else "the loss stays high"
-                )
-                self._event(
-                    trainer,
-                    "spike_skip",
-                    "warning",
-                    f"spike z={zz:.1f} {why}: step skipped",
-                    norm_v,
-                    z=zz,
-                    loss=loss_mean,
-                    pl_module=pl_module,
-                )
-                rollbacks = self._rollbacks
-                if (self._suspect[idx] or persistent) and self._rollback_enabled:
-                    self._rollback_or_give_up(trainer, pl_module, optimizer, idx, reason=f"spikes persist (z={zz:.1f})")
-                    self._suspect[idx] = False
-                    self._loss_streak[idx] = 0
-                else:
-                    self._suspect[idx] = True
-                    self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
-                if self._rollbacks == rollbacks:
-                    self._note_instability(trainer, idx)
-                self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
-                return
-            if loss_spike and not spike:
-                # A loss spike that is not huge: a hard batch (a healthy run has them), or the first sign of weights
-                # damaged by the previous update. Nothing is done now; if the loss spikes again on the next step,
-                # the damage persists and is rolled back (above).
-                stats.update(norm_v)
-                self._bad[idx] = 0
-            elif self.spike_action == "clip":
-                threshold = zclip_threshold(stats.mean, stats.std, z, self.z_threshold)
-                clip_grads_(grads, threshold / norm_v)
-                post = threshold
-                stats.update(threshold)
-                self._bad[idx] = 0
-                self._event(
-                    trainer,
-                    "spike_clip",
-                    "info",
-                    f"norm {norm_v:.4g} clipped to {threshold:.4g}",
-                    norm_v,
-                    z=z,
-                    threshold=threshold,
-                    pl_module=pl_module,
-                )
-            elif self.spike_action == "skip":
-                self._skip(trainer, optimizer, grads, scaler, overflow=False)
-                self._bad[idx] += 1
-                self._event(
-                    trainer,
-                    "spike_skip",
-                    "warning",
-                    f"spike z={zz:.1f}: step skipped",
-                    norm_v,
-                    z=zz,
-                    loss=loss_mean,
-                    pl_module=pl_module,
-                )
-                rollbacks = self._rollbacks
-                self._maybe_rollback(trainer, pl_module, optimizer, idx, reason=f"spike z={zz:.1f}", z=zz)
-                if self._rollbacks == rollbacks:
-                    self._note_instability(trainer, idx)
-                self._log(trainer, pl_module, idx, norm_v, math.nan, zz)
-                return
-            else:
-                stats.update(norm_v)
-                self._bad[idx] = 0
-                self._event(
-                    trainer,
-                    "spike_warn",
-                    "warning",
-                    f"spike z={zz:.1f} (no action)",
-                    norm_v,
-                    z=zz,
-                    loss=loss_mean,
-                    pl_module=pl_module,
-                )
+            self._suspect[s.idx] = False
+            self._loss_streak[s.idx] = 0
         else:
-            stats.update(norm_v)
-            self._bad[idx] = 0
-            self._suspect[idx] = False
-            self._loss_streak[idx] = 0
+            self._suspect[s.idx] = True
+            self._maybe_rollback(s.trainer, s.pl_module, s.optimizer, s.idx, reason=f"spike z={d.z:.1f}", z=d.z)
+        if self._rollbacks == rollbacks:
+            self._note_instability(s.trainer, s.idx)
+        self._log(s.trainer, s.pl_module, s.idx, s.facts.norm, math.nan, d.z)
+
+    def _act_skip(self, s: _Step, d: StepDecision) -> None:
+        self._loss_streak[s.idx] = d.loss_streak
+        self._skip(s.trainer, s.optimizer, s.grads, self._scaler(s.trainer), overflow=False)
+        self._bad[s.idx] += 1
+        self._spike_skip_event(s, f"spike z={d.z:.1f}: step skipped", d.z)
+        self._skip_and_maybe_roll_back(s, reason=f"spike z={d.z:.1f}", z=d.z, log_z=d.z)
+
+    def _skip_and_maybe_roll_back(self, s: _Step, *, reason: str, z: float, log_z: float) -> None:
+        """After a skip: roll back if the skips pile up, else count the instability; log the step."""
+        rollbacks = self._rollbacks
+        self._maybe_rollback(s.trainer, s.pl_module, s.optimizer, s.idx, reason=reason, z=z)
+        if self._rollbacks == rollbacks:  # a rollback counts itself once, and clears the skips it undid
+            self._note_instability(s.trainer, s.idx)
+        self._log(s.trainer, s.pl_module, s.idx, s.facts.norm, math.nan, log_z)
+
+    def _spike_skip_event(self, s: _Step, message: str, z: float) -> None:
+        self._event(
+            s.trainer,
+            "spike_skip",
+            "warning",
+            message,
+            s.facts.norm,
+            z=z,
+            loss=s.facts.loss_mean,
+            pl_module=s.pl_module,
+        )
+
+    def _act_hard_batch(self, s: _Step, d: StepDecision) -> None:
+        """A loss spike that is not huge: nothing is done now.
+
+        A hard batch (a healthy run has them), or the first sign of weights damaged by the previous update: if the loss
+        spikes again next step, it is rolled back.
+        """
+        self._loss_streak[s.idx] = d.loss_streak
+        self._stats[s.idx].update(s.facts.norm)
+        self._bad[s.idx] = 0
+        self._apply(s, s.facts.norm)
+
+    def _act_clip(self, s: _Step, d: StepDecision) -> None:
+        self._loss_streak[s.idx] = d.loss_streak
+        stats = self._stats[s.idx]
+        threshold = zclip_threshold(stats.mean, stats.std, s.z, self.z_threshold)
+        clip_grads_(s.grads, threshold / s.facts.norm)
+        stats.update(threshold)
+        self._bad[s.idx] = 0
+        self._event(
+            s.trainer,
+            "spike_clip",
+            "info",
+            f"norm {s.facts.norm:.4g} clipped to {threshold:.4g}",
+            s.facts.norm,
+            z=s.z,
+            threshold=threshold,
+            pl_module=s.pl_module,
+        )
+        self._apply(s, threshold)
+
+    def _act_warn(self, s: _Step, d: StepDecision) -> None:
+        self._loss_streak[s.idx] = d.loss_streak
+        self._stats[s.idx].update(s.facts.norm)
+        self._bad[s.idx] = 0
+        self._event(
+            s.trainer,
+            "spike_warn",
+            "warning",
+            f"spike z={d.z:.1f} (no action)",
+            s.facts.norm,
+            z=d.z,
+            loss=s.facts.loss_mean,
+            pl_module=s.pl_module,
+        )
+        self._apply(s, s.facts.norm)
+
+    def _act_healthy(self, s: _Step, d: StepDecision) -> None:
+        self._stats[s.idx].update(s.facts.norm)
+        self._bad[s.idx] = 0
+        self._suspect[s.idx] = False
+        self._loss_streak[s.idx] = 0
+        self._apply(s, s.facts.norm)
+
+    def _apply(self, s: _Step, post: float) -> None:
+        """The step is applied: clip to ``max_norm`` if set, log the norms."""
         if self.max_norm is not None and post > self.max_norm:
-            clip_grads_(grads, self.max_norm / post)
+            clip_grads_(s.grads, self.max_norm / post)
             post = self.max_norm
         self.last_post_clip_norm = post
-        self._log(trainer, pl_module, idx, norm_v, post, z)
+        self._log(s.trainer, s.pl_module, s.idx, s.facts.norm, post, s.z)
 
     # ------------------------------------------------------------------ actions
     def _skip(
@@ -973,3 +988,17 @@ class GradientGuard(GuardCallback):
         self._counts = dict(state_dict["counts"])
         self._last_capture_applied = int(state_dict["last_capture_applied"])
         self._loaded_snapshot_step = int(state_dict["snapshot_step"])
+
+
+#: the action for each decision of ``functional.gradient_policy.decide_step``
+_ACTIONS: dict[str, Callable[[GradientGuard, _Step, StepDecision], None]] = {
+    "scheduled_skip": GradientGuard._act_scheduled_skip,
+    "amp_overflow": GradientGuard._act_amp_overflow,
+    "nonfinite_skip": GradientGuard._act_nonfinite_skip,
+    "damage_skip": GradientGuard._act_damage_skip,
+    "hard_batch": GradientGuard._act_hard_batch,
+    "clip": GradientGuard._act_clip,
+    "skip": GradientGuard._act_skip,
+    "warn": GradientGuard._act_warn,
+    "healthy": GradientGuard._act_healthy,
+}

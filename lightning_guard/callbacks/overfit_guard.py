@@ -18,7 +18,16 @@ from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.distributed import gather_json
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, Severity
-from lightning_guard.functional.overfit import generalization_loss, progress_quotient, training_progress, up_stops
+from lightning_guard.functional.overfit import (
+    divergence,
+    generalization_loss,
+    overfitting,
+    progress_quotient,
+    shift_suspected,
+    stop_reason,
+    training_progress,
+    underfitting,
+)
 
 __all__ = ["OverfitGuard"]
 
@@ -299,6 +308,57 @@ class OverfitGuard(GuardCallback):
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, val: float, train: float, bad_ranks: tuple[int, ...]
     ) -> None:
+        """Record the evaluation, judge it (``functional.overfit``), then act: report, stop, keep the best weights."""
+        improved = self._record(trainer, pl_module, val, train)
+        row = self.history[-1]
+        data = {
+            "val": val,
+            "train": train,
+            "best": self.best,
+            "best_step": self.best_step,
+            "gap": row["gap"],
+            "gl": row["gl"],
+            "pq": row["pq"],
+            "p_k": row["p_k"],
+            "wait": self.wait,
+            "patience": self.patience,
+        }
+        why = divergence(val, self.best, mode=self.mode, factor=self.divergence_factor, nonfinite=bool(bad_ranks))
+        if why is not None:  # stop at once
+            msg = f"validation {self.monitor} diverged ({why})"
+            self._event(trainer, "divergence", "error", msg, data, ranks=bad_ranks)
+            self._stop(trainer, "divergence", data)
+            return
+        if not improved:
+            self._event(
+                trainer,
+                "no_improvement",
+                "info",
+                f"{self.monitor}={val:.5g}, best {self.best:.5g} at step {self.best_step} "
+                f"({self.wait}/{self.patience})",
+                data,
+            )
+        self._diagnose(trainer, improved, val, train, data)
+        if len(self.history) < self.min_evaluations or not self.stop:
+            return
+        reason = stop_reason(
+            self.criterion,
+            evaluations=len(self.history),
+            wait=self.wait,
+            patience=self.patience,
+            gl=row["gl"],
+            gl_alpha=self.gl_alpha,
+            pq=row["pq"],
+            pq_alpha=self.pq_alpha,
+            strip_length=self.strip_length,
+            strip_ends=[h["val"] for h in self.history[self.strip_length - 1 :: self.strip_length]],
+            up_strips=self.up_strips,
+        )
+        if reason is not None:
+            self._stop(trainer, reason, data)
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, val: float, train: float) -> bool:
+        """Update the best value (and its weights), the wait, the history and its criteria; whether ``val`` improved."""
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         improved = self._improved(val)
         if improved:
@@ -318,58 +378,23 @@ class OverfitGuard(GuardCallback):
             {"step": step, "epoch": epoch, "val": val, "train": train, "gap": gap, "gl": gl, "pq": pq, "p_k": progress}
         )
         self._log(trainer, gap, gl, pq)
-        n = len(self.history)
-        data = {
-            "val": val,
-            "train": train,
-            "best": self.best,
-            "best_step": self.best_step,
-            "gap": gap,
-            "gl": gl,
-            "pq": pq,
-            "p_k": progress,
-            "wait": self.wait,
-            "patience": self.patience,
-        }
+        return improved
 
-        # divergence: stop at once
-        diverged = bool(bad_ranks) or (
-            self.mode == "min"
-            and self.divergence_factor is not None
-            and math.isfinite(self.best)
-            and self.best > 0
-            and val > self.divergence_factor * self.best
+    def _diagnose(self, trainer: pl.Trainer, improved: bool, val: float, train: float, data: dict[str, Any]) -> None:
+        """Report a suspected distribution shift, overfitting and underfitting (each once while it lasts)."""
+        first, row = self.history[0], self.history[-1]
+        gap, progress = row["gap"], row["p_k"]
+        shift = shift_suspected(
+            evaluations=len(self.history),
+            max_evaluations=self.shift_evaluations,
+            ratio=self.shift_ratio,
+            mode=self.mode,
+            best_is_first=self.best_step == first["step"],
+            first_train=first["train"],
+            val=val,
+            train=train,
         )
-        if diverged:
-            why = "non-finite" if bad_ranks or not math.isfinite(val) else f"{val:.4g} > {self.divergence_factor}x best"
-            self._event(
-                trainer, "divergence", "error", f"validation {self.monitor} diverged ({why})", data, ranks=bad_ranks
-            )
-            self._stop(trainer, "divergence", data)
-            return
-        if not improved:
-            self._event(
-                trainer,
-                "no_improvement",
-                "info",
-                f"{self.monitor}={val:.5g}, best {self.best:.5g} at step {self.best_step} "
-                f"({self.wait}/{self.patience})",
-                data,
-            )
-
-        # distribution shift: from the first evaluations validation never improves while training does, and ends up
-        # far worse than training (ordinary overfitting improves validation first, then loses it)
-        first = self.history[0]
-        if (
-            self.shift_ratio is not None
-            and 2 <= n <= self.shift_evaluations
-            and self.mode == "min"
-            and self.best_step == first["step"]
-            and math.isfinite(train)
-            and 0 < train < first["train"]
-            and val > self.shift_ratio * train
-            and not self._flags.get("shift")
-        ):
+        if shift and not self._flags.get("shift"):
             self._flags["shift"] = True
             self._event(
                 trainer,
@@ -380,74 +405,42 @@ class OverfitGuard(GuardCallback):
                 "(preprocessing, leakage, labels)",
                 data,
             )
-
-        # overfitting: training improves while validation worsens and the gap grows
         best_row = next((h for h in self.history if h["step"] == self.best_step), None)
-        overfitting = (
-            not improved
-            and best_row is not None
-            and self._learned(train, gap)  # a model at chance level (no gap, no training progress) is not overfitting
-            and math.isfinite(train)
-            and self._train_better(train, best_row["train"])
-            and (math.isnan(gap) or gap > best_row["gap"])
-            and (val > self.best if self.mode == "min" else val < self.best)
+        over = best_row is not None and overfitting(
+            improved=improved,
+            learned=self._learned(train, gap),
+            train_improved=self._train_better(train, best_row["train"]),
+            train=train,
+            gap=gap,
+            best_gap=best_row["gap"],
+            worse_than_best=val > self.best if self.mode == "min" else val < self.best,
         )
-        if overfitting and not self._flags.get("overfitting"):
+        if over and not self._flags.get("overfitting"):
+            assert best_row is not None
+            grew = f"; the gap grew from {best_row['gap']:.4g} to {gap:.4g}" if math.isfinite(gap) else ""
             self._event(
                 trainer,
                 "overfitting",
                 "warning",
                 f"training {train:.4g} keeps improving while validation {val:.4g} is worse than its best "
-                f"{self.best:.4g}"
-                + (
-                    f"; the gap grew from {best_row['gap']:.4g} to {gap:.4g}" if best_row and math.isfinite(gap) else ""
-                ),
+                f"{self.best:.4g}{grew}",
                 data,
             )
-        self._flags["overfitting"] = bool(overfitting)
-
-        # underfitting: training has stalled, validation barely moves, and there is no real gap
+        self._flags["overfitting"] = bool(over)
         strip = self.history[-self.strip_length :]
-        val_moved = (
-            abs(strip[0]["val"] - val) / abs(strip[0]["val"])
-            if len(strip) == self.strip_length and math.isfinite(strip[0]["val"]) and strip[0]["val"] != 0
-            else math.inf
-        )
-        underfitting = (
-            math.isfinite(progress)
-            and progress < 1.0
-            and val_moved < 0.01
-            and math.isfinite(train)
-            and train > 0
-            and abs(gap) < 0.1 * abs(train)
-        )
-        if underfitting and not self._flags.get("underfitting"):
+        first_val = strip[0]["val"] if len(strip) == self.strip_length else None
+        under, moved = underfitting(progress=progress, strip_first_val=first_val, val=val, train=train, gap=gap)
+        if under and not self._flags.get("underfitting"):
             self._flags["underfitting"] = True
             self._event(
                 trainer,
                 "underfitting",
                 "warning",
                 f"training stalled at {train:.4g} (progress {progress:.3g} per mille over {self.strip_length} "
-                f"evaluations) and validation {val:.4g} moved {100 * val_moved:.2g}% with no gap: raise capacity or "
+                f"evaluations) and validation {val:.4g} moved {100 * moved:.2g}% with no gap: raise capacity or "
                 "the learning rate, or train longer",
                 data,
             )
-
-        if n < self.min_evaluations or not self.stop:
-            return
-        reason = None
-        if self.criterion == "patience" and self.wait >= self.patience:
-            reason = "patience"
-        elif self.criterion == "gl" and gl > self.gl_alpha:
-            reason = "gl"
-        elif self.criterion == "pq" and n % self.strip_length == 0 and not math.isnan(pq) and pq > self.pq_alpha:
-            reason = "pq"  # at strip ends only (Prechelt); P_k = 0 with GL > 0 makes PQ infinite: no progress, stop
-        elif self.criterion == "up" and n % self.strip_length == 0:
-            ends = [h["val"] for h in self.history[self.strip_length - 1 :: self.strip_length]]
-            if up_stops(ends, self.up_strips):
-                reason = "up"
-        if reason is not None:
-            self._stop(trainer, reason, data)
 
     def _stop(self, trainer: pl.Trainer, reason: str, data: dict[str, Any]) -> None:
         if not self.stop:

@@ -109,35 +109,55 @@ def balanced_loss(
             pw = pos_weight.float().to(z.device) if pos_weight is not None else None
             return F.binary_cross_entropy_with_logits(z, target.float(), pos_weight=pw)
         cdim = 1 if z.dim() >= 2 else 0
-        n_classes = z.shape[cdim]
-
-        def along_classes(v: torch.Tensor) -> torch.Tensor:  # a (C,) vector shaped to broadcast on the class dim
-            shape = [1] * z.dim()
-            shape[cdim] = n_classes
-            return v.float().to(z.device).view(shape)
-
         if log_prior is not None:
-            z = z + tau * along_classes(log_prior)
+            z = z + tau * _along_classes(log_prior, z, cdim)
         logp = F.log_softmax(z, dim=cdim)
         if target.is_floating_point() and target.shape == z.shape:  # class probabilities
             if gamma > 0:
                 raise ValueError("the focal term (`gamma` > 0) needs class-index targets, got class probabilities")
-            p = target.float()
-            if label_smoothing > 0:
-                p = p * (1.0 - label_smoothing) + label_smoothing / n_classes
-            terms = p * logp if weights is None else p * logp * along_classes(weights)
-            per_sample = -terms.sum(cdim)
-            return per_sample.sum() / max(per_sample.numel(), 1)
-        t = target.long()
-        keep = t != ignore_index
-        t_safe = torch.where(keep, t, torch.zeros_like(t))
-        logp_t = logp.gather(cdim, t_safe.unsqueeze(cdim)).squeeze(cdim)
-        loss = -logp_t
-        if label_smoothing > 0:
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * logp.mean(cdim)
-        if gamma > 0:
-            loss = loss * (1.0 - logp_t.exp()).clamp_min(0.0).pow(gamma)
-        if weights is not None:
-            loss = loss * weights.float().to(z.device)[t_safe]
-        loss = torch.where(keep, loss, torch.zeros_like(loss))
-        return loss.sum() / keep.sum().clamp_min(1)
+            return _soft_target_loss(logp, target, weights, cdim, label_smoothing)
+        return _index_target_loss(logp, target, weights, cdim, ignore_index, label_smoothing, gamma)
+
+
+def _along_classes(v: torch.Tensor, z: torch.Tensor, cdim: int) -> torch.Tensor:
+    """A ``(C,)`` vector shaped to broadcast on the class dimension of ``z``."""
+    shape = [1] * z.dim()
+    shape[cdim] = z.shape[cdim]
+    return v.float().to(z.device).view(shape)
+
+
+def _soft_target_loss(
+    logp: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, cdim: int, label_smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy against class probabilities, weighted per class, summed then divided by the sample count."""
+    p = target.float()
+    if label_smoothing > 0:
+        p = p * (1.0 - label_smoothing) + label_smoothing / logp.shape[cdim]
+    terms = p * logp if weights is None else p * logp * _along_classes(weights, logp, cdim)
+    per_sample = -terms.sum(cdim)
+    return per_sample.sum() / max(per_sample.numel(), 1)
+
+
+def _index_target_loss(
+    logp: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    cdim: int,
+    ignore_index: int,
+    label_smoothing: float,
+    gamma: float,
+) -> torch.Tensor:
+    """Cross-entropy against class indices (smoothed, focal, weighted), summed then divided by the kept targets."""
+    t = target.long()
+    keep = t != ignore_index
+    t_safe = torch.where(keep, t, torch.zeros_like(t))
+    logp_t = logp.gather(cdim, t_safe.unsqueeze(cdim)).squeeze(cdim)
+    loss = -logp_t
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * logp.mean(cdim)
+    if gamma > 0:
+        loss = loss * (1.0 - logp_t.exp()).clamp_min(0.0).pow(gamma)
+    if weights is not None:
+        loss = loss * weights.float().to(logp.device)[t_safe]
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    return loss.sum() / keep.sum().clamp_min(1)

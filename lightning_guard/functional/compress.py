@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_guard._checks import check_number
 from lightning_guard._compat import tree_flatten, tree_leaves, tree_map, tree_unflatten
-from lightning_guard.errors import GuardConfigError
+from lightning_guard.errors import GuardConfigError, GuardRuntimeError
 
 __all__ = [
     "QUANTIZE_MODES",
@@ -784,23 +784,82 @@ def compress_and_export(
         GuardConfigError: a bad argument (named).
         GuardRuntimeError: no exported file reproduces the model's outputs.
     """
-    from lightning_guard.errors import GuardRuntimeError
-
     check_compress_args(prune, prune_amounts, quantize_mode, formats, max_metric_drop)
+    _check_ratios(min_size_ratio, max_latency_ratio, onnx_int8_tolerance)
+    dirpath = Path(dirpath)
+    search = _Search(model, evaluate, example_inputs, higher_is_better, max_metric_drop, on_event)
+    if evaluate_held_out is not None:
+        search.stages[0].held_out_metric = float(evaluate_held_out(model))
+    current, amount_kept = search.prune(prune, prune_amounts, finetune) if prune is not None else (model, 0.0)
+    pruned_fp32, quantized = current, None
+    if quantize_mode is not None and (candidate := search.quantize(current, quantize_mode)) is not None:
+        current, quantized = candidate, quantize_mode
+    kept = [st.metric for st in search.stages if st.decision == "accepted" and st.metric is not None]
+    final_metric = float(kept[-1] if kept else search.baseline)
+    result = CompressionResult(current, search.baseline, final_metric, stages=search.stages, prune_amount=amount_kept)
+    result.quantized, result.baseline_held_out = quantized, search.stages[0].held_out_metric
+    pt2 = export_pt2(current, example_inputs, dirpath / f"{filename}.pt2")
+    if quantized and current is not pruned_fp32:
+        pt2 = search.keep_quantised_if_worth_it(result, pt2, pruned_fp32, min_size_ratio, max_latency_ratio)
+    exports: list[tuple[Path, nn.Module, float, str | None]] = [(pt2, result.model, tolerance, result.quantized)]
+    if "onnx" in formats:
+        onnx = dirpath / f"{filename}.onnx"
+        exports.append(_onnx_export(pruned_fp32, example_inputs, onnx, quantized, tolerance, onnx_int8_tolerance))
+    inputs = list(verify_inputs) or [example_inputs]
+    for path, reference, tol, how in exports:
+        search.verify(result, path, reference, tol, how, inputs, pruned_fp32, evaluate_held_out)
+    if not result.artifacts:
+        err = GuardRuntimeError("CompressExport: " + "; ".join(result.rejected.values()))
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    return result
+
+
+def _check_ratios(min_size_ratio: float, max_latency_ratio: float | None, onnx_int8_tolerance: float) -> None:
     check_number("min_size_ratio", min_size_ratio, low=1.0, strict=False)
     check_number("max_latency_ratio", max_latency_ratio, low=0.0, optional=True)
     check_number("onnx_int8_tolerance", onnx_int8_tolerance)
-    dirpath = Path(dirpath)
-    notify = on_event or (lambda kind, message, data: None)
-    inputs = list(verify_inputs) or [example_inputs]
-    sign = 1.0 if higher_is_better else -1.0
 
-    def drop(metric: float) -> float:
-        return sign * (baseline - metric)
 
-    cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+def _onnx_export(
+    model: nn.Module, example_inputs: tuple[Any, ...], path: Path, quantized: str | None, tol: float, int8_tol: float
+) -> tuple[Path, nn.Module, float, str | None]:
+    """Export the fp32 (pruned) model to ONNX: ``(path, reference, tolerance, scheme)`` for its verification.
 
-    def row(stage: str, setting: str, decision: str, m: nn.Module, metric: float | None) -> Stage:
+    onnxruntime quantises the fp32 ONNX graph itself when int8 passed the budget (even if the torchao ``.pt2`` was not
+    kept for its size): the ONNX file's own metric says what that costs.
+    """
+    onnx_path = export_onnx(model, example_inputs, path, quantize_int8=bool(quantized))
+    return onnx_path, model, int8_tol if quantized else tol, ONNX_INT8_SCHEME if quantized else None
+
+
+class _Search:
+    """The stages of one compression: the baseline, each candidate measured against the budget, the events."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        evaluate: Callable[[nn.Module], float],
+        example_inputs: tuple[Any, ...],
+        higher_is_better: bool,
+        max_metric_drop: float,
+        on_event: Callable[[str, str, dict[str, Any]], None] | None,
+    ) -> None:
+        self.model, self.evaluate, self.example_inputs = model, evaluate, example_inputs
+        self.max_metric_drop = max_metric_drop
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.notify = on_event or (lambda kind, message, data: None)
+        self.cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        self.baseline = float(evaluate(model))
+        self.stages = [self.row("baseline", "fp32", "measured", model, self.baseline)]
+        with tempfile.TemporaryDirectory() as tmp:  # the uncompressed artifact's size, for comparison
+            self.stages[0].file_bytes = export_pt2(model, example_inputs, Path(tmp) / "fp32.pt2").stat().st_size
+
+    def drop(self, metric: float) -> float:
+        """How much worse than the baseline ``metric`` is (positive: worse)."""
+        return self.sign * (self.baseline - metric)
+
+    def row(self, stage: str, setting: str, decision: str, m: nn.Module, metric: float | None) -> Stage:
         on_cpu = all(p.device.type == "cpu" for p in m.parameters())
         return Stage(
             stage,
@@ -810,114 +869,115 @@ def compress_and_export(
             size_bytes=state_bytes(m),
             params=param_count(m),
             sparsity=round(sparsity(m), 4),
-            latency_ms=round(cpu_latency_ms(m, cpu_inputs), 4) if on_cpu else None,
+            latency_ms=round(cpu_latency_ms(m, self.cpu_inputs), 4) if on_cpu else None,
         )
 
-    baseline = float(evaluate(model))
-    stages = [row("baseline", "fp32", "measured", model, baseline)]
-    if evaluate_held_out is not None:
-        stages[0].held_out_metric = float(evaluate_held_out(model))
-    with tempfile.TemporaryDirectory() as tmp:  # the uncompressed artifact's size, for comparison
-        stages[0].file_bytes = export_pt2(model, example_inputs, Path(tmp) / "fp32.pt2").stat().st_size
-    current, amount_kept = model, 0.0
-    if prune is not None:
-        for amount in sorted(prune_amounts, reverse=True):
-            setting = f"{prune} {amount:g}"
+    def prune(
+        self, mode: PruneMode, amounts: Sequence[float], finetune: Callable[[nn.Module], None] | None
+    ) -> tuple[nn.Module, float]:
+        """The strongest pruning amount within the budget (tried strongest first): the model and the amount."""
+        for amount in sorted(amounts, reverse=True):
+            setting = f"{mode} {amount:g}"
             try:
-                if prune == "structured":
-                    candidate = prune_structured(current, amount, example_inputs)
-                else:
-                    candidate = prune_unstructured(current, amount)
-                if finetune is not None:
-                    release = _grad_masks(candidate) if prune == "unstructured" else (lambda: None)
-                    try:
-                        finetune(candidate)
-                    finally:
-                        release()
-                metric = float(evaluate(candidate))
+                candidate = self._pruned(mode, amount, finetune)
+                metric = float(self.evaluate(candidate))
             except Exception as exc:  # this amount breaks the model (a slice of a pruned width): try the next one
                 reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-                stages.append(Stage("prune", setting, "failed"))
-                notify(
+                self.stages.append(Stage("prune", setting, "failed"))
+                self.notify(
                     "budget_backoff",
                     f"pruning {setting} failed ({reason}); backing off",
                     {"stage": "prune", "setting": setting, "error": reason},
                 )
                 continue
-            if drop(metric) <= max_metric_drop:
-                stages.append(row("prune", setting, "accepted", candidate, metric))
-                current, amount_kept = candidate, float(amount)
-                notify(
-                    "compressed",
-                    f"pruned ({setting}): metric {metric:.4g} vs {baseline:.4g}",
-                    {"stage": "prune", "setting": setting, "metric": metric, "baseline": baseline},
-                )
-                break
-            stages.append(row("prune", setting, "rejected", candidate, metric))
-            notify(
-                "budget_backoff",
-                f"pruning {setting} costs {drop(metric):.4g} > max_metric_drop {max_metric_drop:g}; backing off",
-                {"stage": "prune", "setting": setting, "metric": metric, "baseline": baseline},
-            )
-    pruned_fp32, quantized = current, None
-    if quantize_mode is not None:
-        candidate = quantize(current, quantize_mode)
-        metric = float(evaluate(candidate))
-        layers = quantized_layers(candidate)
-        if drop(metric) <= max_metric_drop:
-            stages.append(row("quantize", quantize_mode, "accepted", candidate, metric))
-            stages[-1].layers = layers
-            current, quantized = candidate, quantize_mode
-            notify(
-                "compressed",
-                f"quantised ({quantize_mode}): metric {metric:.4g} vs {baseline:.4g}",
-                {"stage": "quantize", "setting": quantize_mode, "metric": metric, "baseline": baseline},
-            )
-        else:
-            stages.append(row("quantize", quantize_mode, "rejected", candidate, metric))
-            stages[-1].layers = layers
-            notify(
-                "budget_backoff",
-                f"{quantize_mode} costs {drop(metric):.4g} > max_metric_drop {max_metric_drop:g}; not quantising",
-                {"stage": "quantize", "setting": quantize_mode, "metric": metric, "baseline": baseline},
-            )
-    kept = [st.metric for st in stages if st.decision == "accepted" and st.metric is not None]
-    final_metric = kept[-1] if kept else baseline
-    result = CompressionResult(current, baseline, float(final_metric), stages=stages, prune_amount=amount_kept)
-    result.quantized = quantized
-    result.baseline_held_out = stages[0].held_out_metric
+            if self._judge("prune", setting, candidate, metric, f"pruning {setting}", "backing off"):
+                return candidate, float(amount)
+        return self.model, 0.0
 
-    pt2 = export_pt2(current, example_inputs, dirpath / f"{filename}.pt2")
-    if quantized and current is not pruned_fp32:
-        why = _quantisation_not_worth_it(
-            pt2, pruned_fp32, example_inputs, cpu_inputs, quantized, min_size_ratio, max_latency_ratio
-        )
-        if why is not None:
-            notify(
-                "budget_backoff", f"{why}; exporting without quantisation", {"stage": "quantize", "setting": quantized}
+    def _pruned(self, mode: PruneMode, amount: float, finetune: Callable[[nn.Module], None] | None) -> nn.Module:
+        if mode == "structured":
+            candidate = prune_structured(self.model, amount, self.example_inputs)
+        else:
+            candidate = prune_unstructured(self.model, amount)
+        if finetune is not None:
+            release = _grad_masks(candidate) if mode == "unstructured" else (lambda: None)
+            try:
+                finetune(candidate)
+            finally:
+                release()
+        return candidate
+
+    def quantize(self, model: nn.Module, mode: QuantizeMode) -> nn.Module | None:
+        """The quantised model if it is within the budget, else None."""
+        candidate = quantize(model, mode)
+        metric = float(self.evaluate(candidate))
+        layers = quantized_layers(candidate)
+        ok = self._judge("quantize", mode, candidate, metric, mode, "not quantising", label=f"quantised ({mode})")
+        self.stages[-1].layers = layers
+        return candidate if ok else None
+
+    def _judge(
+        self, stage: str, setting: str, candidate: nn.Module, metric: float, what: str, backoff: str, label: str = ""
+    ) -> bool:
+        """Record a measured candidate as accepted (within the budget) or rejected, with its event."""
+        data = {"stage": stage, "setting": setting, "metric": metric, "baseline": self.baseline}
+        if self.drop(metric) <= self.max_metric_drop:
+            self.stages.append(self.row(stage, setting, "accepted", candidate, metric))
+            self.notify(
+                "compressed", f"{label or f'pruned ({setting})'}: metric {metric:.4g} vs {self.baseline:.4g}", data
             )
-            stages.append(Stage("quantize", quantized, "rejected", file_bytes=pt2.stat().st_size))
-            current = result.model = pruned_fp32
-            result.quantized = None
-            kept = [
-                st.metric
-                for st in stages
-                if st.stage == "prune" and st.decision == "accepted" and st.metric is not None
-            ]
-            result.final_metric = float(kept[-1]) if kept else baseline
-            pt2 = export_pt2(current, example_inputs, pt2)
-    exports: list[tuple[Path, nn.Module, float, str | None]] = [(pt2, current, tolerance, result.quantized)]
-    if "onnx" in formats:
-        # onnxruntime quantises the fp32 ONNX graph itself when int8 passed the budget (even if the torchao .pt2 was
-        # not kept for its size): the ONNX file's own metric below says what that costs
-        onnx_int8 = ONNX_INT8_SCHEME if quantized else None
-        onnx_path = export_onnx(
-            pruned_fp32, example_inputs, dirpath / f"{filename}.onnx", quantize_int8=bool(quantized)
+            return True
+        self.stages.append(self.row(stage, setting, "rejected", candidate, metric))
+        cost = f"{what} costs {self.drop(metric):.4g} > max_metric_drop {self.max_metric_drop:g}; {backoff}"
+        self.notify("budget_backoff", cost, data)
+        return False
+
+    def keep_quantised_if_worth_it(
+        self,
+        result: CompressionResult,
+        pt2: Path,
+        pruned_fp32: nn.Module,
+        min_size_ratio: float,
+        max_latency_ratio: float | None,
+    ) -> Path:
+        """Export the fp32 (pruned) model instead when the quantised ``.pt2`` is not smaller or faster enough."""
+        quantized = result.quantized
+        assert quantized is not None
+        why = _quantisation_not_worth_it(
+            pt2, pruned_fp32, self.example_inputs, self.cpu_inputs, quantized, min_size_ratio, max_latency_ratio
         )
-        exports.append((onnx_path, pruned_fp32, onnx_int8_tolerance if quantized else tolerance, onnx_int8))
-    for path, reference, tol, how in exports:
-        stage = _verify_artifact(path, reference, tol, how, inputs, cpu_inputs)
-        stages.append(stage)
+        if why is None:
+            return pt2
+        self.notify(
+            "budget_backoff", f"{why}; exporting without quantisation", {"stage": "quantize", "setting": quantized}
+        )
+        self.stages.append(Stage("quantize", quantized, "rejected", file_bytes=pt2.stat().st_size))
+        result.model, result.quantized = pruned_fp32, None
+        kept = [
+            st.metric
+            for st in self.stages
+            if st.stage == "prune" and st.decision == "accepted" and st.metric is not None
+        ]
+        result.final_metric = float(kept[-1]) if kept else self.baseline
+        return export_pt2(pruned_fp32, self.example_inputs, pt2)
+
+    def verify(
+        self,
+        result: CompressionResult,
+        path: Path,
+        reference: nn.Module,
+        tol: float,
+        how: str | None,
+        inputs: list[tuple[Any, ...]],
+        host: nn.Module,
+        evaluate_held_out: Callable[[nn.Module], float] | None,
+    ) -> None:
+        """Load one exported file back, compare it with ``reference``, and measure the file's own metric.
+
+        A file that fails is renamed ``<name>.rejected``; one that passes is an artifact of ``result``.
+        """
+        stage = _verify_artifact(path, reference, tol, how, inputs, self.cpu_inputs)
+        self.stages.append(stage)
         error = stage.max_error if stage.max_error is not None else math.inf
         data = {"path": str(path), "size_bytes": stage.file_bytes, "max_error": error, "tolerance": tol}
         fmt = path.suffix.lstrip(".")
@@ -929,14 +989,14 @@ def compress_and_export(
                 f"the exported {path.name} does not reproduce the compressed model's outputs "
                 f"(max relative error {error:.3g} > tolerance {tol:g}); renamed {rejected.name}"
             )
-            notify("verify_failed", result.rejected[fmt], {**data, "path": str(rejected)})
-            continue
+            self.notify("verify_failed", result.rejected[fmt], {**data, "path": str(rejected)})
+            return
         artifact = load_artifact(path, output_spec(reference, inputs[0]))
         # hosted by the fp32 model: only its forward is used, replaced by the file (moving a torchao model between
         # devices in the evaluation can fail on its tensor subclasses)
-        stage.metric = artifact_metric(evaluate, pruned_fp32, artifact)
+        stage.metric = artifact_metric(self.evaluate, host, artifact)
         if evaluate_held_out is not None:
-            stage.held_out_metric = artifact_metric(evaluate_held_out, pruned_fp32, artifact)
+            stage.held_out_metric = artifact_metric(evaluate_held_out, host, artifact)
         result.artifacts[fmt] = str(path)
         note = ""
         if stage.metric is None:
@@ -944,11 +1004,6 @@ def compress_and_export(
                 "; no metric of the file itself: the evaluation does not go through forward alone (a validation_step "
                 "that calls submodules directly measures the in-memory model)"
             )
-        notify(
+        self.notify(
             "exported", f"{path.name}: {stage.file_bytes} bytes, verified (max relative error {error:.2g}){note}", data
         )
-    if not result.artifacts:
-        err = GuardRuntimeError("CompressExport: " + "; ".join(result.rejected.values()))
-        err.result = result  # type: ignore[attr-defined]
-        raise err
-    return result

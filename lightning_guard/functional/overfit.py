@@ -10,7 +10,17 @@ import itertools
 import math
 from collections.abc import Sequence
 
-__all__ = ["generalization_loss", "progress_quotient", "training_progress", "up_stops"]
+__all__ = [
+    "divergence",
+    "generalization_loss",
+    "overfitting",
+    "progress_quotient",
+    "shift_suspected",
+    "stop_reason",
+    "training_progress",
+    "underfitting",
+    "up_stops",
+]
 
 
 def generalization_loss(val: float, best_val: float) -> float:
@@ -67,3 +77,138 @@ def up_stops(strip_end_values: Sequence[float], s: int) -> bool:
         return False
     last = strip_end_values[-(s + 1) :]
     return all(b > a for a, b in itertools.pairwise(last))
+
+
+# ------------------------------------------------------------------------------------------ OverfitGuard's diagnosis
+# Pure functions of the numbers OverfitGuard records per validation; the guard acts on what they say.
+
+
+def divergence(val: float, best: float, *, mode: str, factor: float | None, nonfinite: bool) -> str | None:
+    """Why the run diverged (stop at once), or None.
+
+    Non-finite on some rank, or (for a lower-is-better metric) the value above ``factor`` times a positive best. A
+    non-finite value that no rank flagged diverges only by the factor (an ``inf``).
+
+    Example:
+        >>> divergence(5.0, 1.0, mode="min", factor=3.0, nonfinite=False)
+        '5 > 3.0x best'
+        >>> divergence(2.0, 1.0, mode="min", factor=3.0, nonfinite=False) is None
+        True
+    """
+    if nonfinite:
+        return "non-finite"
+    if mode == "min" and factor is not None and math.isfinite(best) and best > 0 and val > factor * best:
+        return f"{val:.4g} > {factor}x best" if math.isfinite(val) else "non-finite"
+    return None
+
+
+def shift_suspected(
+    *,
+    evaluations: int,
+    max_evaluations: int,
+    ratio: float | None,
+    mode: str,
+    best_is_first: bool,
+    first_train: float,
+    val: float,
+    train: float,
+) -> bool:
+    """A distribution shift between training and validation data, suspected early in the run.
+
+    From the first evaluations validation never improved while training did, and validation ends up ``ratio`` times
+    worse than training (ordinary overfitting improves validation first, then loses it).
+    """
+    return (
+        ratio is not None
+        and 2 <= evaluations <= max_evaluations
+        and mode == "min"
+        and best_is_first
+        and math.isfinite(train)
+        and 0 < train < first_train
+        and val > ratio * train
+    )
+
+
+def overfitting(
+    *,
+    improved: bool,
+    learned: bool,
+    train_improved: bool,
+    train: float,
+    gap: float,
+    best_gap: float,
+    worse_than_best: bool,
+) -> bool:
+    """Training improves while validation is worse than its best and the gap grows (a model that learned something).
+
+    ``learned``: a real gap, or real training progress (a model at chance level is not overfitting);
+    ``train_improved``: the training value is better than at the best validation; ``best_gap``: the gap then.
+    """
+    return (
+        not improved
+        and learned
+        and math.isfinite(train)
+        and train_improved
+        and (math.isnan(gap) or gap > best_gap)
+        and worse_than_best
+    )
+
+
+def underfitting(
+    *, progress: float, strip_first_val: float | None, val: float, train: float, gap: float
+) -> tuple[bool, float]:
+    """``(underfitting, val_moved)``: training stalled and validation barely moved, with no real gap.
+
+    Stalled: progress under 1 per mille; barely moved: under 1% over the strip (``strip_first_val``: its first value,
+    None before a whole strip); no real gap: under a tenth of the training value.
+    """
+    moved = (
+        abs(strip_first_val - val) / abs(strip_first_val)
+        if strip_first_val is not None and math.isfinite(strip_first_val) and strip_first_val != 0
+        else math.inf
+    )
+    stalled = (
+        math.isfinite(progress)
+        and progress < 1.0
+        and moved < 0.01
+        and math.isfinite(train)
+        and train > 0
+        and abs(gap) < 0.1 * abs(train)
+    )
+    return stalled, moved
+
+
+def stop_reason(
+    criterion: str,
+    *,
+    evaluations: int,
+    wait: int,
+    patience: int,
+    gl: float,
+    gl_alpha: float,
+    pq: float,
+    pq_alpha: float,
+    strip_length: int,
+    strip_ends: Sequence[float],
+    up_strips: int,
+) -> str | None:
+    """The stopping criterion's verdict: its name when it says stop, else None.
+
+    ``patience`` (no improvement for ``patience`` evaluations), ``gl`` (GL above ``gl_alpha``), ``pq`` (PQ above
+    ``pq_alpha``, at strip ends only, as Prechelt), ``up`` (validation rose over ``up_strips`` strips in a row).
+
+    Example:
+        >>> stop_reason("patience", evaluations=5, wait=3, patience=3, gl=0.0, gl_alpha=5.0, pq=0.0, pq_alpha=0.5,
+        ...             strip_length=5, strip_ends=[], up_strips=3)
+        'patience'
+    """
+    at_strip_end = evaluations % strip_length == 0
+    if criterion == "patience":
+        return "patience" if wait >= patience else None
+    if criterion == "gl":
+        return "gl" if gl > gl_alpha else None
+    if criterion == "pq":  # P_k = 0 with GL > 0 makes PQ infinite: no progress, stop
+        return "pq" if at_strip_end and not math.isnan(pq) and pq > pq_alpha else None
+    if criterion == "up":
+        return "up" if at_strip_end and up_stops(strip_ends, up_strips) else None
+    return None
