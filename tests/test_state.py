@@ -196,17 +196,19 @@ def test_a_hand_back_a_guard_cannot_load_costs_the_others_nothing(tmp_path, monk
     assert second.state_dict()["total_steps"] == [40]
 
 
-def test_a_subclass_helper_named_emit_does_not_replace_the_guards_reporting(tmp_path):
-    """A user's OOMGuard subclass with its own ``emit(text)`` helper: OOMGuard still reports its retries."""
+def test_a_subclass_overriding_emit_sees_the_guards_events(tmp_path):
+    """``emit`` is a protocol member: an OOMGuard subclass that tags its events through it sees OOMGuard's own."""
     from lightning_guard import OOMGuard, event_stream
     from lightning_guard.testing import SimulatedOOM
     from tests.helpers import DigitsNet, digits_loaders, trainer
 
-    class MyGuard(OOMGuard):
-        def emit(self, text):  # a helper of the user's, unrelated to events
-            self.said = text
+    class Tagged(OOMGuard):
+        def emit(self, trainer, kind, message, **kwargs):
+            super().emit(trainer, kind, "[infra] " + message, **kwargs)
 
     tr, _ = digits_loaders(n_train=64, batch_size=32)
-    t = trainer(tmp_path, [MyGuard(), SimulatedOOM(max_batch_size=16, steps=[1])], max_steps=2)
+    t = trainer(tmp_path, [Tagged(), SimulatedOOM(max_batch_size=16, steps=[1])], max_steps=2)
     t.fit(DigitsNet(), tr)
-    assert [e.kind for e in event_stream(t).events if e.guard == "oom"].count("oom_retry") == 1
+    retries = [e for e in event_stream(t).events if e.guard == "oom" and e.kind == "oom_retry"]
+    assert len(retries) == 1
+    assert retries[0].message.startswith("[infra] ")

@@ -472,7 +472,6 @@ class GuardCallback(Callback):
         ranks: tuple[int, ...] = (),
         rank_zero_only: bool = False,
     ) -> None:
-        # what the built-in guards call: a subclass's own `emit` (a helper of the same name) does not replace it
         if rank_zero_only and trainer.global_rank != 0:
             return
         event = GuardEvent.at(

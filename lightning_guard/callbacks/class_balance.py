@@ -330,7 +330,7 @@ class ClassBalance(GuardCallback):
         checksum = float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
         prints = gather_json(trainer, [local.tolist(), checksum, self._stream_checksum])
         if all(p == prints[0] for p in prints):
-            self._emit_event(
+            self.emit(
                 trainer,
                 "unsharded_stream",
                 f"every rank read the same {int(total)} labels from the training IterableDataset (it is not sharded "

@@ -331,7 +331,7 @@ class CompressExport(GuardCallback):
                     "positional arguments); otherwise make `forward` traceable (no data-dependent Python control "
                     "flow, no unsupported ops; see torch.export's docs), or remove CompressExport"
                 )
-                self._emit_event(
+                self.emit(
                     trainer,
                     "export_failed",
                     f"{error} (found at fit start: "
@@ -548,7 +548,7 @@ class CompressExport(GuardCallback):
             min_size_ratio=self.min_size_ratio,
             max_latency_ratio=self.max_latency_ratio,
             filename=self.filename,
-            on_event=lambda kind, message, data: self._emit_event(
+            on_event=lambda kind, message, data: self.emit(
                 trainer,
                 kind,
                 message,
@@ -596,7 +596,7 @@ class CompressExport(GuardCallback):
                 error = exc  # with strict=True raised below on every rank, so no rank waits for rank 0 forever
                 if not self.strict:
                     self.error = exc
-                    self._emit_event(
+                    self.emit(
                         trainer,
                         "export_failed",
                         f"compression/export failed, the trained model is left as it is: {type(exc).__name__}: {exc}",

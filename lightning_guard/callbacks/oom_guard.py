@@ -828,7 +828,7 @@ class OOMGuard(GuardCallback):
                 "at the first step, before OOMGuard had seen them), or a step is slower than `collective_timeout`"
             )
         message = f"OOMGuard: {cause}. The error was: {_error_text(exc)[:300]}"
-        self._emit_event(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
+        self.emit(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), {}) from exc
 
@@ -850,9 +850,7 @@ class OOMGuard(GuardCallback):
             "without gradients"
         )
         data = {"where": "backward", "oom_ranks": failed}
-        self._emit_event(
-            trainer, "oom_fatal", message, severity="error", data=data, ranks=tuple(failed), rank_zero_only=True
-        )
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=tuple(failed), rank_zero_only=True)
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), tuple(failed), {})
 
@@ -1254,7 +1252,7 @@ class OOMGuard(GuardCallback):
         self.retries += 1
         data["new_micro_batch_size"] = new
         ranks = ", ".join(f"{r} ({w})" for r, w in where.items())
-        self._emit_event(
+        self.emit(
             trainer,
             "oom_retry",
             f"out of memory on rank {ranks} at micro-batch {size}; re-running the batch as micro-batches of {new} "
@@ -1280,7 +1278,7 @@ class OOMGuard(GuardCallback):
         data = {"where": "optimizer_step", "oom_ranks": [rank], **_memory_lists((rank,), memory)}
         # This rank alone knows, and it is about to fail: its event goes to disk now (a ddp_spawn worker that raises
         # runs no on_exception hook to dump it later).
-        self._emit_event(trainer, "oom_fatal", message, severity="error", data=data, ranks=(rank,))
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=(rank,))
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), memory) from exc
 
@@ -1305,7 +1303,7 @@ class OOMGuard(GuardCallback):
                 f"torch.backends.cudnn.enabled=False to see the real error. The error was: {self._oom_text[:500]}"
             )
         data = {"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)}
-        self._emit_event(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
         raise OOMGuardError(message, 1, ranks, memory)
 
     @override
@@ -1325,7 +1323,7 @@ class OOMGuard(GuardCallback):
                 self.micro_batch_size = None if grown >= self._largest_batch else grown
                 self._growing_from, self._clean_steps = old, 0
                 new = self.micro_batch_size or self._largest_batch
-                self._emit_event(
+                self.emit(
                     trainer,
                     "grow_back",
                     f"{self._grow_wait} clean steps at micro-batch {old}: trying {new}",
@@ -1396,7 +1394,7 @@ class OOMGuard(GuardCallback):
         free_memory(device)
         if trainer is not None:
             new = size // 2
-            self._emit_event(
+            self.emit(
                 trainer,
                 "oom_retry",
                 f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",

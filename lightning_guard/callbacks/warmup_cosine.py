@@ -316,7 +316,7 @@ class WarmupCosine(GuardCallback):
         if max(done) < 0.9 or min(done) >= 0.5:
             return
         short = [i for i, d in enumerate(done) if d < 0.5]
-        self._emit_event(
+        self.emit(
             trainer,
             "schedule_mismatch",
             f"optimizer(s) {short} took {[applied[i] for i in short]} steps of schedules "

@@ -787,9 +787,7 @@ def compress_and_export(
     check_compress_args(prune, prune_amounts, quantize_mode, formats, max_metric_drop)
     _check_ratios(min_size_ratio, max_latency_ratio, onnx_int8_tolerance)
     dirpath = Path(dirpath)
-    search = _Search(model, evaluate, example_inputs, higher_is_better, max_metric_drop, on_event)
-    if evaluate_held_out is not None:
-        search.stages[0].held_out_metric = float(evaluate_held_out(model))
+    search = _Search(model, evaluate, example_inputs, higher_is_better, max_metric_drop, on_event, evaluate_held_out)
     current, amount_kept = search.prune(prune, prune_amounts, finetune) if prune is not None else (model, 0.0)
     pruned_fp32, quantized = current, None
     if quantize_mode is not None and (candidate := search.quantize(current, quantize_mode)) is not None:
@@ -844,6 +842,7 @@ class _Search:
         higher_is_better: bool,
         max_metric_drop: float,
         on_event: Callable[[str, str, dict[str, Any]], None] | None,
+        evaluate_held_out: Callable[[nn.Module], float] | None = None,
     ) -> None:
         self.model, self.evaluate, self.example_inputs = model, evaluate, example_inputs
         self.max_metric_drop = max_metric_drop
@@ -852,6 +851,8 @@ class _Search:
         self.cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
         self.baseline = float(evaluate(model))
         self.stages = [self.row("baseline", "fp32", "measured", model, self.baseline)]
+        if evaluate_held_out is not None:  # before the baseline's export, as the metric above
+            self.stages[0].held_out_metric = float(evaluate_held_out(model))
         with tempfile.TemporaryDirectory() as tmp:  # the uncompressed artifact's size, for comparison
             self.stages[0].file_bytes = export_pt2(model, example_inputs, Path(tmp) / "fp32.pt2").stat().st_size
 
