@@ -231,9 +231,10 @@ def attached_trainer(module: Any) -> Any:
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside Lightning's ``LightningOptimizer`` wrapper (the optimizer itself otherwise)."""
-    from lightning.pytorch.core.optimizer import LightningOptimizer  # Lightning is not imported by functional/
-
-    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    # LightningOptimizer keeps the torch optimizer as `_optimizer` and exposes it as `.optimizer`; duck-typed so that
+    # functional/, which imports this module, stays free of Lightning (and no import runs per step)
+    inner = getattr(type(optimizer), "optimizer", None)
+    return optimizer.optimizer if isinstance(inner, property) else optimizer
 
 
 def wandb_init_kwargs(logger: Any) -> dict[str, Any]:

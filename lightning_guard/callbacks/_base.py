@@ -457,21 +457,6 @@ class GuardCallback(Callback):
         rank_zero_only: bool = False,
     ) -> None:
         """Report an event of this guard (only from rank 0 with ``rank_zero_only``, for decisions all ranks share)."""
-        self._emit_event(
-            trainer, kind, message, severity=severity, data=data, ranks=ranks, rank_zero_only=rank_zero_only
-        )
-
-    def _emit_event(
-        self,
-        trainer: pl.Trainer,
-        kind: str,
-        message: str,
-        *,
-        severity: Severity = "info",
-        data: dict[str, Any] | None = None,
-        ranks: tuple[int, ...] = (),
-        rank_zero_only: bool = False,
-    ) -> None:
         if rank_zero_only and trainer.global_rank != 0:
             return
         event = GuardEvent.at(
