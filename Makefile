@@ -4,8 +4,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The oldest leg: the contract matrix again, with the lowest lightning and torchmetrics pyproject.toml declares
+# (read from it, so a declared minimum is always a version the tests ran on).
+OLD_VENV := .venv-oldest
+OLD_BIN := $(OLD_VENV)/bin
+OLD_STAMP := $(OLD_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+OLDEST = $(shell $(PY) -c "import re, tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+	print(' '.join(re.sub('>=', '==', x) for x in d if x.split('>=')[0] in ('lightning', 'torchmetrics')))")
+OLDEST_TESTS := tests/contract/test_matrix.py tests/structure/test_compat.py tests/test_state.py
 
-.PHONY: demo test lint typecheck docs bench gpu-check clean
+.PHONY: demo test test-newest test-oldest lint typecheck docs bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,11 +35,25 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
-test: $(STAMP) lint typecheck docs
+$(OLD_STAMP): pyproject.toml
+	test -x $(OLD_BIN)/python || $(PY) -m venv $(OLD_VENV)
+	$(OLD_BIN)/python -m pip install -q --upgrade pip
+	$(OLD_BIN)/python -m pip install -q "torch==2.13.0"
+	$(OLD_BIN)/python -m pip install -q -e ".[dev,export]" $(OLDEST)
+	touch $(OLD_STAMP)
+
+test: test-newest test-oldest
+
+test-newest: $(STAMP) lint typecheck docs
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q -p no:randomly
+
+test-oldest: $(OLD_STAMP)
+	$(OLD_BIN)/python -c "import lightning, torchmetrics, torch; \
+		print('oldest leg: lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'torch', torch.__version__)"
+	WANDB_MODE=offline WANDB_SILENT=true $(OLD_BIN)/python -m pytest -q -p no:randomly $(OLDEST_TESTS)
 
 bench: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m benchmark tests/benchmarks -s -o addopts="--strict-markers -p no:cacheprovider"
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLD_VENV) site .pytest_cache .mypy_cache .ruff_cache
