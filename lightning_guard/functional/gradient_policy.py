@@ -2,19 +2,20 @@
 
 :func:`step_facts` reads the step agreement's rows (one per rank: ``has_loss, norm, loss, buffers_nonfinite``);
 :func:`decide_step` turns the facts, the spike test of the running statistics and the guard's memory of the
-previous steps into one :class:`StepDecision`. ``GradientGuard`` acts on it (skip, clip, roll back, report); nothing
-here touches a trainer, a tensor or a file, so every branch is tested on plain numbers
-(``tests/functional/test_gradient_policy.py``).
+previous steps into one :class:`StepDecision`. :class:`LrBackoff` decides when an optimizer's LR backs off and how it
+recovers. ``GradientGuard`` acts on them (skip, clip, roll back, scale the LR, report); nothing here touches a trainer,
+a tensor or a file, so every branch is tested on plain numbers (``tests/functional/test_gradient_policy.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["StepDecision", "StepFacts", "decide_step", "step_facts"]
+__all__ = ["LrBackoff", "StepDecision", "StepFacts", "decide_step", "step_facts"]
 
 Action = Literal[
     "scheduled_skip", "amp_overflow", "nonfinite_skip", "damage_skip", "hard_batch", "clip", "skip", "warn", "healthy"
@@ -168,3 +169,65 @@ def decide_step(
     if spike_action == "skip":
         return StepDecision("skip", zz, loss_streak=streak)
     return StepDecision("warn", zz, loss_streak=streak)
+
+
+@dataclass
+class LrBackoff:
+    """One optimizer's LR backoff: skipped steps in, the LR scale out.
+
+    ``after`` skipped steps within ``window`` optimizer steps scale the LR by ``factor``; it then recovers linearly
+    to 1 over ``recovery`` applied steps. A new backoff starts only from a full LR.
+
+    Attributes:
+        after: skipped steps within ``window`` that start a backoff (None: never).
+        window: the window, in optimizer steps (global steps), over which skips are counted.
+        factor: the LR scale at the start of a backoff, in ``(0, 1)``.
+        recovery: applied steps over which the scale returns to 1.
+        skips: the global steps of the skips still inside the window (the evidence).
+        scale: the current LR scale (1.0: no backoff).
+        progress: applied steps since the backoff started.
+
+    Example:
+        >>> b = LrBackoff(after=2, window=10, factor=0.5, recovery=2)
+        >>> b.note_skip(3), b.note_skip(5), b.scale
+        (False, True, 0.5)
+        >>> b.note_applied(), b.scale, b.note_applied(), b.scale
+        ('recovering', 0.75, 'recovered', 1.0)
+    """
+
+    after: int | None
+    window: int
+    factor: float
+    recovery: int
+    skips: deque[int] = field(default_factory=deque)
+    scale: float = 1.0
+    progress: int = 0
+
+    def note_skip(self, step: int) -> bool:
+        """A skipped step at global step ``step``; True when it starts a backoff (``scale`` is ``factor`` now)."""
+        if self.after is None:
+            return False
+        self.skips.append(step)
+        while self.skips and self.skips[0] <= step - self.window:
+            self.skips.popleft()
+        if len(self.skips) >= self.after and self.scale == 1.0:
+            self.scale, self.progress = self.factor, 0
+            self.skips.clear()
+            return True
+        return False
+
+    def note_applied(self) -> Literal["idle", "recovering", "recovered"]:
+        """An applied step: ``"idle"`` outside a backoff, else the scale moves towards 1 (``"recovered"`` there)."""
+        if self.scale >= 1.0:
+            return "idle"
+        self.progress += 1
+        frac = min(self.progress / self.recovery, 1.0)
+        self.scale = self.factor + (1.0 - self.factor) * frac
+        if frac >= 1.0:
+            self.scale = 1.0
+            return "recovered"
+        return "recovering"
+
+    def forget(self) -> None:
+        """Drop the evidence (a rollback undid the skips behind it)."""
+        self.skips.clear()

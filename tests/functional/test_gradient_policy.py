@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lightning_guard.functional.gradient_policy import decide_step, step_facts
+from lightning_guard.functional.gradient_policy import LrBackoff, decide_step, step_facts
 
 NAN, INF = math.nan, math.inf
 
@@ -109,3 +109,43 @@ def test_the_reported_z_is_the_larger_of_the_spikes():
     assert decide(facts((1, 9.0, 5.0, 0)), spike=True, z=5.0, loss_spike=True, loss_z=7.0, spike_action="warn").z == 7.0
     assert decide(facts((1, 9.0, 5.0, 0)), spike=True, z=5.0, loss_spike=True, loss_z=7.0).z == 5.0  # clip: the norm's
     assert decide(facts((1, 9.0, 5.0, 0)), spike=True, z=20.0, rollback_z=None).action == "clip"  # never huge
+
+
+# ---------------------------------------------------------------------------------------------------- LrBackoff
+def test_backoff_starts_after_enough_skips_inside_the_window():
+    b = LrBackoff(after=3, window=5, factor=0.5, recovery=4)
+    assert [b.note_skip(s) for s in (1, 2)] == [False, False]
+    assert b.note_skip(10) is False  # steps 1 and 2 fell out of the window (10 - 5)
+    assert list(b.skips) == [10]
+    assert [b.note_skip(s) for s in (11, 12)] == [False, True]
+    assert b.scale == 0.5
+    assert b.progress == 0
+    assert not b.skips
+
+
+def test_backoff_does_not_stack_and_recovers_linearly():
+    b = LrBackoff(after=1, window=50, factor=0.5, recovery=4)
+    assert b.note_skip(0) is True
+    assert b.note_skip(1) is False
+    assert b.scale == 0.5
+    seen = [(b.note_applied(), b.scale) for _ in range(5)]
+    assert seen == [
+        ("recovering", 0.625),
+        ("recovering", 0.75),
+        ("recovering", 0.875),
+        ("recovered", 1.0),
+        ("idle", 1.0),
+    ]
+    assert b.note_skip(2) is True  # a full LR can back off again
+
+
+def test_backoff_disabled_and_forget():
+    off = LrBackoff(after=None, window=5, factor=0.5, recovery=4)
+    assert not any(off.note_skip(s) for s in range(10))
+    assert off.scale == 1.0
+    assert not off.skips
+    b = LrBackoff(after=2, window=50, factor=0.5, recovery=4)
+    b.note_skip(1)
+    b.forget()  # a rollback undid the skip
+    assert b.note_skip(2) is False
+    assert list(b.skips) == [2]

@@ -1,0 +1,5 @@
+"""GradientGuard: keep training alive through exploding gradients (see :class:`GradientGuard`)."""
+
+from lightning_guard.callbacks.gradient_guard.guard import GradientGuard
+
+__all__ = ["GradientGuard"]
