@@ -501,6 +501,37 @@ def event_stream(trainer: pl.Trainer) -> EventStream:
     return get_runtime(trainer).events
 
 
+class EventCarrier:
+    """Who carries a trainer's events: the ``carries_events`` of a callback class (the highest wins, then the first).
+
+    The carrier exchanges the events of the other ranks at epoch and fit end (:func:`sync_events`) and writes what is
+    left when the fit fails. A lightning_guard guard (``GUARD``) carries them; without one in the callback list, the
+    first fault injector (``INJECTOR``) does, so an injector's events of rank 1 still reach rank 0's log.
+    """
+
+    NONE = 0
+    INJECTOR = 1
+    GUARD = 2
+
+
+def events_carrier(trainer: pl.Trainer) -> Any:
+    """The callback that carries the trainer's events (see :class:`EventCarrier`), None without one."""
+    best, rank = None, EventCarrier.NONE
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        role = getattr(type(cb), "carries_events", EventCarrier.NONE)
+        if role > rank:
+            best, rank = cb, role
+    return best
+
+
+def sync_events(trainer: pl.Trainer, *, force_table: bool = False) -> None:
+    """The carrier's exchange: every rank's waiting events to rank 0 (a collective), then the W&B table refreshed."""
+    stream = get_runtime(trainer).events
+    if trainer.world_size > 1:
+        stream.exchange()
+    stream.refresh_table(force=force_table)
+
+
 def emit(trainer: pl.Trainer, event: GuardEvent) -> None:
     """Report a guard event. Callable on any rank; see ``lightning_guard.events`` for where it goes.
 

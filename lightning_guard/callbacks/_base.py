@@ -29,11 +29,13 @@ from lightning_guard import _wandb
 from lightning_guard._compat import spawn_launched
 from lightning_guard._runtime import (
     CHECKPOINT_KEY,
+    EventCarrier,
     GuardRuntime,
     emit,
     get_runtime,
     register_hand_back_reader,
     reset_runtime,
+    sync_events,
 )
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir
@@ -164,6 +166,8 @@ class GuardCallback(Callback):
 
     #: short name used in events and metric names (``guard/<name>/<kind>``)
     guard_name: str = "guard"
+    #: the first guard in the callback list carries the trainer's events (``_runtime.events_carrier``)
+    carries_events = EventCarrier.GUARD
     #: this guard's vote goes in front of the others' in the step's agreement (OOMGuard: a failed attempt is abandoned
     #: before any guard judges its gradients)
     vote_first = False
@@ -490,7 +494,4 @@ class GuardCallback(Callback):
         """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""
 
     def _sync_events(self, trainer: pl.Trainer, *, force_table: bool = False) -> None:
-        stream = self.runtime(trainer).events
-        if trainer.world_size > 1:
-            stream.exchange()
-        stream.refresh_table(force=force_table)
+        sync_events(trainer, force_table=force_table)

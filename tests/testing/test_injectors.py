@@ -5,6 +5,7 @@ import pickle
 import re
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torchmetrics
@@ -528,3 +529,16 @@ def test_simulated_oom_refuses_a_module_that_training_step_never_runs(tmp_path):
     oom = SimulatedOOM(max_batch_size=4, module="")  # the LightningModule itself: its forward never runs
     with pytest.raises(GuardConfigError, match=r"did not run in the first training step.*pass `module=`"):
         trainer(tmp_path, [oom]).fit(Logistic(), tr, va)
+
+
+def test_one_carrier_of_events_a_guard_before_any_injector():
+    """The injectors ask the runtime who carries the events (the base's rule, not a copy of it): the first guard,
+    wherever it is listed; without a guard, the first injector. Before, an injector listed before a guard carried
+    them too (two exchanges per epoch end)."""
+    from lightning_guard import GradientGuard
+    from lightning_guard._runtime import events_carrier
+
+    first, second, guard = LossSpike(steps=[1]), InjectNaN(steps=[2]), GradientGuard()
+    assert events_carrier(pl.Trainer(callbacks=[first, second, guard], logger=False)) is guard
+    assert events_carrier(pl.Trainer(callbacks=[first, second], logger=False)) is first
+    assert events_carrier(pl.Trainer(callbacks=[], logger=False)) is None
