@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from lightning_guard import OOMGuard
 from lightning_guard.functional.oom_policy import (
     STATE_KEYS,
     Grow,
@@ -156,3 +157,24 @@ def test_the_policy_state_round_trips():
     state = policy.state()
     assert tuple(state) == STATE_KEYS
     assert SizePolicy.from_state(state, grow_after=4) == policy
+
+
+def test_the_guards_state_dict_carries_the_policy_unchanged():
+    policy = SizePolicy(micro_batch_size=8, grow_after=4, clean_steps=3, grow_wait=8, growing_from=16, largest_batch=64)
+    state = {"version": 1, **policy.state(), "eval_micro_batch_size": {"validate": 4}, "retries": 2}
+    guard = OOMGuard(grow_after=4)
+    guard.load_state_dict(state)
+    assert guard.micro_batch_size == 8
+    assert guard._policy() == policy
+    written = guard.state_dict()
+    assert written == state
+    assert list(written) == [
+        "version",
+        "micro_batch_size",
+        "eval_micro_batch_size",
+        "retries",
+        "clean_steps",
+        "grow_wait",
+        "growing_from",
+        "largest_batch",
+    ]
