@@ -11,7 +11,6 @@ MAX_FUNCTION = 80
 MAX_MODULE = 600
 #: modules still over MAX_MODULE and the most lines each may have until it is split; shrink, never grow
 OVER_600 = {
-    "callbacks/oom_guard.py": 1480,
     "functional/compress.py": 1010,
     "callbacks/overfit_guard.py": 680,
     "callbacks/compress_export.py": 662,

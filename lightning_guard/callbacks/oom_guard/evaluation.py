@@ -1,0 +1,88 @@
+"""Evaluation splitting: a validation, test or predict step that ran out of memory runs again in micro-batches.
+
+No gradients and no optimizer: the step is re-run at once in halves (``functional.oom_policy.eval_retry_size``), its
+outputs recombined (:func:`~lightning_guard.functional.combine_outputs`) and the size that worked kept per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lightning_guard._compat import logged_results
+from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
+from lightning_guard.callbacks.oom_guard.common import _error_text
+from lightning_guard.callbacks.oom_guard.retry import _RetryLoop
+from lightning_guard.functional.oom import combine_outputs, free_memory, is_oom_error, memory_stats
+from lightning_guard.functional.oom_policy import eval_retry_size
+
+
+class _EvalSplitting(_RetryLoop):
+    """The wrapped ``validation_step``, ``test_step`` and ``predict_step``."""
+
+    def _eval_step(self, stage: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._busy or not args:
+            return inner(*args, **kwargs)
+        batch, rest = args[0], args[1:]
+        n = self._samples(batch)
+        size = self.eval_micro_batch_size.get(stage)
+        results = logged_results(self._trainer) if self._trainer is not None else None
+        attempt: _AttemptState | None = None
+        if size is None or n <= size:
+            attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
+            try:
+                return inner(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self._oom_text = _error_text(exc)
+            attempt.restore()
+            size = n
+            self._eval_oom(stage, size)
+            size = eval_retry_size(n)
+        while True:
+            if size < 1:
+                self._fatal((self._trainer.global_rank if self._trainer is not None else 0,), {})
+            if attempt is None:
+                attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
+            parts = self._split(batch, size)
+            log = _PartLog(results, batch, attempt)
+            outputs: list[Any] = []
+            failed = False
+            for part in parts:
+                log.enter(part)
+                try:
+                    outputs.append(inner(part, *rest, **kwargs))
+                except Exception as exc:
+                    if not is_oom_error(exc):
+                        raise
+                    self._oom_text = _error_text(exc)
+                    failed = True
+                if failed:
+                    break
+                log.leave(self._weight(part))
+            log.finish()
+            if not failed:
+                self.eval_micro_batch_size[stage] = size
+                return combine_outputs(outputs, [self._samples(p) for p in parts])
+            del outputs, parts
+            attempt.restore()
+            self._eval_oom(stage, size)
+            size = eval_retry_size(size)  # size >= 1 here: the same as size // 2
+
+    def _eval_oom(self, stage: str, size: int) -> None:
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        mem = memory_stats(device)
+        free_memory(device)
+        if trainer is not None:
+            new = size // 2
+            self.emit(
+                trainer,
+                "oom_retry",
+                f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",
+                severity="warning",
+                data={"stage": stage, "old_micro_batch_size": size, "new_micro_batch_size": new, **mem},
+            )

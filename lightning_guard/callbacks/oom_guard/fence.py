@@ -1,0 +1,186 @@
+"""The DDP side of OOMGuard: the fence's agreements, what a rank does when they fail, and a backward under DDP.
+
+Under DDP every collective a training step issues is preceded by an agreement on the fence's gloo group
+(:mod:`lightning_guard._fence`), so a rank that ran out of memory meets the others before their next collective. This
+mixin holds the guard's side of that protocol: posting a failure in a quiet step, the step's agreement on the fence
+group, the errors for ranks out of step or timed out, and completing DDP's gradient all-reduce after a backward that
+failed on one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import torch
+
+from lightning_guard._fence import AT_END, AT_STEP, AT_STEP_QUIET, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard.callbacks.oom_guard.common import _error_text
+from lightning_guard.callbacks.oom_guard.core import _Core
+from lightning_guard.distributed import Agreement
+from lightning_guard.errors import OOMGuardError
+from lightning_guard.functional.oom import is_oom_error
+
+
+class _FenceProtocol(_Core):
+    """OOMGuard's side of the fence protocol (DDP)."""
+
+    def _issued_since(self, before: int | None) -> int:
+        """Collectives issued on any group since ``before`` (1 where they cannot be counted: never quiet)."""
+        after = self._fence.issued()
+        return 1 if before is None or after is None else after - before
+
+    def _post_failure(self) -> tuple[Any, list[torch.Tensor], int]:
+        """This rank failed in a quiet step: post its row, in the step agreement's layout, without waiting.
+
+        The others meet it either at an agreement in front of a collective of the step that no earlier step issued
+        (they abandon the step there) or at the step's agreement, which this row then completes. Either way every rank
+        then goes on to the step's agreement, where this rank's vote unwinds them all; nobody waits for this rank
+        inside a collective, and this rank waits for its post only there, where the others are or will be.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        runtime = self.runtime(trainer)
+        size = max(runtime.step_row_size, 1 + len(self._payload()) + 1)
+        row = [FAILED, *self._payload()]
+        row += [0.0] * (size - 1 - len(row)) + [float(runtime.events.pending())]
+        return self._fence.gather_async(row)
+
+    def _gather_step(self, row: list[float]) -> list[list[float]]:
+        try:
+            if self._deferred is not None:  # this rank's failure, posted in a quiet step: where did the others meet it?
+                posted, self._deferred = self._deferred, None
+                rows = self._fence.finish(posted)  # complete by now: the others are at this agreement or met it earlier
+                if all(r[0] in (AT_STEP, AT_STEP_QUIET, FAILED) for r in rows):
+                    return [r[: len(row)] for r in rows]  # here: the post was this rank's row of the step's agreement
+                # in front of a collective of the step: they went on to this agreement, which is still to be held
+            return self._fence.gather(row)
+        except FenceTimeout as exc:
+            self._fence_timed_out(FAILED if self._oom is not None else AT_STEP, exc)
+
+    def _agree_fence(self, place: float) -> list[list[float]]:
+        try:
+            rows = self._fence.agree(place, list(self._payload()))
+        except FenceTimeout as exc:
+            self._fence_timed_out(place, exc)
+        if not StepFence.failed(rows) and len({r[0] for r in rows}) > 1:
+            self._out_of_step(rows)
+        return rows
+
+    def _out_of_step(self, rows: list[list[float]]) -> NoReturn:
+        raise OOMGuardError(
+            f"OOMGuard: the ranks are out of step inside training_step ({StepFence.describe(rows)}): the step "
+            "issues a different number of collectives on different ranks (a collective under a data-dependent "
+            "condition, or micro-batch counts that differ because the ranks' batches differ in size)",
+            self._current_size(),
+            tuple(range(len(rows))),
+            {},
+        )
+
+    def _fence_timed_out(self, place: float, exc: BaseException) -> NoReturn:
+        trainer = self._trainer
+        assert trainer is not None
+        rank = trainer.global_rank
+        if place == FAILED:
+            cause = (
+                f"rank {rank} ran out of memory and waited {self.collective_timeout:.0f} s for the other ranks to "
+                "reach OOMGuard's agreement. They are most likely blocked inside a collective of your training_step "
+                "that OOMGuard cannot see (a collective function imported before the fit, `torch.distributed."
+                "_functional_collectives`, a compiled graph's or a C++ extension's collective): call collectives as "
+                "`torch.distributed.<name>` or through Lightning (`self.log(sync_dist=True)`, `self.all_gather`)"
+            )
+        else:
+            cause = (
+                f"rank {rank} waited {self.collective_timeout:.0f} s at OOMGuard's agreement for the other ranks: "
+                "one crashed or is stalled (e.g. one that ran out of memory in a backward that issues collectives, "
+                "at the first step, before OOMGuard had seen them), or a step is slower than `collective_timeout`"
+            )
+        message = f"OOMGuard: {cause}. The error was: {_error_text(exc)[:300]}"
+        self.emit(trainer, "oom_fatal", message, severity="error", data={"where": "agreement"}, ranks=(rank,))
+        self.runtime(trainer).events.dump_outbox()
+        raise OOMGuardError(message, self._current_size(), (rank,), {}) from exc
+
+    def _backward_unrecoverable(self, rows: list[list[float]]) -> NoReturn:
+        """A one-rank out-of-memory in a backward that issues collectives of its own: stop every rank, loudly.
+
+        Those collectives (the backward of ``self.all_gather(..., sync_grads=True)``, ``torch.distributed.nn``)
+        share the process group with DDP's gradient all-reduce, so the failed rank cannot complete the reduction
+        alone without matching the others' collectives wrongly.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        failed = [i for i, r in enumerate(rows) if r[0] == FAILED]
+        message = (
+            f"OOMGuard: rank {failed} ran out of memory in backward, and this step's backward issues collectives of "
+            "its own (the backward of `self.all_gather(..., sync_grads=True)` or of `torch.distributed.nn` "
+            "functions): they share the process group with DDP's gradient all-reduce, so a backward that failed on "
+            "one rank cannot be completed. Every rank stops. Start with a smaller `micro_batch_size`, or gather "
+            "without gradients"
+        )
+        data = {"where": "backward", "oom_ranks": failed}
+        self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=tuple(failed), rank_zero_only=True)
+        self.runtime(trainer).events.dump_outbox()
+        raise OOMGuardError(message, self._current_size(), tuple(failed), {})
+
+    def _fence_verdict(self, rows: list[list[float]] | None) -> Agreement:
+        assert rows is not None
+        return Agreement(tuple(r[0] == FAILED for r in rows), tuple(tuple(r[1:]) for r in rows))
+
+    def _ddp_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> None:
+        """DDP: run backward; an out-of-memory is noted and DDP's reduction completed for what it had not reached."""
+        before = None if self._counted else self._fence.issued()  # once seen to move, the counts need no reading
+        with self._track_reduced() as reduced:
+            try:
+                with self._fence.watching():  # a collective inside backward (all_gather with sync_grads) is fenced
+                    inner(loss, *args, **kwargs)
+            except FenceAbort as abort:  # another rank failed in backward, and this backward issues collectives
+                self._backward_unrecoverable(abort.rows)
+            except FenceTimeout as exc:
+                self._fence_timed_out(AT_END, exc)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self._oom_text = _error_text(exc)
+                self._note_oom("backward", self._current_size())
+                if self._backward_collectives > self._fence.collectives:
+                    # the others have a collective of their backward ahead, where they stop at its agreement; past
+                    # the last one (this backward passed them all), completing DDP's reduction below is safe
+                    self._backward_unrecoverable(self._agree_fence(FAILED))
+            else:
+                self._backward_collectives = self._fence.collectives
+                self._step_collectives += self._fence.collectives
+                self._counted = self._counted or self._issued_since(before) > 0  # DDP's all-reduce was counted
+            if self._oom is not None and self._oom[0] == "backward":
+                self._complete_reduction(reduced())
+
+    @contextlib.contextmanager
+    def _track_reduced(self) -> Iterator[Callable[[], list[torch.nn.Parameter]]]:
+        """Yield a function listing the trainable parameters whose gradient this backward has not produced yet."""
+        params = [p for p in self._module().parameters() if p.requires_grad]
+        fresh = all(p.grad is None for p in params)
+        seen: set[int] = set()
+        handles = []
+        if not fresh:  # gradients already there (micro-batches before the last): watch this backward's accumulation
+            handles = [p.register_post_accumulate_grad_hook(lambda q: seen.add(id(q))) for p in params]
+
+        def pending() -> list[torch.nn.Parameter]:
+            if fresh:
+                return [p for p in params if p.grad is None]
+            return [p for p in params if id(p) not in seen]
+
+        try:
+            yield pending
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _complete_reduction(self, params: list[torch.nn.Parameter]) -> None:
+        """After a backward OOM, mark the unreached parameters ready (zero gradients) so DDP's all-reduce completes."""
+        if not params:
+            return
+        self._busy = True
+        try:
+            torch.stack([p.sum().float() for p in params]).sum().mul(0.0).backward()
+        finally:
+            self._busy = False
