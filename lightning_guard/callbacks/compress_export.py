@@ -23,8 +23,7 @@ from lightning_guard import _wandb
 from lightning_guard._checks import check_int, check_number, metric_direction, resolve_mode
 from lightning_guard._compat import forget_metric_attributes, val_data_source
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.errors import GuardConfigError, GuardRuntimeError
-from lightning_guard.functional.compress import (
+from lightning_guard.compress import (
     CompressionResult,
     Format,
     PruneMode,
@@ -35,6 +34,7 @@ from lightning_guard.functional.compress import (
     export_program,
     prune_structured,
 )
+from lightning_guard.errors import GuardConfigError, GuardRuntimeError
 
 __all__ = ["CompressExport", "metric_direction"]
 
@@ -130,7 +130,7 @@ class CompressExport(GuardCallback):
     Runs in ``on_fit_end`` on rank 0 (after OverfitGuard's best-weight restore, which happens in ``on_train_end``),
     on a copy of the unwrapped LightningModule; the other ranks wait in one agreement collective, and if rank 0
     fails, every rank raises (none is left waiting). The search and the export are
-    :func:`~lightning_guard.functional.compress_and_export`, usable without a Trainer:
+    :func:`~lightning_guard.compress.compress_and_export`, usable without a Trainer:
 
     1. the monitored metric is measured with the module's own validation loop (a fresh single-device Trainer's
        ``validate`` on the fit's validation data) or ``eval_fn(model)``;
@@ -261,7 +261,7 @@ class CompressExport(GuardCallback):
         if stage == "fit" and not isinstance(trainer.strategy, DDPStrategy | SingleDeviceStrategy):
             raise GuardConfigError(
                 f"CompressExport supports single-device and DDP training, got {type(trainer.strategy).__name__}: "
-                "gather the full model yourself and call `lightning_guard.functional.compress_and_export`"
+                "gather the full model yourself and call `lightning_guard.compress.compress_and_export`"
             )
         if stage == "fit" and not self._has_validation(trainer, pl_module):
             # Found now, not after hours of training: without validation data there is no metric budget to check
@@ -363,7 +363,7 @@ class CompressExport(GuardCallback):
             example = _inputs_of(next(iter(loader)))
         return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 
-    # ------------------------------------------------------------------ plumbing around the functional search
+    # ------------------------------------------------------------------ plumbing around the search
     def _nested_trainer(self, device: torch.device, root: str, **kwargs: Any) -> pl.Trainer:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         devices: Any = [device.index or 0] if device.type == "cuda" else 1

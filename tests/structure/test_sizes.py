@@ -13,7 +13,6 @@ MAX_MODULE = 600
 OVER_600 = {
     "callbacks/oom_guard.py": 1480,
     "callbacks/gradient_guard.py": 1005,
-    "functional/compress.py": 1010,
     "testing/injectors.py": 835,
     "callbacks/overfit_guard.py": 680,
     "callbacks/compress_export.py": 662,
