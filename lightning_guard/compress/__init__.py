@@ -8,8 +8,9 @@ onnxruntime (ONNX export, ONNX int8 quantisation, and loading ONNX artifacts bac
 
 The modules, one seam each: :mod:`~lightning_guard.compress.prune`, :mod:`~lightning_guard.compress.quantise`,
 :mod:`~lightning_guard.compress.export`, :mod:`~lightning_guard.compress.verify` (load an artifact back, compare,
-measure its own metric), :mod:`~lightning_guard.compress.measure` (size, sparsity, latency) and
-:mod:`~lightning_guard.compress.search` (:func:`compress_and_export`). ``CompressExport`` runs the search at fit end.
+measure its own metric), :mod:`~lightning_guard.compress.measure` (size, sparsity, latency),
+:mod:`~lightning_guard.compress.budget` (the search's judgements, pure) and :mod:`~lightning_guard.compress.search`
+(:func:`compress_and_export`). ``CompressExport`` runs the search at fit end.
 """
 
 from lightning_guard.compress.export import ONNX_INT8_SCHEME, Format, export_onnx, export_program, export_pt2

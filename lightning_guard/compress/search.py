@@ -1,6 +1,7 @@
 """The budget search: each candidate measured against the baseline, the artifacts exported and verified.
 
-:func:`compress_and_export` is the whole pipeline; :class:`_Search` holds one run's stages, judgements and events.
+:func:`compress_and_export` is the whole pipeline; :class:`_Search` holds one run's stages and events, and acts on
+the pure judgements of :mod:`lightning_guard.compress.budget`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import torch
 from torch import nn
 
 from lightning_guard._checks import check_number
+from lightning_guard.compress.budget import (
+    kept_metric,
+    latency_not_worth_it,
+    metric_drop,
+    size_not_worth_it,
+    within_budget,
+)
 from lightning_guard.compress.export import ONNX_INT8_SCHEME, Format, export_onnx, export_pt2
 from lightning_guard.compress.measure import cpu_latency_ms, param_count, sparsity, state_bytes
 from lightning_guard.compress.prune import PruneMode, grad_masks, prune_structured, prune_unstructured
@@ -70,23 +78,12 @@ def _quantisation_not_worth_it(
     """
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_pt2(fp32_model, example_inputs, Path(tmp) / "fp32.pt2")
-        fp32_bytes, q_bytes = fp32.stat().st_size, pt2.stat().st_size
-        ratio = fp32_bytes / max(q_bytes, 1)
-        if ratio < min_size_ratio:
-            return (
-                f"the {mode} .pt2 ({q_bytes} bytes) is only {ratio:.2f}x smaller than the fp32 one ({fp32_bytes}), "
-                f"below min_size_ratio {min_size_ratio:g}"
-            )
-        if max_latency_ratio is None:
-            return None
+        why = size_not_worth_it(mode, fp32.stat().st_size, pt2.stat().st_size, min_size_ratio)
+        if why is not None or max_latency_ratio is None:
+            return why
         fp32_ms = cpu_latency_ms(load_artifact(fp32), cpu_inputs)
     q_ms = cpu_latency_ms(load_artifact(pt2), cpu_inputs)
-    if q_ms > max_latency_ratio * fp32_ms:
-        return (
-            f"the {mode} .pt2 runs in {q_ms:.3g} ms on CPU against {fp32_ms:.3g} ms for the fp32 one "
-            f"(more than max_latency_ratio {max_latency_ratio:g} times)"
-        )
-    return None
+    return latency_not_worth_it(mode, fp32_ms, q_ms, max_latency_ratio)
 
 
 def compress_and_export(
@@ -148,8 +145,7 @@ def compress_and_export(
     pruned_fp32, quantized = current, None
     if quantize_mode is not None and (candidate := search.quantize(current, quantize_mode)) is not None:
         current, quantized = candidate, quantize_mode
-    kept = [st.metric for st in search.stages if st.decision == "accepted" and st.metric is not None]
-    final_metric = float(kept[-1] if kept else search.baseline)
+    final_metric = kept_metric(search.stages, search.baseline)
     result = CompressionResult(current, search.baseline, final_metric, stages=search.stages, prune_amount=amount_kept)
     result.quantized, result.baseline_held_out = quantized, search.stages[0].held_out_metric
     pt2 = export_pt2(current, example_inputs, dirpath / f"{filename}.pt2")
@@ -202,7 +198,7 @@ class _Search:
     ) -> None:
         self.model, self.evaluate, self.example_inputs = model, evaluate, example_inputs
         self.max_metric_drop = max_metric_drop
-        self.sign = 1.0 if higher_is_better else -1.0
+        self.higher_is_better = higher_is_better
         self.notify = on_event or (lambda kind, message, data: None)
         self.cpu_inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
         self.baseline = float(evaluate(model))
@@ -214,7 +210,7 @@ class _Search:
 
     def drop(self, metric: float) -> float:
         """How much worse than the baseline ``metric`` is (positive: worse)."""
-        return self.sign * (self.baseline - metric)
+        return metric_drop(self.baseline, metric, higher_is_better=self.higher_is_better)
 
     def row(self, stage: str, setting: str, decision: str, m: nn.Module, metric: float | None) -> Stage:
         on_cpu = all(p.device.type == "cpu" for p in m.parameters())
@@ -278,7 +274,7 @@ class _Search:
     ) -> bool:
         """Record a measured candidate as accepted (within the budget) or rejected, with its event."""
         data = {"stage": stage, "setting": setting, "metric": metric, "baseline": self.baseline}
-        if self.drop(metric) <= self.max_metric_drop:
+        if within_budget(self.baseline, metric, self.max_metric_drop, higher_is_better=self.higher_is_better):
             self.stages.append(self.row(stage, setting, "accepted", candidate, metric))
             self.notify(
                 "compressed", f"{label or f'pruned ({setting})'}: metric {metric:.4g} vs {self.baseline:.4g}", data
@@ -310,12 +306,7 @@ class _Search:
         )
         self.stages.append(Stage("quantize", quantized, "rejected", file_bytes=pt2.stat().st_size))
         result.model, result.quantized = pruned_fp32, None
-        kept = [
-            st.metric
-            for st in self.stages
-            if st.stage == "prune" and st.decision == "accepted" and st.metric is not None
-        ]
-        result.final_metric = float(kept[-1]) if kept else self.baseline
+        result.final_metric = kept_metric(self.stages, self.baseline, "prune")
         return export_pt2(pruned_fp32, self.example_inputs, pt2)
 
     def verify(
