@@ -20,7 +20,7 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     kinds = {(e["guard"], e["kind"]) for e in events}
     assert {("oom", "oom_retry"), ("oom", "grow_back"), ("fault_injector", "simulated_oom")} <= kinds
     assert {("compress", "exported")} <= kinds
-    from lightning_guard.functional import load_artifact
+    from lightning_guard.compress import load_artifact
 
     logits = load_artifact(result["artifacts"]["pt2"])(torch.zeros(3, 64))  # the demo leaves a verified model
     assert logits.shape == (3, 10)

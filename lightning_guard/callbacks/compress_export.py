@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import itertools
 import json
-import logging
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,105 +18,21 @@ from lightning_guard import _wandb
 from lightning_guard._checks import check_int, check_number, metric_direction, resolve_mode
 from lightning_guard._compat import forget_metric_attributes, val_data_source
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.errors import GuardConfigError, GuardRuntimeError
-from lightning_guard.functional.compress import (
+from lightning_guard.callbacks._compress_support import EveryOther, detached_copy, inputs_of, maybe_len, quiet
+from lightning_guard.compress import (
     CompressionResult,
     Format,
     PruneMode,
     QuantizeMode,
-    Stage,
     check_compress_args,
     compress_and_export,
     export_program,
     prune_structured,
 )
+from lightning_guard.compress.report import print_report
+from lightning_guard.errors import GuardConfigError, GuardRuntimeError
 
 __all__ = ["CompressExport", "metric_direction"]
-
-_MARK = "_lightning_guard_original"
-
-
-#: the loggers of the nested work (Lightning's banners and tips, torch.onnx's progress, torchao, onnxruntime; the
-#: root logger too: onnxruntime's quantiser warns through it)
-_CHATTY = (
-    "lightning.pytorch",
-    "lightning.fabric",
-    "pytorch_lightning",
-    "lightning_fabric",
-    "torch.onnx",
-    "torch.export",
-    "torch._dynamo",
-    "torchao",
-    "onnxruntime",
-    "onnxscript",
-    "",
-)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Keep the nested evaluation, export and verification out of the user's log.
-
-    Each validation run of the search is a nested Trainer (its banners, tips and ``limit_val_batches`` notes), and the
-    exporters and quantisers log progress and advice: none of it is about the user's run. Their loggers are raised
-    to ERROR, Python warnings are ignored and standard output is dropped for the duration; errors still raise, and
-    what the search decided reaches the user as guard events, the report and its table.
-    """
-    loggers = [logging.getLogger(name) for name in _CHATTY]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _maybe_len(obj: Any) -> int | None:
-    try:
-        return len(obj)
-    except TypeError:
-        return None
-
-
-def _inputs_of(batch: Any) -> tuple[Any, ...]:
-    """The model inputs of a batch: the batch itself, its first element, or its first tensor value."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, list | tuple) and batch:
-        return (batch[0],)
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            if isinstance(value, torch.Tensor):
-                return (value,)
-    raise GuardConfigError(
-        f"CompressExport cannot find the model input in a batch of type {type(batch).__name__}; pass `example_input`"
-    )
-
-
-class _EveryOther:
-    """Every other batch of a loader, in order: ``parity`` 0 the even-numbered ones, 1 the odd-numbered ones."""
-
-    def __init__(self, loader: Any, parity: int) -> None:
-        self.loader, self.parity = loader, parity
-
-    def __iter__(self) -> Any:
-        return itertools.islice(iter(self.loader), self.parity, None, 2)
-
-    def __len__(self) -> int:
-        return (len(self.loader) - self.parity + 1) // 2
-
-
-def _detached_copy(module: pl.LightningModule) -> pl.LightningModule:
-    """A deep copy without the trainer and without the guards' per-instance hook wrappers."""
-    clone = copy.deepcopy(module)
-    for name, value in list(clone.__dict__.items()):
-        if callable(value) and hasattr(value, _MARK):
-            del clone.__dict__[name]
-    return clone
 
 
 class CompressExport(GuardCallback):
@@ -130,7 +41,7 @@ class CompressExport(GuardCallback):
     Runs in ``on_fit_end`` on rank 0 (after OverfitGuard's best-weight restore, which happens in ``on_train_end``),
     on a copy of the unwrapped LightningModule; the other ranks wait in one agreement collective, and if rank 0
     fails, every rank raises (none is left waiting). The search and the export are
-    :func:`~lightning_guard.functional.compress_and_export`, usable without a Trainer:
+    :func:`~lightning_guard.compress.compress_and_export`, usable without a Trainer:
 
     1. the monitored metric is measured with the module's own validation loop (a fresh single-device Trainer's
        ``validate`` on the fit's validation data) or ``eval_fn(model)``;
@@ -261,7 +172,7 @@ class CompressExport(GuardCallback):
         if stage == "fit" and not isinstance(trainer.strategy, DDPStrategy | SingleDeviceStrategy):
             raise GuardConfigError(
                 f"CompressExport supports single-device and DDP training, got {type(trainer.strategy).__name__}: "
-                "gather the full model yourself and call `lightning_guard.functional.compress_and_export`"
+                "gather the full model yourself and call `lightning_guard.compress.compress_and_export`"
             )
         if stage == "fit" and not self._has_validation(trainer, pl_module):
             # Found now, not after hours of training: without validation data there is no metric budget to check
@@ -293,7 +204,7 @@ class CompressExport(GuardCallback):
         except Exception:  # building it fails later, in Lightning, with its own message
             return True
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        return any(loader is not None and _maybe_len(loader) != 0 for loader in loaders)
+        return any(loader is not None and maybe_len(loader) != 0 for loader in loaders)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -360,10 +271,10 @@ class CompressExport(GuardCallback):
         else:
             loaders = val_data_source(trainer).dataloader()
             loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-            example = _inputs_of(next(iter(loader)))
+            example = inputs_of(next(iter(loader)))
         return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 
-    # ------------------------------------------------------------------ plumbing around the functional search
+    # ------------------------------------------------------------------ plumbing around the search
     def _nested_trainer(self, device: torch.device, root: str, **kwargs: Any) -> pl.Trainer:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         devices: Any = [device.index or 0] if device.type == "cuda" else 1
@@ -427,7 +338,7 @@ class CompressExport(GuardCallback):
         if self.eval_fn is not None:
             return self.eval_fn, None, "none: `eval_fn` measures the metric"
         loader = self._val_loader(trainer)
-        n = _maybe_len(loader)
+        n = maybe_len(loader)
 
         def evaluator(data: Any) -> Callable[[torch.nn.Module], float]:
             def evaluate(model: torch.nn.Module) -> float:
@@ -446,7 +357,7 @@ class CompressExport(GuardCallback):
 
         if n is None or n < 2:
             return evaluator(loader), None, f"none: the validation data has {n if n is not None else 'unknown'} batches"
-        choose, held = _EveryOther(loader, 0), _EveryOther(loader, 1)
+        choose, held = EveryOther(loader, 0), EveryOther(loader, 1)
         note = (
             f"the odd-numbered {len(held)} of {n} validation batches: not used to choose the pruning or the "
             f"quantisation (chosen on the other {len(choose)})"
@@ -474,7 +385,7 @@ class CompressExport(GuardCallback):
             for i, batch in enumerate(loader):
                 if i >= self.verify_batches:
                     break
-                verify.append(to_device(_inputs_of(batch)))
+                verify.append(to_device(inputs_of(batch)))
         if self.example_input is not None:  # the batches' inputs may not be what forward takes: verify on it
             example = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
             return to_device(example), [to_device(example)]
@@ -489,7 +400,7 @@ class CompressExport(GuardCallback):
         """Run the search, the export and the verification now (rank 0's work in ``on_fit_end``)."""
         device = pl_module.device
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "compressed")
-        model = _detached_copy(pl_module).eval()
+        model = detached_copy(pl_module).eval()
         example, verify = self._inputs(trainer, device)
         prune, prune_note = self._resolve_prune(model, example)
         report: dict[str, Any] = {
@@ -569,7 +480,7 @@ class CompressExport(GuardCallback):
         problems = dict(report.get("rejected") or {})
         if "error" in report:
             problems["error"] = report["error"]
-        _print_report(stages, self.monitor, problems)
+        print_report(stages, self.monitor, problems)
         artifacts = result.artifacts if result is not None else {}
         _wandb.log_compression(trainer, [vars(s) for s in stages], artifacts, str(report_path))
 
@@ -615,48 +526,3 @@ class CompressExport(GuardCallback):
         """``strict=True`` ends the fit with an exception: the guards' summary is printed first, errors included."""
         self._sync_events(trainer, force_table=True)
         self.runtime(trainer).events.print_summary()
-
-
-def _print_report(stages: list[Stage], monitor: str, problems: dict[str, str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"lightning_guard: compression ({monitor})")
-    columns = [
-        "stage",
-        "setting",
-        "decision",
-        monitor,
-        "held-out",
-        "state kB",
-        "file kB",
-        "params",
-        "sparsity",
-        "CPU ms",
-    ]
-    for column in [*columns, "max err"]:
-        table.add_column(column, no_wrap=True)
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    for s in stages:
-        table.add_row(
-            s.stage,
-            s.setting,
-            s.decision,
-            fmt(s.metric, ".4f"),
-            fmt(s.held_out_metric, ".4f"),
-            fmt(None if s.size_bytes is None else s.size_bytes / 1000, ".1f"),
-            fmt(None if s.file_bytes is None else s.file_bytes / 1000, ".1f"),
-            fmt(s.params, "d"),
-            fmt(s.sparsity, ".2%"),
-            fmt(s.latency_ms, ".3f"),
-            fmt(s.max_error, ".1e"),
-        )
-    if problems:
-        table.caption = "\n".join(f"{what}: {why}" for what, why in problems.items())
-        table.caption_style = "bold red"
-    console = Console()
-    console.width = max(console.width, 130)
-    console.print(table)

@@ -1,16 +1,8 @@
 """Pure functions behind the guards (no Lightning imports): schedules, gradient statistics, ..."""
 
+from typing import Any
+
 from lightning_guard.functional.class_balance import balanced_loss, class_weights, log_prior
-from lightning_guard.functional.compress import (
-    CompressionResult,
-    compress_and_export,
-    export_onnx,
-    export_pt2,
-    load_artifact,
-    prune_structured,
-    prune_unstructured,
-    quantize,
-)
 from lightning_guard.functional.grad import (
     EmaStats,
     clip_grads_,
@@ -41,7 +33,6 @@ from lightning_guard.functional.schedule import (
 )
 
 __all__ = [
-    "CompressionResult",
     "EmaStats",
     "balanced_loss",
     "batch_size",
@@ -49,10 +40,7 @@ __all__ = [
     "clip_grads_",
     "collect_grads",
     "combine_outputs",
-    "compress_and_export",
     "cosine_cycle_bounds",
-    "export_onnx",
-    "export_pt2",
     "free_memory",
     "generalization_loss",
     "global_grad_norm",
@@ -61,13 +49,9 @@ __all__ = [
     "l1_norm",
     "l1_proximal_",
     "l1_subgradient_",
-    "load_artifact",
     "log_prior",
     "memory_stats",
     "progress_quotient",
-    "prune_structured",
-    "prune_unstructured",
-    "quantize",
     "split_batch",
     "top_k_grad_norms",
     "training_progress",
@@ -77,3 +61,30 @@ __all__ = [
     "zclip_threshold",
     "zero_count",
 ]
+
+#: names this package exported before compression became its own package (it writes files: not a pure function)
+_MOVED = frozenset(
+    {
+        "CompressionResult",
+        "compress_and_export",
+        "export_onnx",
+        "export_pt2",
+        "load_artifact",
+        "prune_structured",
+        "prune_unstructured",
+        "quantize",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:  # `from lightning_guard.functional import compress_and_export` of 0.1 scripts: say where
+        raise ImportError(
+            f"lightning_guard.functional.{name} moved: import it as `from lightning_guard.compress import {name}`"
+        )
+    if name == "compress":
+        raise ImportError(
+            "lightning_guard.functional.compress moved: it is the package `lightning_guard.compress` now "
+            "(`from lightning_guard import compress`)"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard.functional import compress as C
+from lightning_guard import compress as C
 from tests.benchmarks.report import quiet_trainer, save
 from tests.helpers import digits
 

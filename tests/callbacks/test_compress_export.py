@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_guard import CompressExport, GuardConfigError, OverfitGuard
+from lightning_guard import compress as C
 from lightning_guard.events import EVENTS_FILENAME
-from lightning_guard.functional import compress as C
 from tests.helpers import DigitsNet, digits_loaders, events_file, read_jsonl, trainer, wandb_history
 
 pytest.importorskip("torchao")
@@ -214,6 +214,24 @@ def test_no_validation_data_is_refused_before_training(tmp_path, how):
     assert str(err.value) == (
         "CompressExport needs an example input for export, and this fit has no validation data to take one from: "
         "pass `example_input`"
+    )
+
+
+def test_a_sharded_strategy_is_refused_at_setup_and_told_where_the_function_is(tmp_path, monkeypatch):
+    """FSDP (or any strategy but single-device and DDP) is refused; the message names the function to call instead."""
+    import lightning.pytorch as pl
+
+    class FSDPStrategy:  # FSDP itself needs a GPU: a strategy of that name is enough for the refusal
+        global_rank, world_size, local_rank, node_rank = 0, 1, 0, 0
+
+    guard = CompressExport()
+    t = trainer(tmp_path, [guard])
+    monkeypatch.setattr(pl.Trainer, "strategy", property(lambda self: FSDPStrategy()))
+    with pytest.raises(GuardConfigError) as err:
+        guard.setup(t, DigitsNet(), "fit")
+    assert str(err.value) == (
+        "CompressExport supports single-device and DDP training, got FSDPStrategy: gather the full model yourself "
+        "and call `lightning_guard.compress.compress_and_export`"
     )
 
 

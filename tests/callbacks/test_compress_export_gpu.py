@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_guard.functional import compress as C
+from lightning_guard import compress as C
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
