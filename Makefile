@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 OLD_VENV := .venv-oldest
 OLD_BIN := $(OLD_VENV)/bin
 OLD_STAMP := $(OLD_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-OLDEST = $(shell $(PY) -c "import re, tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-	print(' '.join(re.sub('>=', '==', x) for x in d if x.split('>=')[0] in ('lightning', 'torchmetrics')))")
+OLDEST = $(shell $(PY) -c "import re; t = open('pyproject.toml').read(); \
+	print(' '.join(f'{n}=={v}' for n, v in re.findall(r'\"(lightning|torchmetrics)>=([0-9.]+)\"', t)))")
 OLDEST_TESTS := tests/contract/test_matrix.py tests/structure/test_compat.py tests/test_state.py
 
 .PHONY: demo test test-newest test-oldest lint typecheck docs bench gpu-check clean
@@ -36,6 +36,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 $(OLD_STAMP): pyproject.toml
+	@test -n "$(OLDEST)" || (echo "could not read the lightning/torchmetrics minimums from pyproject.toml" && exit 1)
 	test -x $(OLD_BIN)/python || $(PY) -m venv $(OLD_VENV)
 	$(OLD_BIN)/python -m pip install -q --upgrade pip
 	$(OLD_BIN)/python -m pip install -q "torch==2.13.0"
@@ -48,6 +49,9 @@ test-newest: $(STAMP) lint typecheck docs
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q -p no:randomly
 
 test-oldest: $(OLD_STAMP)
+	$(OLD_BIN)/python -c "import importlib.metadata as m, sys; pins = '$(OLDEST)'.split(); \
+		bad = [p for p in pins if m.version(p.split('==')[0]).split('.')[:2] != p.split('==')[1].split('.')[:2]]; \
+		sys.exit(f'the oldest leg is not on {bad or pins}' if bad or not pins else 0)"
 	$(OLD_BIN)/python -c "import lightning, torchmetrics, torch; \
 		print('oldest leg: lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'torch', torch.__version__)"
 	WANDB_MODE=offline WANDB_SILENT=true $(OLD_BIN)/python -m pytest -q -p no:randomly $(OLDEST_TESTS)

@@ -31,6 +31,9 @@ from lightning_guard._runtime import get_runtime
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.testing.base import (
+    GUARD as GUARD,  # the event guard name of every injector (public before the split)
+)
+from lightning_guard.testing.base import (
     FaultInjector,
     _check_factor,
     _check_name,

@@ -178,6 +178,26 @@ def test_lr_backoff_then_recovery_composes_with_the_schedule(tmp_path):
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(base(40))  # the backoff never leaks into the LR
 
 
+def test_backoff_settings_changed_mid_fit_take_effect(tmp_path):
+    """Review of the LrBackoff split: the backoff read its settings once at train start, so a factor changed mid-fit
+    was reported in the event but not applied (and backoff_after=None still backed off). They are read live again."""
+    tr, va = digits_loaders(n_train=1280)
+    gg = GradientGuard(spike_action="skip", warmup_steps=10, backoff_after=2, backoff_window=10, backoff_factor=0.5)
+    gg.rollback_z = None
+    gg.monitor_loss = False
+
+    class Retune(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                gg.backoff_factor = 0.1
+
+    t = trainer(tmp_path, [gg, LossSpike(factor=100.0, steps=[12, 14]), Retune()])
+    t.fit(DigitsNet(optimizer="sgd", lr=0.05), tr, va)
+    backoff = [e for e in guard_events(t) if e.kind == "lr_backoff"]
+    assert [e.data["factor"] for e in backoff] == [0.1]
+    assert gg.runtime(t).lr_scale(0) < 0.5  # recovering from 0.1 (from 0.5 it would be above 0.5 by now)
+
+
 def test_warned_and_clipped_spikes_never_back_off_the_lr(tmp_path):
     tr, va = digits_loaders(n_train=1280)
     events = []

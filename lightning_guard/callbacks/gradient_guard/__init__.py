@@ -1,5 +1,5 @@
 """GradientGuard: keep training alive through exploding gradients (see :class:`GradientGuard`)."""
 
-from lightning_guard.callbacks.gradient_guard.guard import GradientGuard
+from lightning_guard.callbacks.gradient_guard.guard import GradientGuard, SpikeAction
 
-__all__ = ["GradientGuard"]
+__all__ = ["GradientGuard", "SpikeAction"]

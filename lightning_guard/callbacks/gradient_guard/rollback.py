@@ -13,7 +13,7 @@ from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.callbacks.gradient_guard.base import GradientGuardBase, _drop_grads
 from lightning_guard.errors import GradientExplosionError
 from lightning_guard.functional.grad import top_k_grad_norms
-from lightning_guard.functional.gradient_policy import StepFacts
+from lightning_guard.functional.gradient_policy import LrBackoff, StepFacts
 
 __all__: list[str] = []
 
@@ -112,9 +112,16 @@ class GradientGuardRollback(GradientGuardBase):
             backoff.forget()
         self._note_instability(trainer, idx)
 
+    def _backoff(self, idx: int) -> LrBackoff:
+        """Optimizer ``idx``'s backoff, with the guard's settings as they are now (a user may change them mid-fit)."""
+        backoff = self._backoffs[idx]
+        backoff.after, backoff.window = self.backoff_after, self.backoff_window
+        backoff.factor, backoff.recovery = self.backoff_factor, self.backoff_recovery
+        return backoff
+
     def _note_instability(self, trainer: pl.Trainer, idx: int) -> None:
         """A skipped step of optimizer ``idx``: evidence for an LR backoff (``LrBackoff`` decides)."""
-        backoff = self._backoffs[idx]
+        backoff = self._backoff(idx)
         if backoff.note_skip(int(trainer.global_step)):
             self.runtime(trainer).set_lr_scale(idx, backoff.scale, source=self.guard_name)
             self._event(
@@ -138,7 +145,7 @@ class GradientGuardRollback(GradientGuardBase):
             self._applied_since_batch = True
         if idx >= len(self._backoffs):
             return
-        backoff = self._backoffs[idx]
+        backoff = self._backoff(idx)
         change = backoff.note_applied()
         if change == "idle":
             return
