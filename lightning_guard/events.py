@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_guard import _wandb
+from lightning_guard._metrics import write_metrics
 from lightning_guard._state import StateSchema
 from lightning_guard.distributed import gather_json
 from lightning_guard.errors import GuardConfigError
@@ -316,9 +317,7 @@ class EventStream:
         except OSError as err:  # never let reporting kill training
             rank_zero_warn(f"lightning_guard could not write {self.jsonl_path}: {err}")
         if log_metric:
-            metrics = {event.metric_name: float(self.counts[key])}
-            for logger in self._trainer.loggers:
-                logger.log_metrics(metrics, step=int(self._trainer.global_step))
+            write_metrics(self._trainer, {event.metric_name: float(self.counts[key])})
         _wandb.on_event(self._trainer, event, alerts=bool(_OPTIONS["alerts"]))
 
     # ------------------------------------------------------------------ distributed

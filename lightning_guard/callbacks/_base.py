@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_guard import _wandb
 from lightning_guard._compat import spawn_launched
+from lightning_guard._metrics import due, write_metrics
 from lightning_guard._runtime import (
     CHECKPOINT_KEY,
     EventCarrier,
@@ -467,6 +468,39 @@ class GuardCallback(Callback):
             trainer, self.guard_name, kind, severity=severity, message=message, data=data or {}, ranks=ranks
         )
         emit(trainer, event)
+
+    def log_metrics(
+        self,
+        trainer: pl.Trainer,
+        metrics: Mapping[str, float | torch.Tensor],
+        *,
+        every: int | None = None,
+        monitorable: bool = False,
+        **log_kwargs: Any,
+    ) -> None:
+        """Report this guard's numbers: the one path from a guard to the loggers.
+
+        Direct by default: rank 0 writes ``metrics`` to every logger at the global step, when the step is a multiple
+        of ``every`` (every call without it); no host sync, nothing else sees them. With ``monitorable=True`` they go
+        through the LightningModule's ``log_dict`` (``log_kwargs`` passed on: ``on_step``, ``on_epoch``,
+        ``sync_dist``...), so that they reach ``trainer.callback_metrics``, where ``ModelCheckpoint`` and
+        ``EarlyStopping`` can monitor them, at Lightning's logging step and cadence.
+        """
+        if monitorable:
+            if every is not None:
+                raise GuardConfigError(
+                    f"`every` is for direct metrics; monitorable metrics follow the Trainer's `log_every_n_steps`, "
+                    f"got every={every!r}"
+                )
+            trainer.lightning_module.log_dict(dict(metrics), **log_kwargs)
+            return
+        if log_kwargs:
+            raise GuardConfigError(
+                f"{sorted(log_kwargs)} are `self.log` options: pass them with monitorable=True, got {log_kwargs!r}"
+            )
+        if every is not None and not due(int(trainer.global_step), every):
+            return
+        write_metrics(trainer, {k: float(v) for k, v in metrics.items()})
 
     def _reported(self, trainer: pl.Trainer, kind: str) -> bool:
         """Whether this run's event log already holds a ``kind`` event of this guard.

@@ -330,10 +330,8 @@ class L1Penalty(GuardCallback):
         if not trainer.loggers or trainer.global_step % every:
             return
         penalty, sparsity = self._stats(trainer)
-        if trainer.global_rank == 0:
-            metrics = {"guard/l1/penalty": lam * penalty, "guard/l1/sparsity": sparsity, "guard/l1/strength": lam}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=int(trainer.global_step))
+        metrics = {"guard/l1/penalty": lam * penalty, "guard/l1/sparsity": sparsity, "guard/l1/strength": lam}
+        self.log_metrics(trainer, metrics)  # due was checked above: the statistics are a collective under DDP
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "lightning_guard._wrapping",
     ),
     ("lightning_guard.functional", "lightning_guard.lr_scheduler"),
-    ("lightning_guard.distributed", "lightning_guard._fence", "lightning_guard._wandb"),
+    ("lightning_guard.distributed", "lightning_guard._fence", "lightning_guard._wandb", "lightning_guard._metrics"),
     ("lightning_guard.events",),
     ("lightning_guard._runtime",),
     ("lightning_guard.mixin",),

@@ -165,7 +165,7 @@ class GradientGuardBase(GuardCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int, pre: float, post: float, z: float
     ) -> None:
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 1) or 1
-        if not trainer.loggers or trainer.global_step % every:
+        if not trainer.loggers:
             return
         suffix = f"/opt{idx}" if len(trainer.optimizers) > 1 else ""
         metrics = {f"guard/grad_norm{suffix}": pre}
@@ -173,6 +173,4 @@ class GradientGuardBase(GuardCallback):
             metrics[f"guard/grad_norm_post_clip{suffix}"] = post
         if math.isfinite(z):
             metrics[f"guard/grad_norm_z{suffix}"] = z
-        if trainer.global_rank == 0:  # straight to the loggers: exact steps, none of self.log's bookkeeping
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=int(trainer.global_step))
+        self.log_metrics(trainer, metrics, every=every)  # direct: the exact step, none of self.log's bookkeeping

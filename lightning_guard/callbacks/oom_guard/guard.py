@@ -360,7 +360,14 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
                 rank_zero_only=True,
             )
         if trainer.loggers:
-            pl_module.log("guard/oom/micro_batch_size", float(current), on_step=True, on_epoch=False, logger=True)
+            self.log_metrics(
+                trainer,
+                {"guard/oom/micro_batch_size": float(current)},
+                monitorable=True,
+                on_step=True,
+                on_epoch=False,
+                logger=True,
+            )
         self._batch, self._batch_attempt = None, None
         if not self._accumulating:  # the optimizer stepped: the window's batches are not needed any more
             self._window = []

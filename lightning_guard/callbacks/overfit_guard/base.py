@@ -172,12 +172,9 @@ class OverfitGuardBase(GuardCallback):
         )
 
     def _log(self, trainer: pl.Trainer, gap: float, gl: float, pq: float) -> None:
-        if trainer.global_rank != 0 or not trainer.loggers:
-            return
         metrics = {
             k: v
             for k, v in (("guard/overfit/gap", gap), ("guard/overfit/gl", gl), ("guard/overfit/pq", pq))
-            if math.isfinite(v)
+            if math.isfinite(v)  # undefined until there is a gap, a strip, a best
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=int(trainer.global_step))
+        self.log_metrics(trainer, metrics)
