@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_guard import _wandb
+from lightning_guard._checks import check_int
 from lightning_guard._compat import spawn_launched
 from lightning_guard._metrics import due, write_metrics
 from lightning_guard._runtime import (
@@ -485,7 +486,12 @@ class GuardCallback(Callback):
         through the LightningModule's ``log_dict`` (``log_kwargs`` passed on: ``on_step``, ``on_epoch``,
         ``sync_dist``...), so that they reach ``trainer.callback_metrics``, where ``ModelCheckpoint`` and
         ``EarlyStopping`` can monitor them, at Lightning's logging step and cadence.
+
+        The built-in guards call ``GuardCallback.log_metrics(self, ...)``, not ``self.log_metrics``: a subclass's own
+        method of that (common) name does not take their numbers over.
         """
+        if every is not None:
+            check_int("every", every, low=1)
         if monitorable:
             if every is not None:
                 raise GuardConfigError(

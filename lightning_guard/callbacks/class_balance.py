@@ -505,7 +505,7 @@ class ClassBalance(GuardCallback):
         values.update({f"guard/class_balance/recall/{c}": r for c, r in enumerate(recall)})
         # torchmetrics' compute() has already reduced over the ranks: every rank logs the same numbers, and the mean
         # over ranks is an identity that keeps Lightning from warning about epoch-level logs without sync_dist
-        self.log_metrics(trainer, values, monitorable=True, sync_dist=trainer.world_size > 1)
+        GuardCallback.log_metrics(self, trainer, values, monitorable=True, sync_dist=trainer.world_size > 1)
         for m in metrics.values():
             m.reset()
 

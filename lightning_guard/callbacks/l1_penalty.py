@@ -331,7 +331,8 @@ class L1Penalty(GuardCallback):
             return
         penalty, sparsity = self._stats(trainer)
         metrics = {"guard/l1/penalty": lam * penalty, "guard/l1/sparsity": sparsity, "guard/l1/strength": lam}
-        self.log_metrics(trainer, metrics)  # due was checked above: the statistics are a collective under DDP
+        # due was checked above: the statistics are a collective under DDP
+        GuardCallback.log_metrics(self, trainer, metrics)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

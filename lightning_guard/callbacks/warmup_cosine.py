@@ -303,7 +303,9 @@ class WarmupCosine(GuardCallback):
                 metrics[key.replace("guard/lr", "guard/lr_scheduled", 1)] = _lr_value(lr) / scale
         applied = runtime.applied_steps
         metrics["guard/lr_phase"] = float(_PHASE_CODE[self._phase(applied[0] if applied else 0)])
-        self.log_metrics(trainer, metrics, monitorable=True, on_step=True, on_epoch=False, logger=True, prog_bar=False)
+        GuardCallback.log_metrics(
+            self, trainer, metrics, monitorable=True, on_step=True, on_epoch=False, logger=True, prog_bar=False
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -35,9 +35,9 @@ def _calls(path: Path) -> list[tuple[str, int]]:
         named_log = (
             name == "log" and bool(node.args) and isinstance(node.args[0], ast.Constant | ast.JoinedStr)
         )  # Lightning's self.log("key", value), not torch's x.log()
-        on_self = isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
-        if name == "log_metrics" and on_self:
-            continue  # a guard's own GuardCallback.log_metrics: the path itself
+        receiver = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        if name == "log_metrics" and receiver in ("self", "GuardCallback"):
+            continue  # GuardCallback.log_metrics: the path itself
         if name in ("log_metrics", "log_dict") or named_log:
             found.append((name, node.lineno))
     return found
@@ -151,8 +151,30 @@ def test_every_guard_number_goes_through_the_base_method(tmp_path, monkeypatch):
     [
         ({"every": 5, "monitorable": True}, r"`every` is for direct metrics.*got every=5"),
         ({"on_step": True}, r"\['on_step'\] are `self.log` options: pass them with monitorable=True"),
+        ({"every": 0}, r"`every` must be an int >= 1, got 0"),
     ],
 )
 def test_log_metrics_refuses_mixed_routes(kwargs, message):
     with pytest.raises(GuardConfigError, match=message):
         Reporter().log_metrics(None, {"a": 1.0}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_subclass_helper_named_log_metrics_does_not_take_over_the_built_in_guards(tmp_path):
+    """Review: GradientGuard and OverfitGuard called self.log_metrics, so a 0.1.0 subclass with a helper of that name
+    crashed at the first step (``MyGG.log_metrics() got an unexpected keyword argument 'every'``)."""
+    from lightning_guard import OverfitGuard
+
+    class MyGG(GradientGuard):
+        def log_metrics(self, metrics):  # type: ignore[override]
+            self.mine = dict(metrics)
+
+    class MyOverfit(OverfitGuard):
+        def log_metrics(self, name, value):  # type: ignore[override]
+            raise AssertionError("not this one")
+
+    rows = Rows()
+    tr, va = digits_loaders(n_train=128)
+    t = trainer(tmp_path, [MyGG(), MyOverfit(patience=3)], logger=rows, max_epochs=2)
+    t.fit(DigitsNet(), tr, va)
+    keys = {k for _, m in rows.rows for k in m}
+    assert {"guard/grad_norm", "guard/overfit/gap"} <= keys

@@ -173,4 +173,5 @@ class GradientGuardBase(GuardCallback):
             metrics[f"guard/grad_norm_post_clip{suffix}"] = post
         if math.isfinite(z):
             metrics[f"guard/grad_norm_z{suffix}"] = z
-        self.log_metrics(trainer, metrics, every=every)  # direct: the exact step, none of self.log's bookkeeping
+        # direct: the exact step, none of self.log's bookkeeping
+        GuardCallback.log_metrics(self, trainer, metrics, every=every)

@@ -360,7 +360,8 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
                 rank_zero_only=True,
             )
         if trainer.loggers:
-            self.log_metrics(
+            GuardCallback.log_metrics(
+                self,
                 trainer,
                 {"guard/oom/micro_batch_size": float(current)},
                 monitorable=True,

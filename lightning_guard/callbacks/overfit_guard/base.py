@@ -177,4 +177,4 @@ class OverfitGuardBase(GuardCallback):
             for k, v in (("guard/overfit/gap", gap), ("guard/overfit/gl", gl), ("guard/overfit/pq", pq))
             if math.isfinite(v)  # undefined until there is a gap, a strip, a best
         }
-        self.log_metrics(trainer, metrics)
+        GuardCallback.log_metrics(self, trainer, metrics)
