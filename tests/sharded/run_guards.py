@@ -1,8 +1,10 @@
-"""A training script launched the way users launch a multi-process run (``python -m tests.sharded.run_guards``:
-Lightning re-runs it once per rank), under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) or DDP, with the
-guards and faults on rank 1 only. Rank 0 writes ``result.json``: the final full parameters, the events, the metrics.
+"""A training script launched the way users launch a multi-process run, under FSDP2 (``ModelParallelStrategy`` with
+``fully_shard``) or DDP, with the guards and faults on rank 1 only. Rank 0 writes ``result.json``: the final full
+parameters, the events, the metrics.
 
-    python -m tests.sharded.run_guards --strategy fsdp2 --out DIR [--precision bf16-mixed] [--guards gg,l1,of,wc]
+    python -m tests.sharded.run_guards --strategy fsdp2 --out DIR     # Lightning re-runs the script per rank
+    torchrun --nproc_per_node 2 -m tests.sharded.run_guards --strategy ddp --out DIR
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 1 ... -m tests.sharded.run_guards --devices 1 --nodes 2 ...
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--guards", default="wc,gg,l1,of")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
+    ap.add_argument("--nodes", type=int, default=1)
     args = ap.parse_args(argv)
     out = Path(args.out)
     strategy = (
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     model = ShardedMLP()
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=args.devices,
+        num_nodes=args.nodes,
         strategy=strategy,
         precision=args.precision,
         max_epochs=args.epochs,
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             "pid": os.getpid(),
         }
         (out / "result.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # a gloo worker left with its group open may abort at interpreter exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,39 +8,18 @@ L1Penalty's statistics ("Operator c10d.allreduce_.default does not have a shardi
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 240  # a hang (a collective one rank never joins) fails the test instead of the suite
-
-
-def launch(strategy: str, out: Path, *extra: str) -> dict:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("MASTER_PORT", None)
-    cmd = [sys.executable, "-m", "tests.sharded.run_guards", "--strategy", strategy, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "result.json").read_text())
-
-
-def close(a: dict, b: dict, atol: float) -> list[str]:
-    """Names of the parameters of two runs that differ by more than ``atol`` anywhere."""
-    return [name for name in a if not torch.allclose(torch.tensor(a[name]), torch.tensor(b[name]), atol=atol, rtol=0)]
+from tests.sharded.launch import close, launch
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize(("precision", "atol"), [("32-true", 1e-4), ("bf16-mixed", 2e-2)])
-def test_every_step_guard_under_fsdp2_equals_ddp(tmp_path, precision, atol):
+def test_every_step_guard_under_fsdp2_equals_ddp(tmp_path, ddp_reference, precision, atol):
     fsdp = launch("fsdp2", tmp_path / "fsdp2", "--precision", precision)
-    ddp = launch("ddp", tmp_path / "ddp", "--precision", precision)
+    ddp = ddp_reference if precision == "32-true" else launch("ddp", tmp_path / "ddp", "--precision", precision)
     assert fsdp["world_size"] == ddp["world_size"] == 2
     kinds = lambda r: Counter((e["guard"], e["kind"], e["step"]) for e in r["events"])  # noqa: E731
     assert kinds(fsdp) == kinds(ddp)
@@ -85,7 +64,8 @@ def test_sharded_best_weights_stay_out_of_checkpoints_and_a_resume_says_so(tmp_p
 
     guard = OverfitGuard(patience=3)
     fit(tmp_path / "a", [guard, Keep()], max_epochs=4)
-    assert guard.best_step >= 0 and saved["best_step"] == guard.best_step
+    assert guard.best_step >= 0
+    assert saved["best_step"] == guard.best_step
     assert "best_weights" not in saved
     resumed = OverfitGuard(patience=3)
     resumed.load_state_dict(saved)
