@@ -22,8 +22,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import GradientGuard, L1Penalty, OverfitGuard, WarmupCosine
-from lightning_guard.testing import InjectNaN, LRSpike
+from lightning_guard import GradientGuard, L1Penalty, OOMGuard, OverfitGuard, WarmupCosine
+from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 STEPS_PER_EPOCH = 8  # 256 samples, 2 ranks, 16 per rank
 
@@ -85,6 +85,11 @@ def guards(names: list[str]) -> list[pl.Callback]:
         out.append(OverfitGuard(patience=2))
     if "gg" in names:  # faults on rank 1 only: a NaN loss at step 3 (skipped), NaN gradients at 9, 10 (rolled back)
         out += [InjectNaN("loss", steps=[3], ranks=[1]), InjectNaN("grad", steps=[9, 10], ranks=[1])]
+    if (
+        "oom" in names
+    ):  # rank 1 runs out of memory: above 8 samples in forward at step 5, above 4 in backward at step 12
+        out.append(OOMGuard())
+        out += [SimulatedOOM(8, where="forward", ranks=[1], steps=[5]), SimulatedOOM(4, "backward", [1], [12])]
     if "spike" in names:  # the LR x30 for the last steps: the final weights are worse than the best
         out.append(LRSpike(factor=30.0, steps=list(range(20, 24))))
     return out
