@@ -1,6 +1,7 @@
 """In-memory snapshots of model, optimizer and GradScaler state for GradientGuard's rollback.
 
-Each rank copies its *local* tensors (so under FSDP every rank keeps only its own shards) into host memory: one flat
+Each rank copies its *local* tensors (so under FSDP every rank keeps only its own shards; under FSDP2 the local
+parts of the ``DTensor`` parameters and optimizer states, restored shard by shard) into host memory: one flat
 buffer per snapshot (pinned on CUDA, allocated once and grown only when the state grows, e.g. when the optimizer
 creates its moments at the first step), with one fused ``_foreach_copy_`` on a side stream, so the copy overlaps the
 next forward and backward. :meth:`Snapshot.wait` makes the current stream wait for it before the weights change.
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from lightning_guard._compat import foreach_copy_, foreach_norm, non_persistent_buffer_names
+from lightning_guard._sharded import Layout, layout, local, rebuild
 
 _ALIGN = 64
 
@@ -67,12 +69,12 @@ class Snapshot:
         sources: list[torch.Tensor] = []
 
         def take(t: torch.Tensor) -> int:
-            sources.append(t.detach())
+            sources.append(local(t))
             return len(sources) - 1
 
         params = [take(p) for p in module.parameters()]
         buffers = [take(b) for b in module.buffers()]
-        states = [_walk(opt.state_dict(), lambda path, t: ("__tensor__", take(t))) for opt in optimizers]
+        states = [_walk(opt.state_dict(), lambda path, t: ("__tensor__", take(t), layout(t))) for opt in optimizers]
         offsets, total = [], 0
         for t in sources:
             offsets.append(total)
@@ -120,19 +122,43 @@ class Snapshot:
             self._stream.synchronize()
         with torch.no_grad():
             for p, saved in zip(module.parameters(), self.params, strict=True):
-                p.copy_(saved)
+                local(p).copy_(saved)
             for b, saved in zip(module.buffers(), self.buffers, strict=True):
-                b.copy_(saved)
+                local(b).copy_(saved)
         for opt, state in zip(optimizers, self.optimizers, strict=True):
-            opt.load_state_dict(_walk(state, lambda path, t: t.clone()))
+            opt.load_state_dict(_rebuilt(state))
         if scaler is not None and self.scaler is not None:
             scaler.load_state_dict(self.scaler)
 
 
+class _Shard:
+    """The host copy of an optimizer state's ``DTensor``: its local part and how to rebuild it."""
+
+    __slots__ = ("part", "where")
+
+    def __init__(self, part: torch.Tensor, where: Layout) -> None:
+        self.part, self.where = part, where
+
+
+def _rebuilt(obj: Any) -> Any:
+    """A copy of a saved optimizer state with fresh tensors (``DTensor`` where the live state had them)."""
+    if isinstance(obj, _Shard):
+        return rebuild(obj.part.clone(), obj.where)
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _rebuilt(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuilt(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuilt(v) for v in obj)
+    return obj
+
+
 def _resolve(obj: Any, views: list[torch.Tensor]) -> Any:
-    """Replace ``("__tensor__", i)`` markers with the i-th view."""
-    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__tensor__":
-        return views[obj[1]]
+    """Replace ``("__tensor__", i, layout)`` markers with the i-th view (a :class:`_Shard` for a ``DTensor``)."""
+    if isinstance(obj, tuple) and len(obj) == 3 and obj[0] == "__tensor__":
+        return views[obj[1]] if obj[2] is None else _Shard(views[obj[1]], obj[2])
     if isinstance(obj, dict):
         return {k: _resolve(v, views) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_guard._checks import check_int
 from lightning_guard._compat import NORM_BASE, scaler_scale, steps_unscale_inside
 from lightning_guard._runtime import StepOutcome, emit
+from lightning_guard._sharded import local, sharded_training
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_sum
 from lightning_guard.errors import GuardConfigError
@@ -179,7 +180,7 @@ class L1Penalty(GuardCallback):
             )
         self._groups = sorted(groups.items())
         self._selected_names = names
-        self._numel = sum(p.numel() for _, ps in self._groups for p in ps)
+        self._numel = sum(local(p).numel() for _, ps in self._groups for p in ps)  # this rank's part (summed in _stats)
         self._skipped = skipped
 
     def current_strength(self, applied_steps: int) -> float:
@@ -195,11 +196,7 @@ class L1Penalty(GuardCallback):
         self._select(pl_module)
         self._opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
         self._per_optimizer, self._signs = {}, {}
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        self._reduce = trainer.world_size > 1 and (
-            isinstance(trainer.strategy, FSDPStrategy) or type(trainer.strategy).__name__ == "ModelParallelStrategy"
-        )
+        self._reduce = sharded_training(trainer)  # each rank penalises and measures its shards: sums over ranks
         if self.mode == "adaptive_proximal":
             for i, opt in enumerate(trainer.optimizers):
                 owns = any(id(p) in self._opt_params[i] for _, ps in self._groups for p in ps)
@@ -212,19 +209,20 @@ class L1Penalty(GuardCallback):
         if self.mode != "subgradient":
             self.runtime(trainer).add_listener(self._on_step)
         if trainer.global_rank == 0 and not self._reported(trainer, "selected"):  # once per run, not per resume
+            elements = sum(p.numel() for _, ps in self._groups for p in ps)  # a DTensor counts the whole tensor
             emit(
                 trainer,
                 GuardEvent.at(
                     trainer,
                     self.guard_name,
                     "selected",
-                    message=f"{self.mode} L1 on {len(self._selected_names)} tensors ({self._numel} elements); "
+                    message=f"{self.mode} L1 on {len(self._selected_names)} tensors ({elements} elements); "
                     f"{len(self._skipped)} excluded",
                     data={
                         "mode": self.mode,
                         "strength": self.strength,
                         "tensors": len(self._selected_names),
-                        "elements": self._numel,
+                        "elements": elements,
                         "excluded": self._skipped[:50],
                     },
                 ),
@@ -245,7 +243,7 @@ class L1Penalty(GuardCallback):
         key = (optimizer_idx, mult)
         if key not in self._signs:
             cpu = bool(params) and all(p.device.type == "cpu" for p in params)
-            self._signs[key] = [torch.empty_like(p) for p in params] if cpu else None
+            self._signs[key] = [torch.empty_like(local(p)) for p in params] if cpu else None
         return self._signs[key]
 
     def _find_params_of(self, optimizer_idx: int) -> list[tuple[float, list[torch.Tensor]]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_guard._compat import foreach_mul_, foreach_norm
+from lightning_guard._sharded import local as _local
 
 __all__ = [
     "EmaStats",
@@ -24,12 +25,6 @@ __all__ = [
     "top_k_grad_norms",
     "zclip_threshold",
 ]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def collect_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,4 +1,8 @@
-"""L1 regularisation as fused, in-place operations on parameter lists (no Lightning imports)."""
+"""L1 regularisation as fused, in-place operations on parameter lists (no Lightning imports).
+
+Sharded parameters (FSDP2's ``DTensor``) are worked on shard by shard: each rank updates and measures the part it
+holds (sums over ranks are the caller's, e.g. one all-reduce of :func:`l1_norm` and :func:`zero_count`).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from lightning_guard._compat import (
     foreach_sign,
     foreach_sub_,
 )
+from lightning_guard._sharded import local, local_grad
 
 __all__ = ["l1_adaptive_proximal_", "l1_norm", "l1_proximal_", "l1_subgradient_", "zero_count"]
 
@@ -44,11 +49,11 @@ def l1_subgradient_(
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad or strength == 0:
         return
-    grads = [p.grad for p in with_grad]
+    grads = [local_grad(p) for p in with_grad]
     if workspace is not None:
-        signs = [torch.sign(p.detach(), out=w) for p, w in zip(params, workspace, strict=True) if p.grad is not None]
+        signs = [torch.sign(local(p), out=w) for p, w in zip(params, workspace, strict=True) if p.grad is not None]
     else:
-        signs = list(foreach_sign([p.detach() for p in with_grad]))
+        signs = list(foreach_sign([local(p) for p in with_grad]))
     if scale is not None:
         foreach_mul_(signs, scale.to(signs[0].device))
     foreach_add_(grads, signs, alpha=strength)
@@ -68,7 +73,7 @@ def l1_proximal_(params: Sequence[torch.Tensor], threshold: float) -> None:
     """
     if not params or threshold <= 0:
         return
-    ws = [p.detach() for p in params]
+    ws = [local(p) for p in params]
     clipped = foreach_clamp_min(ws, -threshold)
     foreach_clamp_max_(clipped, threshold)
     foreach_sub_(ws, clipped)
@@ -99,8 +104,8 @@ def l1_adaptive_proximal_(
     if not params or threshold <= 0:
         return
     for w, v in zip(params, second_moments, strict=True):
-        t = threshold / ((v.float() / bias_correction).sqrt_().add_(eps))
-        w_ = w.detach()
+        t = threshold / ((local(v).float() / bias_correction).sqrt_().add_(eps))
+        w_ = local(w)
         w_.sub_(torch.maximum(torch.minimum(w_, t.to(w_.dtype)), -t.to(w_.dtype)))
 
 
@@ -114,7 +119,7 @@ def l1_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not params:
         return torch.zeros(())
-    norms = foreach_norm([p.detach() for p in params], 1.0, dtype=torch.float32)
+    norms = foreach_norm([local(p) for p in params], 1.0, dtype=torch.float32)
     return torch.stack([n.to(norms[0].device) for n in norms]).sum()
 
 
@@ -128,5 +133,5 @@ def zero_count(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not params:
         return torch.zeros((), dtype=torch.long)
-    counts = [(p.detach() == 0).sum() for p in params]
+    counts = [(local(p) == 0).sum() for p in params]
     return torch.stack([c.to(counts[0].device) for c in counts]).sum()

@@ -28,6 +28,7 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._runtime import get_runtime
+from lightning_guard._sharded import local
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.testing.base import (
@@ -153,8 +154,11 @@ class InjectNaN(FaultInjector):
             def inject(p: torch.Tensor) -> None:
                 if p.grad is None or not self._active(trainer):
                     return
+                grad = local(p.grad)  # a sharded (FSDP2) gradient: this rank's shard, no collective
+                if grad.numel() == 0:
+                    return
                 with torch.no_grad():
-                    p.grad[(0,) * p.grad.dim()] = self.value
+                    grad.view(-1)[0] = self.value
                 self._report(trainer, f"{self.value} into the gradient of {name!r}", value=self.value, param=name)
 
             self._keep("train", param.register_post_accumulate_grad_hook(_Hook(inject)))

@@ -110,6 +110,21 @@ class SimulatedOOM(FaultInjector):
         self.stages: tuple[str, ...] = tuple(dict.fromkeys(stages))
         self.seen_sizes: list[int] = []
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # two of them may share a Trainer (out of memory in forward at one step, in backward at another)
+        steps = sorted(self.only_steps) if self.only_steps is not None else None
+        return self._generate_state_key(
+            kind=self.kind,
+            max_batch_size=self.max_batch_size,
+            where=self.where,
+            steps=steps,
+            ranks=sorted(self.ranks or []),
+            module=self.module,
+            stages=list(self.stages),
+        )
+
     @override
     def _reset_for_fit(self) -> None:
         super()._reset_for_fit()

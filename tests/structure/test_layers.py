@@ -19,6 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "lightning_guard.errors",
         "lightning_guard._checks",
         "lightning_guard._compat",
+        "lightning_guard._sharded",
         "lightning_guard._state",
         "lightning_guard._wrapping",
     ),

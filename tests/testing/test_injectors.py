@@ -110,6 +110,17 @@ def test_simulated_oom_raises_cuda_oom_above_the_size(tmp_path, where):
     assert inj.injected == [1]
 
 
+def test_two_simulated_ooms_share_a_trainer(tmp_path):
+    """Main: every SimulatedOOM had one state key, so forward at one step and backward at another were refused
+    ("Found more than one stateful callback of type `SimulatedOOM`")."""
+    tr, va = digits_loaders(batch_size=32)
+    fwd = SimulatedOOM(16, where="forward", steps=[1])
+    bwd = SimulatedOOM(8, where="backward", steps=[3])  # below the 16 that forward left
+    assert fwd.state_key != bwd.state_key
+    trainer(tmp_path, [fwd, bwd, OOMGuard()]).fit(DigitsNet(), tr, va)
+    assert (fwd.injected, bwd.injected) == ([1], [3])
+
+
 def test_simulated_oom_passes_small_batches(tmp_path):
     tr, va = digits_loaders(batch_size=16)
     inj = SimulatedOOM(max_batch_size=16)

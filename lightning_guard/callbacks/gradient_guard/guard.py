@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number
 from lightning_guard._compat import scaler_scale, steps_unscale_inside
+from lightning_guard._sharded import sharded_training
 from lightning_guard._state import StateSchema
 from lightning_guard.callbacks.gradient_guard.actions import GradientGuardActions, _Step
 from lightning_guard.callbacks.gradient_guard.base import _current_scale
@@ -266,13 +267,8 @@ class GradientGuard(GradientGuardActions):
         self._losses.append(loss)  # judged with the norm, in the step's one sync
 
     def _sharded(self, trainer: pl.Trainer) -> bool:
-        """Each rank holds a part of the gradients (FSDP): the norm's squares are summed over ranks."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        sharded = (
-            isinstance(trainer.strategy, FSDPStrategy) or type(trainer.strategy).__name__ == "ModelParallelStrategy"
-        )
-        return sharded and trainer.world_size > 1
+        """Each rank holds a part of the gradients (FSDP, FSDP2): the norm's squares are summed over ranks."""
+        return sharded_training(trainer)
 
     @override
     def on_before_optimizer_step(

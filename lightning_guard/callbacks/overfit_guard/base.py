@@ -10,6 +10,7 @@ import torch
 from typing_extensions import override
 
 from lightning_guard._runtime import emit
+from lightning_guard._sharded import sharded_training
 from lightning_guard.callbacks._base import GuardCallback, after_exception_callbacks
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.events import GuardEvent, Severity
@@ -47,6 +48,12 @@ class OverfitGuardBase(GuardCallback):
     @override
     def setup_problems(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         problems = super().setup_problems(trainer, pl_module)
+        if self.snapshot == "checkpoint" and self.restore_best and sharded_training(trainer):
+            problems.append(
+                f"OverfitGuard(snapshot='checkpoint') cannot reload a sharded checkpoint under "
+                f"{type(trainer.strategy).__name__}; use snapshot='memory' (each rank keeps its own shards)"
+            )
+            return problems
         if self.snapshot == "checkpoint" and self.restore_best and self._matching_checkpoint(trainer) is None:
             problems.append(
                 f"OverfitGuard(snapshot='checkpoint') needs a ModelCheckpoint with monitor={self.monitor!r} and "
@@ -92,7 +99,18 @@ class OverfitGuardBase(GuardCallback):
                 )
                 return
         if self.snapshot == "memory":
-            if not self._best_weights.taken:
+            if not self._best_weights.taken:  # resumed under sharded training: the checkpoint held no best weights
+                self._restored = True
+                self._event(
+                    trainer,
+                    "restore_unavailable",
+                    "warning",
+                    f"could not restore the best weights at {when} ({self.monitor}={self.best:.6g} at step "
+                    f"{self.best_step}): they were taken before the resume and, under sharded training, are not "
+                    f"kept in checkpoints; {final_note}. Reload the best checkpoint of a ModelCheckpoint(monitor="
+                    f"{self.monitor!r}) to get them",
+                    data,
+                )
                 return
             self._best_weights.restore(pl_module, [], None)
             data["source"] = "memory"

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number, resolve_mode
 from lightning_guard._compat import epoch_batches_done
+from lightning_guard._sharded import sharded_training
 from lightning_guard._state import StateSchema
 from lightning_guard.callbacks._snapshot import Snapshot
 from lightning_guard.callbacks.overfit_guard.base import OverfitGuardBase
@@ -176,6 +177,7 @@ class OverfitGuard(OverfitGuardBase):
         self.stopped_step = -1
         self._flags: dict[str, bool] = {}
         self._best_weights = Snapshot()
+        self._best_is_shard = False  # the snapshot holds this rank's shards only (FSDP, FSDP2)
         self._train_losses: list[torch.Tensor] = []
         self._train_scale = 1.0
         self._val_min = math.inf  # Prechelt's E_opt: the lowest validation value so far (not min_delta-gated)
@@ -363,6 +365,7 @@ class OverfitGuard(OverfitGuardBase):
             self.best, self.best_step, self.best_epoch, self.wait = val, step, epoch, 0
             if self.restore_best and self.snapshot == "memory":
                 self._best_weights.capture(pl_module, [], None, [], step)
+                self._best_is_shard = sharded_training(trainer)
         elif math.isfinite(val):
             self.wait += 1
         if math.isfinite(val):
@@ -503,7 +506,9 @@ class OverfitGuard(OverfitGuardBase):
             "deferred_val": None if self._deferred is None else self._deferred[0],
         }
         self._best_weights.wait()  # never store a half-copied snapshot (asynchronous on CUDA)
-        if self._best_weights.taken:
+        # Lightning writes callback states from rank 0 only: under sharded training that would hand rank 0's shards to
+        # every rank on resume. The best weights stay in memory; after a resume they are taken anew.
+        if self._best_weights.taken and not self._best_is_shard:
             state["best_weights"] = {
                 "params": [t.clone() for t in self._best_weights.params],
                 "buffers": [t.clone() for t in self._best_weights.buffers],

@@ -1,0 +1,162 @@
+"""A training script launched the way users launch a multi-process run, under FSDP2 (``ModelParallelStrategy`` with
+``fully_shard``) or DDP, with the guards and faults on rank 1 only. Rank 0 writes ``result.json``: the final full
+parameters, the events, the metrics.
+
+    python -m tests.sharded.run_guards --strategy fsdp2 --out DIR     # Lightning re-runs the script per rank
+    torchrun --nproc_per_node 2 -m tests.sharded.run_guards --strategy ddp --out DIR
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 1 ... -m tests.sharded.run_guards --devices 1 --nodes 2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_guard import GradientGuard, L1Penalty, OOMGuard, OverfitGuard, WarmupCosine
+from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
+
+STEPS_PER_EPOCH = 8  # 256 samples, 2 ranks, 16 per rank
+
+
+class ShardedMLP(pl.LightningModule):
+    """An MLP with LayerNorm whose Linear layers are sharded with ``fully_shard`` when the strategy has a mesh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
+        self.head = nn.Linear(64, 4)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:  # DDP: nothing to shard
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in (self.body[0], self.body[3], self.head):
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
+
+
+def data() -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 16, generator=g)
+    y = (x[:, :4] + 0.5 * torch.randn(320, 4, generator=g)).argmax(1)
+    train, val = TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
+    return DataLoader(train, batch_size=16), DataLoader(val, batch_size=32)
+
+
+def guards(names: list[str]) -> list[pl.Callback]:
+    out: list[pl.Callback] = []
+    if "wc" in names:
+        out.append(WarmupCosine(warmup=2))
+    if "gg" in names:
+        out.append(GradientGuard(snapshot_every=2, rollback_after=2))
+    if "l1" in names:
+        out.append(L1Penalty(1e-3, log_every_n_steps=4))
+    if "l1p" in names:
+        out.append(L1Penalty(1e-3, mode="proximal", log_every_n_steps=4))
+    if "of" in names:
+        out.append(OverfitGuard(patience=2))
+    if "gg" in names:  # faults on rank 1 only: a NaN loss at step 3 (skipped), NaN gradients at 9, 10 (rolled back)
+        out += [InjectNaN("loss", steps=[3], ranks=[1]), InjectNaN("grad", steps=[9, 10], ranks=[1])]
+    if (
+        "oom" in names
+    ):  # rank 1 runs out of memory: above 8 samples in forward at step 5, above 4 in backward at step 12
+        out.append(OOMGuard())
+        out += [SimulatedOOM(8, where="forward", ranks=[1], steps=[5]), SimulatedOOM(4, "backward", [1], [12])]
+    if "spike" in names:  # the LR x30 for the last steps: the final weights are worse than the best
+        out.append(LRSpike(factor=30.0, steps=list(range(20, 24))))
+    return out
+
+
+def full_params(module: nn.Module) -> dict[str, list[float]]:
+    out = {}
+    for name, p in module.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # a DTensor gathers; every rank must call it
+        out[name] = full.detach().float().reshape(-1).tolist()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategy", choices=["fsdp2", "ddp"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--guards", default="wc,gg,l1,of")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
+    ap.add_argument("--nodes", type=int, default=1)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.strategy == "fsdp2" else "ddp"
+    )
+    torch.manual_seed(0)
+    model = ShardedMLP()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.nodes,
+        strategy=strategy,
+        precision=args.precision,
+        max_epochs=args.epochs,
+        logger=CSVLogger(out, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=True,
+        callbacks=guards(args.guards.split(",")),
+    )
+    train, val = data()
+    trainer.fit(model, train, val)
+    params = full_params(model)
+    if trainer.global_rank == 0:
+        from lightning_guard import event_stream
+
+        events = [
+            {"guard": e.guard, "kind": e.kind, "step": e.step, "ranks": list(e.ranks)}
+            for e in event_stream(trainer).events
+        ]
+        result = {
+            "global_step": trainer.global_step,
+            "params": params,
+            "events": events,
+            "val_loss": float(trainer.callback_metrics["val_loss"]),
+            "world_size": trainer.world_size,
+            "pid": os.getpid(),
+        }
+        (out / "result.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # a gloo worker left with its group open may abort at interpreter exit
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Every guard under FSDP2 (Lightning's ``ModelParallelStrategy`` with ``fully_shard``, parameters are ``DTensor``)
+on 2 CPU processes (gloo), launched as users launch it (``python -m ...``: Lightning re-runs the script per rank),
+equals the same run under DDP: same seeds, same effective batch, faults on rank 1 only.
+
+Main crashed here: GradientGuard's snapshot ("aten._foreach_copy_.default got mixed torch.Tensor and DTensor"),
+L1Penalty's statistics ("Operator c10d.allreduce_.default does not have a sharding strategy registered").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.sharded.launch import close, launch
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("precision", "atol"), [("32-true", 1e-4), ("bf16-mixed", 2e-2)])
+def test_every_step_guard_under_fsdp2_equals_ddp(tmp_path, ddp_reference, precision, atol):
+    fsdp = launch("fsdp2", tmp_path / "fsdp2", "--precision", precision)
+    ddp = ddp_reference if precision == "32-true" else launch("ddp", tmp_path / "ddp", "--precision", precision)
+    assert fsdp["world_size"] == ddp["world_size"] == 2
+    kinds = lambda r: Counter((e["guard"], e["kind"], e["step"]) for e in r["events"])  # noqa: E731
+    assert kinds(fsdp) == kinds(ddp)
+    got = kinds(fsdp)
+    assert got[("gradient_guard", "nonfinite_skip", 3)] == 1  # rank 1's NaN loss: every rank skipped the step
+    assert any(k[:2] == ("gradient_guard", "rollback") for k in got)  # rank 1's NaN gradients: rolled back
+    assert any(k[:2] == ("l1_penalty", "selected") for k in got)
+    assert fsdp["global_step"] == ddp["global_step"]
+    assert not close(fsdp["params"], ddp["params"], atol), close(fsdp["params"], ddp["params"], atol)
+    assert fsdp["val_loss"] == pytest.approx(ddp["val_loss"], abs=10 * atol)
+
+
+@pytest.mark.ddp
+def test_best_weights_restored_and_proximal_l1_under_fsdp2_equal_ddp(tmp_path):
+    """OverfitGuard snapshots and restores the local shards of the sharded parameters; proximal L1 thresholds them."""
+    args = ("--guards", "l1p,of,spike", "--epochs", "3")
+    fsdp = launch("fsdp2", tmp_path / "fsdp2", *args)
+    ddp = launch("ddp", tmp_path / "ddp", *args)
+    restored = [e for e in fsdp["events"] if e["kind"] == "restore_best"]
+    assert len(restored) == 1  # the LR spike made the final weights worse: the best came back
+    assert [(e["guard"], e["kind"], e["step"]) for e in fsdp["events"]] == [
+        (e["guard"], e["kind"], e["step"]) for e in ddp["events"]
+    ]
+    assert not close(fsdp["params"], ddp["params"], 1e-4), close(fsdp["params"], ddp["params"], 1e-4)
+
+
+def test_sharded_best_weights_stay_out_of_checkpoints_and_a_resume_says_so(tmp_path, monkeypatch):
+    """Lightning writes callback states from rank 0 only: under sharded training rank 0's shards in the checkpoint
+    would be loaded by every rank on resume (wrong weights, silently). They stay out; the restore says why it cannot."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_guard import OverfitGuard, event_stream
+    from tests.callbacks.test_overfit_guard import fit
+
+    monkeypatch.setattr("lightning_guard.callbacks.overfit_guard.guard.sharded_training", lambda trainer: True)
+    saved = {}
+
+    class Keep(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 3:
+                saved.update(guard.state_dict())
+
+    guard = OverfitGuard(patience=3)
+    fit(tmp_path / "a", [guard, Keep()], max_epochs=4)
+    assert guard.best_step >= 0
+    assert saved["best_step"] == guard.best_step
+    assert "best_weights" not in saved
+    resumed = OverfitGuard(patience=3)
+    resumed.load_state_dict(saved)
+    monkeypatch.setattr(resumed, "_record", lambda *a, **k: False)  # no new best after the "resume"
+    t, _, _ = fit(tmp_path / "b", [resumed], max_epochs=1)
+    (event,) = [e for e in event_stream(t).events if e.kind == "restore_unavailable"]
+    assert event.severity == "warning"
+    assert "under sharded training, are not kept in checkpoints" in event.message
+
+
+def test_checkpoint_snapshot_is_refused_under_sharded_training(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_guard import GuardConfigError, OverfitGuard
+    from tests.callbacks.test_overfit_guard import fit
+
+    monkeypatch.setattr("lightning_guard.callbacks.overfit_guard.base.sharded_training", lambda trainer: True)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val_loss", mode="min")
+    with pytest.raises(
+        GuardConfigError,
+        match=r"OverfitGuard\(snapshot='checkpoint'\) cannot reload a sharded checkpoint under SingleDeviceStrategy; "
+        r"use snapshot='memory'",
+    ):
+        fit(tmp_path, [OverfitGuard(snapshot="checkpoint"), ck], enable_checkpointing=True)
