@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -71,7 +72,7 @@ def data() -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=16), DataLoader(val, batch_size=32)
 
 
-def guards(names: list[str]) -> list[pl.Callback]:
+def guards(names: list[str], bad: int = 1) -> list[pl.Callback]:
     out: list[pl.Callback] = []
     if "wc" in names:
         out.append(WarmupCosine(warmup=2))
@@ -84,12 +85,12 @@ def guards(names: list[str]) -> list[pl.Callback]:
     if "of" in names:
         out.append(OverfitGuard(patience=2))
     if "gg" in names:  # faults on rank 1 only: a NaN loss at step 3 (skipped), NaN gradients at 9, 10 (rolled back)
-        out += [InjectNaN("loss", steps=[3], ranks=[1]), InjectNaN("grad", steps=[9, 10], ranks=[1])]
+        out += [InjectNaN("loss", steps=[3], ranks=[bad]), InjectNaN("grad", steps=[9, 10], ranks=[bad])]
     if (
         "oom" in names
     ):  # rank 1 runs out of memory: above 8 samples in forward at step 5, above 4 in backward at step 12
         out.append(OOMGuard())
-        out += [SimulatedOOM(8, where="forward", ranks=[1], steps=[5]), SimulatedOOM(4, "backward", [1], [12])]
+        out += [SimulatedOOM(8, where="forward", ranks=[bad], steps=[5]), SimulatedOOM(4, "backward", [bad], [12])]
     if "spike" in names:  # the LR x30 for the last steps: the final weights are worse than the best
         out.append(LRSpike(factor=30.0, steps=list(range(20, 24))))
     return out
@@ -105,7 +106,9 @@ def full_params(module: nn.Module) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", choices=["fsdp2", "ddp"], required=True)
+    ap.add_argument("--strategy", choices=["fsdp2", "fsdp1", "ddp"], required=True)
+    ap.add_argument("--accelerator", default="cpu")  # gpu: tests/benchmarks/gpu_check.sh OUT sharded
+    ap.add_argument("--fault-rank", type=int, default=1)  # 0 on one GPU
     ap.add_argument("--out", required=True)
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--guards", default="wc,gg,l1,of")
@@ -114,13 +117,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nodes", type=int, default=1)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    strategy = (
-        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.strategy == "fsdp2" else "ddp"
-    )
+    world = args.devices * args.nodes
+    strategy: Any = "ddp"
+    if args.strategy == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    elif args.strategy == "fsdp1":  # Lightning's FSDPStrategy refuses the CPU: GPU only
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(auto_wrap_policy={nn.Linear})
     torch.manual_seed(0)
     model = ShardedMLP()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=args.nodes,
         strategy=strategy,
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=True,
-        callbacks=guards(args.guards.split(",")),
+        callbacks=guards(args.guards.split(","), args.fault_rank),
     )
     train, val = data()
     trainer.fit(model, train, val)
