@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_guard import _wandb
@@ -165,15 +165,26 @@ class CompressExport(GuardCallback):
         self.result: CompressionResult | None = None
         self.error: BaseException | None = None  # why the compression failed (rank 0), with strict=False
         self._early_error: GuardConfigError | None = None  # found by the trial export at fit start
+        self._skeleton: pl.LightningModule | None = None  # FSDP2: rank 0's unsharded copy, filled at fit end
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and not isinstance(trainer.strategy, DDPStrategy | SingleDeviceStrategy):
+        supported = DDPStrategy | SingleDeviceStrategy | ModelParallelStrategy
+        if stage == "fit" and not isinstance(trainer.strategy, supported):
             raise GuardConfigError(
-                f"CompressExport supports single-device and DDP training, got {type(trainer.strategy).__name__}: "
-                "gather the full model yourself and call `lightning_guard.compress.compress_and_export`"
+                f"CompressExport supports single-device, DDP and FSDP2 (ModelParallelStrategy) training, got "
+                f"{type(trainer.strategy).__name__}: gather the full model yourself and call "
+                "`lightning_guard.compress.compress_and_export`"
             )
+        self._skeleton = None
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy) and trainer.global_rank == 0:
+            # configure_model has not sharded the module yet: rank 0 keeps an unsharded copy of it, into which the
+            # full weights are gathered at fit end (FSDP2 has no public way back from a sharded module)
+            self._skeleton = detached_copy(pl_module)
+            # the search's nested single-device Trainers must not shard it again (on rank 0 alone: a collective that
+            # the other ranks never join)
+            self._skeleton.configure_model = _unsharded_configure_model  # type: ignore[method-assign]
         if stage == "fit" and not self._has_validation(trainer, pl_module):
             # Found now, not after hours of training: without validation data there is no metric budget to check
             # and no input to export with.
@@ -220,8 +231,10 @@ class CompressExport(GuardCallback):
         and every rank skips the compression at fit end.
         """
         error, first = None, ""
+        sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        module = self._skeleton if sharded else pl_module  # FSDP2: rank 0 traces its unsharded copy, alone
         try:
-            example = self._example_now(trainer, pl_module.device)
+            example = None if module is None else self._example_now(trainer, module.device)
         except Exception:  # no example to trace with now: the fit-end path reports its own error
             example = None
         source = (
@@ -232,7 +245,7 @@ class CompressExport(GuardCallback):
         if example is not None:
             try:
                 with torch.no_grad(), quiet():
-                    export_program(pl_module, example)
+                    export_program(module, example)
             except Exception as exc:
                 first = " ".join(str(exc).split())[:400]
                 error = GuardConfigError(
@@ -492,9 +505,10 @@ class CompressExport(GuardCallback):
             self.error = self._early_error
             super().on_fit_end(trainer, pl_module)
             return
+        full = self._gather_full(trainer, pl_module)  # FSDP2: a collective, so on every rank
         if trainer.global_rank == 0:
             try:
-                self.result = self.compress(trainer, pl_module)
+                self.result = self.compress(trainer, self._unsharded(full) if full is not None else pl_module)
                 if self.result.rejected:  # some format verified, another not: kept apart, reported, strict raises
                     rejected = GuardRuntimeError("CompressExport: " + "; ".join(self.result.rejected.values()))
                     if self.strict:
@@ -520,9 +534,39 @@ class CompressExport(GuardCallback):
             if error is not None:
                 raise error
             raise GuardRuntimeError(f"CompressExport failed on rank 0, stopping this rank too: {message}")
+        self._skeleton = None  # FSDP2: rank 0 held a full copy of the model until now
         super().on_fit_end(trainer, pl_module)  # last: the fit-end summary then lists the compression's events
+
+    @staticmethod
+    def _gather_full(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        """Under FSDP2, the full weights, gathered once to rank 0's host (None elsewhere and on other strategies)."""
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(pl_module, options=options)  # every rank takes part; rank 0 holds the result
+        return full if trainer.global_rank == 0 else None
+
+    def _unsharded(self, full: dict[str, Any]) -> pl.LightningModule:
+        """Rank 0's unsharded copy of the module (taken at setup, before ``configure_model``) with the full weights."""
+        assert self._skeleton is not None
+        missing, unexpected = self._skeleton.load_state_dict(full, strict=False)
+        if missing or unexpected:
+            raise GuardConfigError(
+                "CompressExport under FSDP2 gathers the trained weights into a copy of the module taken before "
+                "`configure_model`, and they do not fit it (missing "
+                f"{sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}): build the layers in `__init__` and "
+                "only shard them in `configure_model`, or gather the model yourself and call "
+                "`lightning_guard.compress.compress_and_export`"
+            )
+        return self._skeleton
 
     def _summary_before_raise(self, trainer: pl.Trainer) -> None:
         """``strict=True`` ends the fit with an exception: the guards' summary is printed first, errors included."""
         self._sync_events(trainer, force_table=True)
         self.runtime(trainer).events.print_summary()
+
+
+def _unsharded_configure_model() -> None:
+    """``configure_model`` of CompressExport's unsharded copy under FSDP2: the layers exist, nothing to shard."""

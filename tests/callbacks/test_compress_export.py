@@ -230,8 +230,8 @@ def test_a_sharded_strategy_is_refused_at_setup_and_told_where_the_function_is(t
     with pytest.raises(GuardConfigError) as err:
         guard.setup(t, DigitsNet(), "fit")
     assert str(err.value) == (
-        "CompressExport supports single-device and DDP training, got FSDPStrategy: gather the full model yourself "
-        "and call `lightning_guard.compress.compress_and_export`"
+        "CompressExport supports single-device, DDP and FSDP2 (ModelParallelStrategy) training, got FSDPStrategy: "
+        "gather the full model yourself and call `lightning_guard.compress.compress_and_export`"
     )
 
 

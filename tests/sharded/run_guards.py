@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import GradientGuard, L1Penalty, OOMGuard, OverfitGuard, WarmupCosine
+from lightning_guard import CompressExport, GradientGuard, L1Penalty, OOMGuard, OverfitGuard, WarmupCosine
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 STEPS_PER_EPOCH = 8  # 256 samples, 2 ranks, 16 per rank
@@ -72,7 +72,7 @@ def data() -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=16), DataLoader(val, batch_size=32)
 
 
-def guards(names: list[str], bad: int = 1) -> list[pl.Callback]:
+def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.Callback]:
     out: list[pl.Callback] = []
     if "wc" in names:
         out.append(WarmupCosine(warmup=2))
@@ -91,9 +91,17 @@ def guards(names: list[str], bad: int = 1) -> list[pl.Callback]:
     ):  # rank 1 runs out of memory: above 8 samples in forward at step 5, above 4 in backward at step 12
         out.append(OOMGuard())
         out += [SimulatedOOM(8, where="forward", ranks=[bad], steps=[5]), SimulatedOOM(4, "backward", [bad], [12])]
+    if "cx" in names:  # CompressExport at fit end: prune half of the weights, int8, export, verify
+        compressed = str((root or Path(".")) / "compressed")
+        out.append(CompressExport(compressed, prune="unstructured", prune_amounts=(0.5,), max_metric_drop=0.05))
     if "spike" in names:  # the LR x30 for the last steps: the final weights are worse than the best
         out.append(LRSpike(factor=30.0, steps=list(range(20, 24))))
     return out
+
+
+def _compress_report(out: Path) -> dict | None:
+    path = out / "compressed" / "compress_report.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def full_params(module: nn.Module) -> dict[str, list[float]]:
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fault-rank", type=int, default=1)  # 0 on one GPU
     ap.add_argument("--out", required=True)
     ap.add_argument("--precision", default="32-true")
-    ap.add_argument("--guards", default="wc,gg,l1,of")
+    ap.add_argument("--guards", default="wc,gg,l1,of,cx")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
     ap.add_argument("--nodes", type=int, default=1)
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=True,
-        callbacks=guards(args.guards.split(","), args.fault_rank),
+        callbacks=guards(args.guards.split(","), args.fault_rank, out),
     )
     train, val = data()
     trainer.fit(model, train, val)
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             "val_loss": float(trainer.callback_metrics["val_loss"]),
             "world_size": trainer.world_size,
             "pid": os.getpid(),
+            "compress_report": _compress_report(out),
         }
         (out / "result.json").write_text(json.dumps(result))
     if torch.distributed.is_initialized():  # a gloo worker left with its group open may abort at interpreter exit

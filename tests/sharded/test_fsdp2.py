@@ -3,7 +3,8 @@ on 2 CPU processes (gloo), launched as users launch it (``python -m ...``: Light
 equals the same run under DDP: same seeds, same effective batch, faults on rank 1 only.
 
 Main crashed here: GradientGuard's snapshot ("aten._foreach_copy_.default got mixed torch.Tensor and DTensor"),
-L1Penalty's statistics ("Operator c10d.allreduce_.default does not have a sharding strategy registered").
+L1Penalty's statistics ("Operator c10d.allreduce_.default does not have a sharding strategy registered"), and
+refused CompressExport ("CompressExport supports single-device and DDP training, got ModelParallelStrategy").
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def test_every_step_guard_under_fsdp2_equals_ddp(tmp_path, ddp_reference, precis
     assert fsdp["global_step"] == ddp["global_step"]
     assert not close(fsdp["params"], ddp["params"], atol), close(fsdp["params"], ddp["params"], atol)
     assert fsdp["val_loss"] == pytest.approx(ddp["val_loss"], abs=10 * atol)
+    # CompressExport: the full weights gathered once to rank 0, compressed, exported and verified there, as under DDP
+    assert got[("compress", "exported", fsdp["global_step"])] == 1
+    stages = lambda r: [(s["decision"], s["metric"]) for s in r["compress_report"]["stages"]]  # noqa: E731
+    assert [d for d, _ in stages(fsdp)] == [d for d, _ in stages(ddp)]
+    for (_, a), (_, b) in zip(stages(fsdp), stages(ddp), strict=True):
+        assert (a is None) == (b is None)
+        assert a is None or a == pytest.approx(b, abs=10 * atol)
 
 
 @pytest.mark.ddp
