@@ -98,3 +98,14 @@ def test_checkpoint_snapshot_is_refused_under_sharded_training(tmp_path, monkeyp
         r"use snapshot='memory'",
     ):
         fit(tmp_path, [OverfitGuard(snapshot="checkpoint"), ck], enable_checkpointing=True)
+
+
+@pytest.mark.ddp
+def test_oom_guard_refuses_fsdp2_at_setup_with_the_reason(tmp_path):
+    """Equal or refused: OOMGuard cannot recover a one-rank OOM under FSDP2 yet, and says so before the first step."""
+    with pytest.raises(AssertionError) as failed:
+        launch("fsdp2", tmp_path / "fsdp2", "--guards", "oom")
+    assert (
+        "OOMGuard supports DDP only among multi-process strategies, got ModelParallelStrategy with 2 processes: under "
+        "sharded training (FSDP, FSDP2, DeepSpeed) every sharded block's forward and backward is a collective"
+    ) in " ".join(str(failed.value).split())

@@ -171,8 +171,9 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             problems.append(
                 f"OOMGuard supports DDP only among multi-process strategies, got {type(trainer.strategy).__name__} "
-                f"with {trainer.world_size} processes: an out-of-memory on one rank there cannot be recovered "
-                "without hanging the others"
+                f"with {trainer.world_size} processes: under sharded training (FSDP, FSDP2, DeepSpeed) every sharded "
+                "block's forward and backward is a collective, so a rank that runs out of memory mid-step leaves the "
+                "others waiting in the next one; that is not recovered yet. Use DDP, or lower the batch size"
             )
         return problems
 
