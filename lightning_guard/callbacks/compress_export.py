@@ -242,7 +242,7 @@ class CompressExport(GuardCallback):
             if self.example_input is not None
             else "the first element (or first tensor value) of the first validation batch"
         )
-        if example is not None:
+        if example is not None and module is not None:
             try:
                 with torch.no_grad(), quiet():
                     export_program(module, example)
