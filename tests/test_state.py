@@ -212,3 +212,30 @@ def test_a_subclass_overriding_emit_sees_the_guards_events(tmp_path):
     retries = [e for e in event_stream(t).events if e.guard == "oom" and e.kind == "oom_retry"]
     assert len(retries) == 1
     assert retries[0].message.startswith("[infra] ")
+
+
+def test_gradient_guard_and_overfit_guard_events_go_through_emit_too(tmp_path):
+    """Their ``_event`` helpers built the event and called the runtime's ``emit`` directly, so a subclass's ``emit``
+    (docs/extending.md: "the built-in guards report through it too") never saw GradientGuard's or OverfitGuard's."""
+    from lightning_guard import GradientGuard, OverfitGuard, event_stream
+    from lightning_guard.testing import InjectNaN
+    from tests.helpers import DigitsNet, digits_loaders, trainer
+
+    class TaggedGG(GradientGuard):
+        def emit(self, trainer, kind, message, **kwargs):
+            super().emit(trainer, kind, "[gg] " + message, **kwargs)
+
+    class TaggedOF(OverfitGuard):
+        def emit(self, trainer, kind, message, **kwargs):
+            super().emit(trainer, kind, "[of] " + message, **kwargs)
+
+    tr, va = digits_loaders(n_train=128)
+    t = trainer(tmp_path, [TaggedGG(), TaggedOF(patience=1), InjectNaN("loss", steps=[1])], max_epochs=3)
+    t.fit(DigitsNet(), tr, va)
+    events = event_stream(t).events
+    (skip,) = [e for e in events if e.guard == "gradient_guard" and e.kind == "nonfinite_skip"]
+    assert skip.message.startswith("[gg] ")
+    assert skip.ranks == (0,)
+    overfit = [e for e in events if e.guard == "overfit_guard"]
+    assert overfit
+    assert all(e.message.startswith("[of] ") for e in overfit)

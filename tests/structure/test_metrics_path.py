@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Any
 
 import pytest
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import Logger
 
 from lightning_guard import GradientGuard, GuardCallback, GuardConfigError
 from lightning_guard.testing import InjectNaN
+from tests.callbacks.test_oom_guard_steps import MemoryLogger  # keeps every log_metrics call
 from tests.helpers import DigitsNet, digits_loaders, trainer
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_guard"
@@ -73,28 +72,6 @@ def test_the_scan_sees_each_way_of_logging(tmp_path):
     assert [n for n, _ in _calls(src)] == ["log_metrics", "log_dict", "log", "log"]
 
 
-class Rows(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "rows"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step if step is not None else -1), dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class Reporter(GuardCallback):
     """A third-party guard that reports one number each way at every batch end."""
 
@@ -108,7 +85,7 @@ class Reporter(GuardCallback):
 
 def test_direct_metrics_land_at_the_global_step_and_monitorable_ones_reach_callback_metrics(tmp_path):
     tr, va = digits_loaders(n_train=192)  # 6 steps
-    rows = Rows()
+    rows = MemoryLogger()
     seen: dict[str, float] = {}
 
     class Watch(Callback):
@@ -139,7 +116,7 @@ def test_every_guard_number_goes_through_the_base_method(tmp_path, monkeypatch):
     monkeypatch.setattr("lightning_guard.callbacks._base.write_metrics", spy)
     monkeypatch.setattr("lightning_guard.events.write_metrics", spy)
     tr, va = digits_loaders(n_train=128)
-    t = trainer(tmp_path, [GradientGuard(), InjectNaN("loss", steps=[2])], logger=Rows(), max_epochs=1)
+    t = trainer(tmp_path, [GradientGuard(), InjectNaN("loss", steps=[2])], logger=MemoryLogger(), max_epochs=1)
     t.fit(DigitsNet(), tr, va)
     keys = {k for m in written for k in m}
     assert "guard/grad_norm" in keys
@@ -172,7 +149,7 @@ def test_a_subclass_helper_named_log_metrics_does_not_take_over_the_built_in_gua
         def log_metrics(self, name, value):  # type: ignore[override]
             raise AssertionError("not this one")
 
-    rows = Rows()
+    rows = MemoryLogger()
     tr, va = digits_loaders(n_train=128)
     t = trainer(tmp_path, [MyGG(), MyOverfit(patience=3)], logger=rows, max_epochs=2)
     t.fit(DigitsNet(), tr, va)

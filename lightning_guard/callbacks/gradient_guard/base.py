@@ -16,10 +16,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_guard._compat import scaler_scale
-from lightning_guard._runtime import emit
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot, StepBuffers
-from lightning_guard.events import GuardEvent, Severity
+from lightning_guard.events import Severity
 from lightning_guard.functional.grad import EmaStats, top_k_grad_norms
 from lightning_guard.functional.gradient_policy import LrBackoff
 
@@ -154,12 +153,7 @@ class GradientGuardBase(GuardCallback):
             data["top_layers"] = [
                 f"{n}={v:.4g}" for n, v in top_k_grad_norms(pl_module.named_parameters(), self.diagnose_top_k)
             ]
-        emit(
-            trainer,
-            GuardEvent.at(
-                trainer, self.guard_name, kind, severity=severity, message=message, data=data, ranks=ranks or (0,)
-            ),
-        )
+        self.emit(trainer, kind, message, severity=severity, data=data, ranks=ranks or (0,))
 
     def _log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int, pre: float, post: float, z: float

@@ -9,11 +9,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_guard._runtime import emit
 from lightning_guard._sharded import sharded_training
 from lightning_guard.callbacks._base import GuardCallback, after_exception_callbacks
 from lightning_guard.callbacks._snapshot import Snapshot
-from lightning_guard.events import GuardEvent, Severity
+from lightning_guard.events import Severity
 
 __all__: list[str] = []
 
@@ -176,18 +175,7 @@ class OverfitGuardBase(GuardCallback):
     ) -> None:
         if trainer.global_rank != 0:
             return  # decided from agreed numbers: reported once, by rank 0
-        emit(
-            trainer,
-            GuardEvent.at(
-                trainer,
-                self.guard_name,
-                kind,
-                severity=severity,
-                message=message,
-                data={**data, **extra},
-                ranks=ranks or (0,),
-            ),
-        )
+        self.emit(trainer, kind, message, severity=severity, data={**data, **extra}, ranks=ranks or (0,))
 
     def _log(self, trainer: pl.Trainer, gap: float, gl: float, pq: float) -> None:
         metrics = {
