@@ -20,7 +20,23 @@ try:
 except ImportError:  # a torch built without distributed support: nothing is sharded
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["Layout", "is_sharded", "layout", "local", "local_grad", "rebuild", "sharded_training"]
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - a torch built without distributed support
+    FSDPModule = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "Layout",
+    "fsdp_modules",
+    "is_sharded",
+    "layout",
+    "local",
+    "local_grad",
+    "rebuild",
+    "reshard",
+    "sharded_training",
+    "shares",
+]
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -41,6 +57,25 @@ def local_grad(param: torch.Tensor) -> torch.Tensor | None:
     """The local part of ``param.grad`` (None without a gradient)."""
     grad = param.grad
     return None if grad is None else local(grad)
+
+
+def fsdp_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules ``fully_shard`` was applied to (FSDP2), ``module`` included; empty for any other model."""
+    if FSDPModule is None:
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: list[torch.nn.Module]) -> None:
+    """Put FSDP2 modules back in their sharded state (no communication: it frees the gathered full parameters).
+
+    FSDP2 keeps the root module's parameters gathered after a forward without backward (a validation) until the next
+    training step; meanwhile ``module.parameters()`` yields those temporary full tensors, and a write into them is
+    undone when FSDP2 reshards. Whoever reads or writes the weights between steps reshards first, so that it sees the
+    ``DTensor`` parameters and their local shards.
+    """
+    for m in modules:
+        m.reshard()  # type: ignore[operator]
 
 
 @dataclass(frozen=True)
@@ -77,3 +112,35 @@ def sharded_training(trainer: Any) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     return trainer.world_size > 1 and isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy)
+
+
+def _plain_share(trainer: Any) -> float:
+    """The weight of a plain (not ``DTensor``) tensor in a sum over ranks under sharded training.
+
+    Under FSDP it is the rank's shard (1); under ModelParallelStrategy every rank holds the same full tensor (1 /
+    world size).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return 1.0 / trainer.world_size if isinstance(trainer.strategy, ModelParallelStrategy) else 1.0
+
+
+def shares(tensors: list[Any], trainer: Any) -> list[float] | None:
+    """Per tensor, the weight of this rank's local part in a sum over all ranks (None when every weight is 1).
+
+    A sum of squares or of magnitudes over the ranks counts each element once only if every rank's part is distinct.
+    A ``DTensor`` replicated along a mesh dimension (HSDP's 2-D mesh: replicate x shard; tensor parallelism's
+    replicated layers) lies identically on that dimension's ranks: its part weighs 1 / (their number).
+    """
+    plain = _plain_share(trainer)
+    out = []
+    for t in tensors:
+        if is_sharded(t):
+            copies = 1
+            for dim, placement in enumerate(t.placements):
+                if placement.is_replicate():
+                    copies *= t.device_mesh.size(dim)
+            out.append(1.0 / copies)
+        else:
+            out.append(plain)
+    return None if all(w == 1.0 for w in out) else out

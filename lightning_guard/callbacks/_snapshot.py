@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lightning_guard._compat import foreach_copy_, foreach_norm, non_persistent_buffer_names
-from lightning_guard._sharded import Layout, layout, local, rebuild
+from lightning_guard._sharded import Layout, fsdp_modules, layout, local, rebuild, reshard
 
 _ALIGN = 64
 
@@ -46,6 +46,7 @@ class Snapshot:
         self.step = -1
         self.nbytes = 0
         self.extra: dict[str, Any] = {}  # the owner's own state at capture time (statistics, LR schedulers)
+        self._fsdp: list[torch.nn.Module] | None = None  # the model's FSDP2 modules, found at the first capture
 
     @property
     def taken(self) -> bool:
@@ -66,6 +67,7 @@ class Snapshot:
         step: int,
     ) -> None:
         """Copy the local parameters, buffers, optimizer states and scaler state."""
+        self._sharded_view(module)
         sources: list[torch.Tensor] = []
 
         def take(t: torch.Tensor) -> int:
@@ -104,6 +106,12 @@ class Snapshot:
         self.step = step
         self.nbytes = total
 
+    def _sharded_view(self, module: torch.nn.Module) -> None:
+        """Under FSDP2, reshard first: the parameters are then the ``DTensor`` shards, not gathered full copies."""
+        if self._fsdp is None:
+            self._fsdp = fsdp_modules(module)
+        reshard(self._fsdp)
+
     def load_tensors(self, params: list[torch.Tensor], buffers: list[torch.Tensor], step: int) -> None:
         """Adopt saved host tensors (weights only), e.g. restored from a checkpoint."""
         self.params, self.buffers, self.optimizers = list(params), list(buffers), []
@@ -120,6 +128,7 @@ class Snapshot:
         self.wait()
         if self._stream is not None:
             self._stream.synchronize()
+        self._sharded_view(module)
         with torch.no_grad():
             for p, saved in zip(module.parameters(), self.params, strict=True):
                 local(p).copy_(saved)

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_guard._checks import check_int
 from lightning_guard._compat import NORM_BASE, scaler_scale, steps_unscale_inside
 from lightning_guard._runtime import StepOutcome, emit
-from lightning_guard._sharded import local, sharded_training
+from lightning_guard._sharded import local, sharded_training, shares
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.distributed import all_reduce_sum
 from lightning_guard.errors import GuardConfigError
@@ -310,12 +310,24 @@ class L1Penalty(GuardCallback):
 
     def _stats(self, trainer: pl.Trainer) -> tuple[float, float]:
         params = [p for _, ps in self._groups for p in ps]
-        weighted = torch.stack([l1_norm(ps).to(params[0].device) * m for m, ps in self._groups]).sum()
+        # a part replicated over ranks (HSDP's replicate dimension) weighs 1 / copies in the sums over ranks
+        share = shares(params, trainer) if self._reduce else None
+        ws = share or [1.0] * len(params)
+        starts = [0]
+        for _, ps in self._groups:
+            starts.append(starts[-1] + len(ps))
+        weighted = torch.stack(
+            [
+                l1_norm(ps, None if share is None else ws[a:b]).to(params[0].device) * m
+                for (m, ps), a, b in zip(self._groups, starts[:-1], starts[1:], strict=True)
+            ]
+        ).sum()
+        numel = self._numel if share is None else sum(local(p).numel() * w for p, w in zip(params, ws, strict=True))
         stats = torch.stack(
             [
                 weighted,
-                zero_count(params).to(weighted.device).float(),
-                torch.tensor(float(self._numel), device=weighted.device),
+                zero_count(params, share).to(weighted.device).float(),
+                torch.tensor(float(numel), device=weighted.device),
             ]
         )
         if self._reduce:

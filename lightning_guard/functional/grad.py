@@ -36,12 +36,15 @@ def global_grad_norm(
     grads: Sequence[torch.Tensor],
     *,
     reduce_sq: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """L2 norm of all gradients together, in one fused pass per device, accumulated in fp32, with no host sync.
 
     Args:
         grads: gradient tensors (any float dtype, any devices).
         reduce_sq: optional reduction of the squared norm across ranks (sum over shards under FSDP).
+        weights: optional weight of each gradient's square (``1 / copies`` of a part replicated over ranks, HSDP),
+            so that a sum over ranks counts every element once.
 
     Returns:
         A 0-dim fp32 tensor on the first gradient's device (``nan`` or ``inf`` if any gradient is non-finite).
@@ -53,12 +56,20 @@ def global_grad_norm(
     if not grads:
         return torch.zeros(())
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
+    weight_of: dict[torch.device, list[float]] = defaultdict(list)
+    for i, g in enumerate(grads):
         by_device[g.device].append(g)
+        if weights is not None:
+            weight_of[g.device].append(weights[i])
     target = grads[0].device
-    per_device = [
-        torch.linalg.vector_norm(torch.stack(foreach_norm(gs, 2.0, dtype=torch.float32))) for gs in by_device.values()
-    ]
+
+    def device_norm(device: torch.device, gs: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.stack(foreach_norm(gs, 2.0, dtype=torch.float32))
+        if weights is None:
+            return torch.linalg.vector_norm(norms)
+        return (norms.square() * torch.tensor(weight_of[device], device=norms.device)).sum().sqrt()
+
+    per_device = [device_norm(device, gs) for device, gs in by_device.items()]
     norm = (
         per_device[0]
         if len(per_device) == 1

@@ -110,8 +110,10 @@ def l1_adaptive_proximal_(
 
 
 @torch.no_grad()
-def l1_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+def l1_norm(params: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """``sum(|w|)`` over all parameters, fused, accumulated in fp32; a 0-dim tensor, no host sync.
+
+    ``weights``: optional weight of each parameter's term (``1 / copies`` of a part replicated over ranks).
 
     Example:
         >>> l1_norm([torch.tensor([1.0, -2.0]), torch.tensor([3.0], dtype=torch.bfloat16)])
@@ -120,12 +122,15 @@ def l1_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     norms = foreach_norm([local(p) for p in params], 1.0, dtype=torch.float32)
-    return torch.stack([n.to(norms[0].device) for n in norms]).sum()
+    stacked = torch.stack([n.to(norms[0].device) for n in norms])
+    if weights is not None:
+        stacked = stacked * torch.tensor(list(weights), device=stacked.device)
+    return stacked.sum()
 
 
 @torch.no_grad()
-def zero_count(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Number of exact zeros over all parameters, as a 0-dim tensor (no host sync).
+def zero_count(params: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Number of exact zeros over all parameters, as a 0-dim tensor (no host sync); weighted (float) with ``weights``.
 
     Example:
         >>> zero_count([torch.tensor([0.0, 1.0, 0.0])]).item()
@@ -134,4 +139,7 @@ def zero_count(params: Sequence[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros((), dtype=torch.long)
     counts = [(local(p) == 0).sum() for p in params]
-    return torch.stack([c.to(counts[0].device) for c in counts]).sum()
+    stacked = torch.stack([c.to(counts[0].device) for c in counts])
+    if weights is not None:
+        stacked = stacked.double() * torch.tensor(list(weights), dtype=torch.float64, device=stacked.device)
+    return stacked.sum()

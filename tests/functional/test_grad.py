@@ -85,3 +85,10 @@ def test_top_k_puts_nonfinite_first():
     a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     a.grad, b.grad, c.grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]), torch.tensor([float("inf"), 0.0])
     assert top_k_grad_norms([("a", a), ("b", b), ("c", c)], k=2) == [("c", math.inf), ("a", 5.0)]
+
+
+def test_weighted_norm_counts_a_replicated_part_once():
+    """HSDP: a part held by 2 replicas weighs 1/2 in the sum of squares over ranks; unweighted parts count fully."""
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    assert global_grad_norm([a, b], weights=[1.0, 1.0]).item() == pytest.approx(5.0)
+    assert global_grad_norm([a, b], weights=[0.5, 1.0]).item() == pytest.approx((4.5 + 16.0) ** 0.5)

@@ -1,5 +1,6 @@
 """L1 primitives: the subgradient with and without a kept workspace."""
 
+import pytest
 import torch
 
 from lightning_guard.functional import l1_subgradient_
@@ -28,3 +29,12 @@ def test_the_subgradient_with_a_workspace_equals_the_one_without_and_skips_param
         else:
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     torch.testing.assert_close(params[0].grad, grads[0] + 0.2 * params[0].detach().sign(), rtol=0, atol=1e-6)
+
+
+def test_l1_norm_and_zero_count_weighted_by_copies():
+    from lightning_guard.functional.l1 import l1_norm, zero_count
+
+    ps = [torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.0, 4.0])]
+    assert l1_norm(ps, [0.5, 1.0]).item() == pytest.approx(1.5 + 4.0)
+    assert zero_count(ps, [0.5, 1.0]).item() == pytest.approx(1.5)
+    assert zero_count(ps).item() == 2

@@ -32,17 +32,24 @@ STEPS_PER_EPOCH = 8  # 256 samples, 2 ranks, 16 per rank
 class ShardedMLP(pl.LightningModule):
     """An MLP with LayerNorm whose Linear layers are sharded with ``fully_shard`` when the strategy has a mesh."""
 
-    def __init__(self) -> None:
+    def __init__(self, hsdp: bool = False) -> None:
         super().__init__()
+        self.hsdp = hsdp
         self.body = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
         self.head = nn.Linear(64, 4)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:  # DDP: nothing to shard
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(self, FSDPModule):  # already sharded (Lightning calls the hook again for a validate after fit)
+            return
         mesh = self.device_mesh["data_parallel"]
+        if self.hsdp:  # HSDP: a 2-D mesh, parameters replicated over its first dimension and sharded over its second
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(mesh.device_type, (mesh.size(), 1), mesh_dim_names=("replicate", "shard"))
         for block in (self.body[0], self.body[3], self.head):
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh)
@@ -104,6 +111,20 @@ def _compress_report(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _guard_metrics(out: Path) -> dict[str, list[float]]:
+    """The values each ``guard/...`` metric took, in step order, from the CSV logger."""
+    import csv
+
+    metrics: dict[str, list[float]] = {}
+    for path in sorted(out.glob("csv/*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if key.startswith("guard/") and value not in ("", None):
+                        metrics.setdefault(key, []).append(float(value))
+    return metrics
+
+
 def full_params(module: nn.Module) -> dict[str, list[float]]:
     out = {}
     for name, p in module.named_parameters():
@@ -114,7 +135,7 @@ def full_params(module: nn.Module) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", choices=["fsdp2", "fsdp1", "ddp"], required=True)
+    ap.add_argument("--strategy", choices=["fsdp2", "hsdp", "fsdp1", "ddp"], required=True)
     ap.add_argument("--accelerator", default="cpu")  # gpu: tests/benchmarks/gpu_check.sh OUT sharded
     ap.add_argument("--fault-rank", type=int, default=1)  # 0 on one GPU
     ap.add_argument("--out", required=True)
@@ -123,18 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
     ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--checkpoint", action="store_true")  # a ModelCheckpoint saving every epoch (reshards the model)
+    ap.add_argument("--post-validate", action="store_true")  # validate again after fit: the weights users get back
     args = ap.parse_args(argv)
     out = Path(args.out)
     world = args.devices * args.nodes
     strategy: Any = "ddp"
-    if args.strategy == "fsdp2":
+    if args.strategy in ("fsdp2", "hsdp"):
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     elif args.strategy == "fsdp1":  # Lightning's FSDPStrategy refuses the CPU: GPU only
         from lightning.pytorch.strategies import FSDPStrategy
 
         strategy = FSDPStrategy(auto_wrap_policy={nn.Linear})
     torch.manual_seed(0)
-    model = ShardedMLP()
+    model = ShardedMLP(hsdp=args.strategy == "hsdp")
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -143,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         max_epochs=args.epochs,
         logger=CSVLogger(out, name="csv"),
-        enable_checkpointing=False,
+        enable_checkpointing=args.checkpoint,
+        default_root_dir=out,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -154,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     train, val = data()
     trainer.fit(model, train, val)
     params = full_params(model)
+    val_loss = float(trainer.callback_metrics["val_loss"])  # the last validation during fit
+    post_val_loss = None
+    if args.post_validate:  # FSDP2 unshards the root for the validation and reshards it at the next step: must agree
+        post_val_loss = float(trainer.validate(model, val, verbose=False)[0]["val_loss"])
+        again = full_params(model)
+        params = {name: again[name] for name in params}
     if trainer.global_rank == 0:
         from lightning_guard import event_stream
 
@@ -165,10 +195,12 @@ def main(argv: list[str] | None = None) -> None:
             "global_step": trainer.global_step,
             "params": params,
             "events": events,
-            "val_loss": float(trainer.callback_metrics["val_loss"]),
+            "val_loss": val_loss,
+            "post_val_loss": post_val_loss,
             "world_size": trainer.world_size,
             "pid": os.getpid(),
             "compress_report": _compress_report(out),
+            "guard_metrics": _guard_metrics(out),
         }
         (out / "result.json").write_text(json.dumps(result))
     if torch.distributed.is_initialized():  # a gloo worker left with its group open may abort at interpreter exit

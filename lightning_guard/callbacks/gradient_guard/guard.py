@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_guard._checks import check_int, check_number
 from lightning_guard._compat import scaler_scale, steps_unscale_inside
-from lightning_guard._sharded import sharded_training
+from lightning_guard._sharded import sharded_training, shares
 from lightning_guard._state import StateSchema
 from lightning_guard.callbacks.gradient_guard.actions import GradientGuardActions, _Step
 from lightning_guard.callbacks.gradient_guard.base import _current_scale
@@ -302,7 +302,8 @@ class GradientGuard(GradientGuardActions):
         self._snapshot.wait()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = collect_grads(params)
-        norm = global_grad_norm(grads)
+        weights = shares([p.grad for p in params if p.grad is not None], trainer) if self._reduce else None
+        norm = global_grad_norm(grads, weights=weights)  # weighted: a part replicated over ranks (HSDP) counts once
         if self._reduce:  # sharded: each rank holds a part; the squares add up across ranks
             norm = norm * norm
         scaler = self._scaler(trainer)
