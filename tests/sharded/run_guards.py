@@ -23,14 +23,26 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_guard import CompressExport, GradientGuard, L1Penalty, OOMGuard, OverfitGuard, WarmupCosine
+from lightning_guard import (
+    ClassBalance,
+    CompressExport,
+    GradientGuard,
+    GuardMixin,
+    L1Penalty,
+    OOMGuard,
+    OverfitGuard,
+    WarmupCosine,
+)
 from lightning_guard.testing import InjectNaN, LRSpike, SimulatedOOM
 
 STEPS_PER_EPOCH = 8  # 256 samples, 2 ranks, 16 per rank
 
 
-class ShardedMLP(pl.LightningModule):
-    """An MLP with LayerNorm whose Linear layers are sharded with ``fully_shard`` when the strategy has a mesh."""
+class ShardedMLP(GuardMixin, pl.LightningModule):
+    """An MLP with LayerNorm whose Linear layers are sharded with ``fully_shard`` when the strategy has a mesh.
+
+    Its loss is ``GuardMixin.balanced_loss`` (plain cross-entropy without a ClassBalance in the Trainer).
+    """
 
     def __init__(self, hsdp: bool = False) -> None:
         super().__init__()
@@ -59,13 +71,15 @@ class ShardedMLP(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = self.balanced_loss(self(x), y)
         self.log("train_loss", loss)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.track_classes(logits, y)  # per-class recall and balanced accuracy (torchmetrics, synced over ranks)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
@@ -89,6 +103,10 @@ def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.
         out.append(L1Penalty(1e-3, log_every_n_steps=4))
     if "l1p" in names:
         out.append(L1Penalty(1e-3, mode="proximal", log_every_n_steps=4))
+    if "l1a" in names:
+        out.append(L1Penalty(1e-3, mode="adaptive_proximal", log_every_n_steps=4))
+    if "cb" in names:  # logit adjustment from the class counts of the whole training set (summed over ranks)
+        out.append(ClassBalance())
     if "of" in names:
         out.append(OverfitGuard(patience=2))
     if "gg" in names:  # faults on rank 1 only: a NaN loss at step 3 (skipped), NaN gradients at 9, 10 (rolled back)

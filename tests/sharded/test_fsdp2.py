@@ -61,6 +61,23 @@ def test_best_weights_restored_and_proximal_l1_under_fsdp2_equal_ddp(tmp_path):
     assert fsdp["post_val_loss"] < fsdp["val_loss"]  # the best weights, not the spiked final ones, were validated
 
 
+@pytest.mark.ddp
+def test_class_balance_mixin_and_adaptive_proximal_l1_under_fsdp2_equal_ddp(tmp_path):
+    """ClassBalance counts, GuardMixin's balanced loss and per-class metrics, WarmupCosine, and L1's adaptive proximal
+    step (thresholds from Adam's sharded second moments) under FSDP2 equal the same run under DDP."""
+    args = ("--guards", "wc,cb,l1a")
+    fsdp = launch("fsdp2", tmp_path / "fsdp2", *args)
+    ddp = launch("ddp", tmp_path / "ddp", *args)
+    events = lambda r: [(e["guard"], e["kind"], e["step"]) for e in r["events"]]  # noqa: E731
+    assert events(fsdp) == events(ddp)
+    assert ("class_balance", "class_weights") in [e[:2] for e in events(fsdp)]
+    assert not close(fsdp["params"], ddp["params"], 1e-4), close(fsdp["params"], ddp["params"], 1e-4)
+    for key in ("guard/l1/sparsity", "guard/l1/penalty", "guard/lr", "guard/class_balance/balanced_acc"):
+        assert key in ddp["guard_metrics"], sorted(ddp["guard_metrics"])
+        assert fsdp["guard_metrics"][key] == pytest.approx(ddp["guard_metrics"][key], rel=1e-3, abs=1e-6), key
+    assert ddp["guard_metrics"]["guard/l1/sparsity"][-1] > 0.05  # the adaptive proximal step zeroed weights
+
+
 def test_sharded_best_weights_stay_out_of_checkpoints_and_a_resume_says_so(tmp_path, monkeypatch):
     """Lightning writes callback states from rank 0 only: under sharded training rank 0's shards in the checkpoint
     would be loaded by every rank on resume (wrong weights, silently). They stay out; the restore says why it cannot."""
