@@ -104,6 +104,12 @@ ROWS = {
         # precision, the evaluation loops or the procedure; the training-code columns are covered by "all"
         Row("compress_export", lambda out: [_compress(out)], columns=frozenset(_EXPORT_COLUMNS)),
         Row("all", _all, Reference(schedule=0.05, l1=1e-5, prior=True, restore_best=True)),
+        Row(
+            "all_but_oom",
+            lambda out: [c for c in _all(out) if not isinstance(c, OOMGuard)],
+            Reference(schedule=0.05, l1=1e-5, prior=True, restore_best=True),
+            columns=frozenset({"fsdp2"}),
+        ),
     )
 }
 
@@ -118,7 +124,7 @@ class Column:
     net_cls: type[ContractNet] = ContractNet
     trainer: dict[str, Any] = field(default_factory=dict)
     precision: str = "32-true"
-    procedure: str = "fit"  # fit | resume | refit | after_fit | ddp
+    procedure: str = "fit"  # fit | resume | refit | after_fit | ddp | one of LAUNCHED
     validation: bool = True
 
 
@@ -146,8 +152,18 @@ COLUMNS = {
         Column("reused_instances", procedure="refit"),
         Column("validate_test_predict", procedure="after_fit"),
         Column("ddp_spawn", procedure="ddp"),
+        # launched as users launch them (a subprocess per run, tests/contract/run_cell.py, bounded by a timeout)
+        Column("ddp_subprocess", procedure="ddp_subprocess"),
+        Column("torchrun", procedure="torchrun"),
+        Column("two_nodes", procedure="two_nodes"),
+        Column("fsdp2", procedure="fsdp2"),
     )
 }
+
+#: the procedures that launch the cell in subprocesses (2 ranks; the same reference as ``ddp_spawn``)
+LAUNCHED = ("ddp_subprocess", "torchrun", "two_nodes", "fsdp2")
+#: two ranks: the reference is one process running both ranks' batches as one
+MULTI_RANK = ("ddp", *LAUNCHED)
 
 #: cells refused at set-up: (row, column) -> a regex of the GuardConfigError message
 REFUSED: dict[tuple[str, str], str] = {}
@@ -170,15 +186,22 @@ KNOWN: dict[tuple[str, str], str] = {}
 for _row in ("compress_export", "all"):
     REFUSED[(_row, "no_validation")] = r"CompressExport needs validation data.*pass `eval_fn` and `example_input`"
 
-#: the rows worth a ddp_spawn cell (about 10 s each): all guards together covers every guard
+#: the rows worth a multi-process cell (about 10 s each): all guards together covers every guard
 DDP_ROWS = ("all",)
+#: FSDP2 refuses the "all" row for OOMGuard: every other guard together runs there
+FSDP2_ROWS = ("all", "all_but_oom")
+REFUSED[("all", "fsdp2")] = (
+    r"OOMGuard supports DDP only among multi-process strategies, got ModelParallelStrategy with 2 processes"
+)
 
 
 def cells() -> Iterator[tuple[str, str]]:
     """Every (row, column) pair of the matrix, in order."""
     for col in COLUMNS.values():
         for name, row in ROWS.items():
-            if col.procedure == "ddp" and name not in DDP_ROWS:
+            if col.procedure in MULTI_RANK and name not in (FSDP2_ROWS if col.procedure == "fsdp2" else DDP_ROWS):
+                continue
+            if name == "all_but_oom" and col.procedure != "fsdp2":
                 continue
             if row.columns is not None and col.name not in row.columns:
                 continue
@@ -260,7 +283,28 @@ def run_guarded(row: Row, col: Column, root: Path) -> Result:
         return _with_after_fit(fit(col, root, row.make(root)), col)
     if col.procedure == "ddp":
         return fit(col, root, row.make(root), strategy="ddp_spawn", devices=2)
+    if col.procedure in LAUNCHED:
+        return _launched(row, col, root)
     return fit(col, root, row.make(root))
+
+
+def _launched(row: Row, col: Column, root: Path) -> Result:
+    """The cell run by ``tests/contract/run_cell.py`` in subprocesses; a setup refusal is raised here again."""
+    from lightning_guard import GuardConfigError
+    from tests.sharded.launch import launch, torchrun
+
+    script, args = "tests.contract.run_cell", ("--row", row.name)
+    if col.procedure == "torchrun":
+        got = torchrun(root, *args, script=script)
+    elif col.procedure == "two_nodes":
+        got = torchrun(root, *args, nodes=2, script=script)
+    else:
+        got = launch("fsdp2" if col.procedure == "fsdp2" else "ddp", root, *args, script=script)
+    if "refused" in got:
+        assert got["global_step"] == 0, "refused only after training had started"
+        raise GuardConfigError(got["refused"])
+    assert got["world_size"] == 2
+    return Result(got["weights"], got["metrics"], None, None, {"events": got["events"]})  # type: ignore[arg-type]
 
 
 class TwoRankOrder(Sampler[list[int]]):
@@ -291,7 +335,7 @@ def run_reference(row: Row, col: Column, root: Path) -> Result:
         )
     if col.procedure == "refit":  # fresh instances
         return fit(col, root, row.make(root))
-    if col.procedure == "ddp":  # one process, one batch of 2 x 16 = the same samples as the two ranks' batches
+    if col.procedure in MULTI_RANK:  # one process, one batch of 2 x 16 = the same samples as the two ranks' batches
         model = _net(col, row.reference)
         callbacks: list[Callback] = [RestoreBest()] if row.reference.restore_best else []
         t = _trainer(col, root, callbacks)
@@ -321,7 +365,7 @@ def _with_after_fit(result: Result, col: Column) -> Result:
 def check_equal(guarded: Result, reference: Result, col: Column) -> None:
     """Same weights, buffers and validation metrics (and after-fit results) within float tolerance."""
     assert guarded.weights.keys() == reference.weights.keys()
-    tol = {"rtol": 2e-5, "atol": 2e-6} if col.procedure == "ddp" else {"rtol": 1e-5, "atol": 1e-6}
+    tol = {"rtol": 2e-5, "atol": 2e-6} if col.procedure in MULTI_RANK else {"rtol": 1e-5, "atol": 1e-6}
     for name in reference.weights:
         torch.testing.assert_close(
             guarded.weights[name], reference.weights[name], msg=lambda m, n=name: f"{n}: {m}", **tol

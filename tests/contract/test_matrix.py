@@ -8,6 +8,8 @@ from lightning_guard import GuardConfigError, event_stream
 from tests.contract.matrix import (
     COLUMNS,
     KNOWN,
+    LAUNCHED,
+    MULTI_RANK,
     REFUSED,
     ROWS,
     cells,
@@ -25,7 +27,7 @@ def _params() -> list:
     out = []
     for row, col in cells():
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN[(row, col)])] if (row, col) in KNOWN else []
-        if COLUMNS[col].procedure == "ddp":
+        if COLUMNS[col].procedure in MULTI_RANK:
             marks.append(pytest.mark.ddp)
         out.append(pytest.param(row, col, marks=marks, id=f"{row}-{col}"))
     return out
@@ -47,5 +49,9 @@ def test_cell(tmp_path, row, col):
             "class_counts",
             "class_weights",
         ]
+    if c.procedure in LAUNCHED:  # rank 0's events of a run launched as users launch it; a clean run warns of nothing
+        events = guarded.extra["events"]
+        assert [k for g, k, _, _ in events if g == "class_balance"] == ["class_counts", "class_weights"]
+        assert [e for e in events if e[3] != "info"] == [], "a clean run made warning-level guard events"
     if c.procedure in ("fit", "after_fit"):  # resume and reuse compare two guarded runs: harm is judged elsewhere
         assert warning_events(guarded.trainer) == [], "a clean run made warning-level guard events"

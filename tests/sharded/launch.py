@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 240
-SCRIPT = ["-m", "tests.sharded.run_guards"]
+SCRIPT = "tests.sharded.run_guards"
 
 
 def _env() -> dict[str, str]:
@@ -26,18 +26,20 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _result(out: Path, procs: list[subprocess.CompletedProcess[str]]) -> dict[str, Any]:
+def _result(out: Path, procs: list[subprocess.CompletedProcess[str]], script: str) -> dict[str, Any]:
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "result.json").read_text())
+    if script == SCRIPT:
+        return json.loads((out / "result.json").read_text())
+    return torch.load(out / "cell.pt", weights_only=False)  # tests.contract.run_cell
 
 
-def launch(strategy: str, out: Path, *extra: str) -> dict[str, Any]:
-    """``python -m tests.sharded.run_guards``: Lightning starts the second rank itself."""
+def launch(strategy: str, out: Path, *extra: str, script: str = SCRIPT) -> dict[str, Any]:
+    """``python -m <script>`` (default ``tests.sharded.run_guards``): Lightning starts the second rank itself."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, *SCRIPT, "--strategy", strategy, "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", script, "--strategy", strategy, "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=out, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    return _result(out, [proc])
+    return _result(out, [proc], script)
 
 
 def free_port() -> int:
@@ -46,7 +48,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(out: Path, *extra: str, nodes: int = 1) -> dict[str, Any]:
+def torchrun(out: Path, *extra: str, nodes: int = 1, script: str = SCRIPT) -> dict[str, Any]:
     """``torchrun`` with 2 processes on one node, or ``nodes`` launches of one process each (``--nnodes``)."""
     out.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
@@ -55,7 +57,7 @@ def torchrun(out: Path, *extra: str, nodes: int = 1) -> dict[str, Any]:
     for node in range(nodes):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={per_node}", f"--nnodes={nodes}"]
         cmd += [f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-        cmd += [*SCRIPT, "--strategy", "ddp", "--out", str(out), "--devices", str(per_node), "--nodes", str(nodes)]
+        cmd += ["-m", script, "--strategy", "ddp", "--out", str(out), "--devices", str(per_node), "--nodes", str(nodes)]
         launches.append(
             subprocess.Popen(
                 [*cmd, *extra], cwd=out, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -69,7 +71,7 @@ def torchrun(out: Path, *extra: str, nodes: int = 1) -> dict[str, Any]:
     finally:
         for p in launches:
             p.kill()
-    return _result(out, procs)
+    return _result(out, procs, script)
 
 
 def close(a: dict[str, list[float]], b: dict[str, list[float]], atol: float) -> list[str]:
