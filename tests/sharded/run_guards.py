@@ -143,6 +143,19 @@ def _guard_metrics(out: Path) -> dict[str, list[float]]:
     return metrics
 
 
+def _procedure(args: argparse.Namespace, out: Path) -> list[pl.Callback]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import StopAfterEpoch
+
+    extra: list[pl.Callback] = []
+    if args.checkpoint:  # every epoch's checkpoint kept (a sharded checkpoint is a directory under FSDP2)
+        extra.append(ModelCheckpoint(dirpath=out / "ck", save_top_k=-1, filename="{epoch}"))
+    if args.stop_after_epoch is not None:
+        extra.append(StopAfterEpoch(args.stop_after_epoch))
+    return extra
+
+
 def full_params(module: nn.Module) -> dict[str, list[float]]:
     out = {}
     for name, p in module.named_parameters():
@@ -163,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--checkpoint", action="store_true")  # a ModelCheckpoint saving every epoch (reshards the model)
+    ap.add_argument("--stop-after-epoch", type=int)  # interrupt the run there, as a crash would (resume tests)
+    ap.add_argument("--resume")  # ckpt_path: a checkpoint of a run with the same arguments
     ap.add_argument("--post-validate", action="store_true")  # validate again after fit: the weights users get back
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -191,10 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=True,
-        callbacks=guards(args.guards.split(","), args.fault_rank, out),
+        callbacks=[*guards(args.guards.split(","), args.fault_rank, out), *_procedure(args, out)],
     )
     train, val = data()
-    trainer.fit(model, train, val)
+    trainer.fit(model, train, val, ckpt_path=args.resume)
     params = full_params(model)
     val_loss = float(trainer.callback_metrics["val_loss"])  # the last validation during fit
     post_val_loss = None
