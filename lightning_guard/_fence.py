@@ -34,6 +34,7 @@ COLLECTIVES = (
     "all_gather",
     "all_gather_into_tensor",
     "all_gather_object",
+    "all_gather_single",  # FSDP2: the parameters' all-gather in forward and backward
     "all_to_all",
     "all_to_all_single",
     "barrier",
@@ -43,6 +44,7 @@ COLLECTIVES = (
     "gather_object",
     "reduce",
     "reduce_scatter",
+    "reduce_scatter_single",  # FSDP2: the gradients' reduce-scatter in backward
     "reduce_scatter_tensor",
     "scatter",
     "scatter_object_list",

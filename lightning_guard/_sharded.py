@@ -27,12 +27,14 @@ except ImportError:  # pragma: no cover - a torch built without distributed supp
 
 __all__ = [
     "Layout",
+    "can_reset_after_failure",
     "fsdp_modules",
     "is_sharded",
     "layout",
     "local",
     "local_grad",
     "rebuild",
+    "reset_after_failure",
     "reshard",
     "sharded_training",
     "shares",
@@ -76,6 +78,27 @@ def reshard(modules: list[torch.nn.Module]) -> None:
     """
     for m in modules:
         m.reshard()  # type: ignore[operator]
+
+
+def can_reset_after_failure() -> bool:
+    """Whether this torch's FSDP2 can be brought back after a forward or backward that failed mid-flight."""
+    return FSDPModule is not None and hasattr(FSDPModule, "reset_iter_state")
+
+
+def reset_after_failure(module: torch.nn.Module) -> None:
+    """Bring FSDP2 back to a clean iteration after a forward or backward abandoned mid-flight (out of memory).
+
+    ``FSDPModule.reset_iter_state`` on each root (an FSDP2 module inside no other one): it waits for the collectives
+    in flight, reshards every parameter group and clears the iteration's trackers; the failed iteration's gradients
+    are lost. No communication.
+    """
+    for p in module.parameters():  # a block whose backward ran but whose reduce-scatter did not holds its gradient
+        p.grad = None  # on the gathered (unsharded) parameter, registered in the module until the reset below
+    roots = fsdp_modules(module)
+    inner = {id(sub) for m in roots for sub in m.modules() if sub is not m}
+    for m in roots:
+        if id(m) not in inner:
+            m.reset_iter_state()  # type: ignore[operator]
 
 
 @dataclass(frozen=True)

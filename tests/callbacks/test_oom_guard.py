@@ -515,3 +515,44 @@ def test_ddp_optimizer_step_oom_on_one_rank_ends_the_run_with_its_event(tmp_path
         t.fit(HungryNet(), tr)
     events = [e for p in tmp_path.rglob("guard_events*.jsonl") for e in read_jsonl(p)]
     assert [(e["kind"], e["data"]["where"]) for e in events if e["guard"] == "oom"] == [("oom_fatal", "optimizer_step")]
+
+
+def _two_process_trainer(strategy):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(strategy=strategy, world_size=2)
+
+
+def test_fsdp1_and_deepspeed_are_refused_with_the_reason():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    (problem,) = OOMGuard()._strategy_problems(_two_process_trainer(FSDPStrategy()))
+    assert problem == (
+        "OOMGuard supports DDP and FSDP2 (ModelParallelStrategy) among multi-process strategies, got FSDPStrategy with "
+        "2 processes: under FSDP (FSDPStrategy) and DeepSpeed the sharded blocks' collectives run where OOMGuard "
+        "cannot fence them, so a rank that runs out of memory mid-step would leave the others waiting. Use DDP or "
+        "FSDP2 (ModelParallelStrategy with fully_shard), or lower the batch size"
+    )
+
+
+def test_tensor_parallelism_is_refused_and_fsdp2_needs_reset_iter_state(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    def strategy(tp):
+        s = ModelParallelStrategy(data_parallel_size=2 // tp, tensor_parallel_size=tp)
+        s._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tp)}
+        return s
+
+    (problem,) = OOMGuard()._strategy_problems(_two_process_trainer(strategy(2)))
+    assert problem == (
+        "OOMGuard under ModelParallelStrategy supports data-parallel sharding (FSDP2) only, got "
+        "tensor_parallel_size=2: tensor parallelism's collectives run inside DTensor operations, where OOMGuard "
+        "cannot fence them, so a rank that runs out of memory mid-step would leave the others waiting. Use "
+        "tensor_parallel_size=1, or lower the batch size"
+    )
+    assert OOMGuard()._strategy_problems(_two_process_trainer(strategy(1))) == []
+    monkeypatch.setattr("lightning_guard.callbacks.oom_guard.guard.can_reset_after_failure", lambda: False)
+    (problem,) = OOMGuard()._strategy_problems(_two_process_trainer(strategy(1)))
+    assert problem.startswith("OOMGuard under FSDP2 needs torch's FSDPModule.reset_iter_state (torch 2.13 has it)")

@@ -104,12 +104,6 @@ ROWS = {
         # precision, the evaluation loops or the procedure; the training-code columns are covered by "all"
         Row("compress_export", lambda out: [_compress(out)], columns=frozenset(_EXPORT_COLUMNS)),
         Row("all", _all, Reference(schedule=0.05, l1=1e-5, prior=True, restore_best=True)),
-        Row(
-            "all_but_oom",
-            lambda out: [c for c in _all(out) if not isinstance(c, OOMGuard)],
-            Reference(schedule=0.05, l1=1e-5, prior=True, restore_best=True),
-            columns=frozenset({"fsdp2"}),
-        ),
     )
 }
 
@@ -188,20 +182,13 @@ for _row in ("compress_export", "all"):
 
 #: the rows worth a multi-process cell (about 10 s each): all guards together covers every guard
 DDP_ROWS = ("all",)
-#: FSDP2 refuses the "all" row for OOMGuard: every other guard together runs there
-FSDP2_ROWS = ("all", "all_but_oom")
-REFUSED[("all", "fsdp2")] = (
-    r"OOMGuard supports DDP only among multi-process strategies, got ModelParallelStrategy with 2 processes"
-)
 
 
 def cells() -> Iterator[tuple[str, str]]:
     """Every (row, column) pair of the matrix, in order."""
     for col in COLUMNS.values():
         for name, row in ROWS.items():
-            if col.procedure in MULTI_RANK and name not in (FSDP2_ROWS if col.procedure == "fsdp2" else DDP_ROWS):
-                continue
-            if name == "all_but_oom" and col.procedure != "fsdp2":
+            if col.procedure in MULTI_RANK and name not in DDP_ROWS:
                 continue
             if row.columns is not None and col.name not in row.columns:
                 continue

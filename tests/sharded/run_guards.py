@@ -93,6 +93,17 @@ def data() -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=16), DataLoader(val, batch_size=32)
 
 
+class SecondOfWindowOOM(SimulatedOOM):
+    """SimulatedOOM only in odd batches: the second batch of an ``accumulate_grad_batches=2`` window."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, idx)
+        self.odd = idx % 2 == 1
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return getattr(self, "odd", False) and super()._active(trainer)
+
+
 def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.Callback]:
     out: list[pl.Callback] = []
     if "wc" in names:
@@ -116,6 +127,9 @@ def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.
     ):  # rank 1 runs out of memory: above 8 samples in forward at step 5, above 4 in backward at step 12
         out.append(OOMGuard())
         out += [SimulatedOOM(8, where="forward", ranks=[bad], steps=[5]), SimulatedOOM(4, "backward", [bad], [12])]
+    if "oomb" in names:  # rank 1: above 8 samples in backward at step 2 (the whole batch), above 4 in forward at 6
+        out.append(OOMGuard())  # (in the second batch of the window under accumulate_grad_batches=2: a replay)
+        out += [SimulatedOOM(8, "backward", ranks=[bad], steps=[2]), SecondOfWindowOOM(4, "forward", [bad], [6])]
     if "cx" in names:  # CompressExport at fit end: prune half of the weights, int8, export, verify
         compressed = str((root or Path(".")) / "compressed")
         out.append(CompressExport(compressed, prune="unstructured", prune_amounts=(0.5,), max_metric_drop=0.05))
@@ -175,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
     ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--accumulate", type=int, default=1)  # accumulate_grad_batches
     ap.add_argument("--checkpoint", action="store_true")  # a ModelCheckpoint saving every epoch (reshards the model)
     ap.add_argument("--stop-after-epoch", type=int)  # interrupt the run there, as a crash would (resume tests)
     ap.add_argument("--resume")  # ckpt_path: a checkpoint of a run with the same arguments
@@ -198,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         strategy=strategy,
         precision=args.precision,
         max_epochs=args.epochs,
+        accumulate_grad_batches=args.accumulate,
         logger=CSVLogger(out, name="csv"),
         enable_checkpointing=args.checkpoint,
         default_root_dir=out,
@@ -221,7 +237,13 @@ def main(argv: list[str] | None = None) -> None:
         from lightning_guard import event_stream
 
         events = [
-            {"guard": e.guard, "kind": e.kind, "step": e.step, "ranks": list(e.ranks)}
+            {
+                "guard": e.guard,
+                "kind": e.kind,
+                "step": e.step,
+                "ranks": list(e.ranks),
+                "data": json.loads(json.dumps(dict(e.data), default=str)),
+            }
             for e in event_stream(trainer).events
         ]
         result = {

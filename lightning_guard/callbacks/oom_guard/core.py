@@ -50,6 +50,9 @@ class _Core(GuardCallback):
         self._quiet = False
         self._loud = False
         self._counted = False  # the process groups' collective counts are seen to move (DDP's backward moves them)
+        # FSDP2 (ModelParallelStrategy, data parallel): every forward and backward issues collectives (the shards'
+        # all-gathers and reduce-scatters), each fenced; a failed attempt unwinds every rank at once, FSDP2 is reset
+        self._sharded = False
         self._layout: tuple[int, tuple[list[tuple[torch.nn.Module, str]], list[Any]]] | None = None
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0

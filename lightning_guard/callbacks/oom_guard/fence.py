@@ -154,6 +154,29 @@ class _FenceProtocol(_Core):
             if self._oom is not None and self._oom[0] == "backward":
                 self._complete_reduction(reduced())
 
+    def _sharded_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> Any:
+        """FSDP2: run backward, its all-gathers and reduce-scatters fenced; the agreed failure, or None.
+
+        A rank that runs out of memory goes to its agreement; the others meet it before their next collective of the
+        backward (or at the step's agreement, when it failed after its last one), and every rank abandons the attempt.
+        """
+        rows: list[list[float]] | None = None
+        try:
+            with self._fence.watching():
+                inner(loss, *args, **kwargs)
+        except FenceAbort as abort:  # another rank failed
+            rows = abort.rows
+        except FenceTimeout as exc:
+            self._fence_timed_out(AT_END, exc)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            self._oom_text = _error_text(exc)
+            self._note_oom("backward", self._current_size())
+        if rows is None and self._oom is not None:  # outside the handler: the failed graph is released
+            rows = self._agree_fence(FAILED)
+        return None if rows is None else self._fence_verdict(rows)
+
     @contextlib.contextmanager
     def _track_reduced(self) -> Iterator[Callable[[], list[torch.nn.Parameter]]]:
         """Yield a function listing the trainable parameters whose gradient this backward has not produced yet."""

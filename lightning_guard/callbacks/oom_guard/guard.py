@@ -7,12 +7,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
 from lightning_guard._checks import check_int
 from lightning_guard._compat import should_accumulate
 from lightning_guard._fence import AT_STEP, AT_STEP_QUIET, FAILED, StepFence
+from lightning_guard._sharded import can_reset_after_failure
 from lightning_guard._state import StateSchema
 from lightning_guard._wrapping import wraps_method
 from lightning_guard.callbacks._base import GuardCallback
@@ -152,6 +153,8 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
             self._checked_batch = False
             self._dynamic_buffers, self._backward_collectives, self._layout = None, 0, None
             self._quiet, self._loud, self._counted = False, False, False
+            self._sharded = trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy)
+            self._loud = self._sharded  # FSDP2: every step issues collectives, none is quiet
             if trainer.world_size > 1:
                 self._fence.setup()  # every rank, at the same point: creating a group is a collective
             if self._fence.active:  # the guards' one step agreement runs on the fence's group, with its timeout
@@ -168,14 +171,37 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
                 "OOMGuard needs automatic optimization (`automatic_optimization=True`): with manual optimization "
                 "your training_step runs backward and step itself, so a batch cannot be re-run"
             )
-        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            problems.append(
-                f"OOMGuard supports DDP only among multi-process strategies, got {type(trainer.strategy).__name__} "
-                f"with {trainer.world_size} processes: under sharded training (FSDP, FSDP2, DeepSpeed) every sharded "
-                "block's forward and backward is a collective, so a rank that runs out of memory mid-step leaves the "
-                "others waiting in the next one; that is not recovered yet. Use DDP, or lower the batch size"
-            )
+        if trainer.world_size > 1:
+            problems += self._strategy_problems(trainer)
         return problems
+
+    def _strategy_problems(self, trainer: pl.Trainer) -> list[str]:
+        """Multi-process strategies: DDP, and FSDP2 over a data-parallel mesh on a torch that can reset it."""
+        strategy = trainer.strategy
+        name = f"{type(strategy).__name__} with {trainer.world_size} processes"
+        if isinstance(strategy, DDPStrategy):
+            return []
+        if not isinstance(strategy, ModelParallelStrategy):
+            return [
+                f"OOMGuard supports DDP and FSDP2 (ModelParallelStrategy) among multi-process strategies, got {name}: "
+                "under FSDP (FSDPStrategy) and DeepSpeed the sharded blocks' collectives run where OOMGuard cannot "
+                "fence them, so a rank that runs out of memory mid-step would leave the others waiting. Use DDP or "
+                "FSDP2 (ModelParallelStrategy with fully_shard), or lower the batch size"
+            ]
+        tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            return [
+                f"OOMGuard under ModelParallelStrategy supports data-parallel sharding (FSDP2) only, got "
+                f"tensor_parallel_size={tensor_parallel}: tensor parallelism's collectives run inside DTensor "
+                "operations, where OOMGuard cannot fence them, so a rank that runs out of memory mid-step would "
+                "leave the others waiting. Use tensor_parallel_size=1, or lower the batch size"
+            ]
+        if not can_reset_after_failure():
+            return [
+                f"OOMGuard under FSDP2 needs torch's FSDPModule.reset_iter_state (torch 2.13 has it), got torch "
+                f"{torch.__version__}: without it FSDP2 cannot run again after a step that failed mid-flight"
+            ]
+        return []
 
     def _install(self, pl_module: pl.LightningModule, name: str) -> None:
         current = pl_module.__dict__.get(name)
@@ -312,6 +338,11 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
         if not self._distributed:
             if self._local_backward(inner, loss, args, kwargs):
                 raise _Retry(self._local_agreement())
+            return None
+        if self._sharded:
+            verdict = self._sharded_backward(inner, loss, args, kwargs)
+            if verdict is not None:
+                raise _Retry(verdict)
             return None
         self._ddp_backward(inner, loss, args, kwargs)
         # a failure here is told at the step's one agreement (on_before_optimizer_step, before any guard acts)

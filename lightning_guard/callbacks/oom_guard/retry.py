@@ -18,6 +18,7 @@ import torch
 
 from lightning_guard._compat import call_training_step, logged_results, scaler_forget_step
 from lightning_guard._fence import AT_END, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard._sharded import reset_after_failure
 from lightning_guard._wrapping import takes_batch_idx
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
@@ -90,7 +91,7 @@ class _RetryLoop(_FenceProtocol):
         finally:
             self._busy = False
         verdict = self._fence_verdict(rows)
-        if not synced:
+        if not synced or self._sharded:  # FSDP2: no DDP all-reduce is armed; every rank unwinds now
             raise _Retry(verdict)
         self._abandoned = verdict
         return self._dummy_loss(pl_module)  # every rank: DDP armed its all-reduce in this forward
@@ -188,18 +189,28 @@ class _RetryLoop(_FenceProtocol):
                 del loss
                 self._busy = True
                 try:
-                    self._inner["backward"](scaler.scale(scaled) if scaler is not None else scaled)
-                except Exception as exc:
-                    if not is_oom_error(exc):
-                        raise
-                    self._oom_text = _error_text(exc)
-                    self._note_oom("backward", self._samples(part))
+                    self._part_backward(scaler.scale(scaled) if scaler is not None else scaled, part)
                 finally:
                     self._busy = False
                     del scaled
             if self._oom is not None and not self._distributed:
                 raise _Retry(self._local_agreement())
         return earlier
+
+    def _part_backward(self, loss: torch.Tensor, part: Any) -> None:
+        """A micro-batch's backward outside Lightning's closure; an out-of-memory is noted (FSDP2: agreed, raised)."""
+        if self._sharded:  # its all-gathers and reduce-scatters are collectives: fenced, a failure unwinds every rank
+            verdict = self._sharded_backward(self._inner["backward"], loss, (), {})
+            if verdict is not None:
+                raise _Retry(verdict)
+            return
+        try:
+            self._inner["backward"](loss)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            self._oom_text = _error_text(exc)
+            self._note_oom("backward", self._samples(part))
 
     def _replay(self, batches: list[tuple[Any, int]], step: Callable[[Any, int], Any] | None = None) -> None:
         """Put the gradients of already accumulated batches back into the zeroed ``.grad``, and nothing else.
@@ -257,6 +268,8 @@ class _RetryLoop(_FenceProtocol):
         trainer = self._trainer
         assert trainer is not None
         start = time.perf_counter()
+        if self._sharded:  # FSDP2 after a forward or backward abandoned mid-flight: resharded, trackers cleared
+            reset_after_failure(self._module())
         optimizer.zero_grad(set_to_none=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_forget_step(scaler)
