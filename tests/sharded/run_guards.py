@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.
     if "oomb" in names:  # rank 1: above 8 samples in backward at step 2 (the whole batch), above 4 in forward at 6
         out.append(OOMGuard())  # (in the second batch of the window under accumulate_grad_batches=2: a replay)
         out += [SimulatedOOM(8, "backward", ranks=[bad], steps=[2]), SecondOfWindowOOM(4, "forward", [bad], [6])]
+    if "oomq" in names:  # OOMGuard with no fault (its steady-state cost)
+        out.append(OOMGuard())
     if "cx" in names:  # CompressExport at fit end: prune half of the weights, int8, export, verify
         compressed = str((root or Path(".")) / "compressed")
         out.append(CompressExport(compressed, prune="unstructured", prune_amounts=(0.5,), max_metric_drop=0.05))
@@ -155,6 +158,21 @@ def _guard_metrics(out: Path) -> dict[str, list[float]]:
                     if key.startswith("guard/") and value not in ("", None):
                         metrics.setdefault(key, []).append(float(value))
     return metrics
+
+
+class StepTimer(pl.Callback):
+    """Seconds per training batch (start to end of the batch: validation left out), after the first ``skip``."""
+
+    def __init__(self, skip: int = 4) -> None:
+        self.skip, self.seconds, self.batches, self._start = skip, 0.0, 0, 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step > self.skip:
+            self.seconds += time.perf_counter() - self._start
+            self.batches += 1
 
 
 def _procedure(args: argparse.Namespace, out: Path) -> list[pl.Callback]:
@@ -225,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[*guards(args.guards.split(","), args.fault_rank, out), *_procedure(args, out)],
     )
     train, val = data()
+    timer = StepTimer()
+    trainer.callbacks.append(timer)  # type: ignore[attr-defined]
     trainer.fit(model, train, val, ckpt_path=args.resume)
     params = full_params(model)
     val_loss = float(trainer.callback_metrics["val_loss"])  # the last validation during fit
@@ -252,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             "events": events,
             "val_loss": val_loss,
             "post_val_loss": post_val_loss,
+            "seconds_per_batch": timer.seconds / max(timer.batches, 1),
             "world_size": trainer.world_size,
             "pid": os.getpid(),
             "compress_report": _compress_report(out),

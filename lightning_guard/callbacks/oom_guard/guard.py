@@ -85,13 +85,15 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
       see (a function bound at import time, a compiled graph's) ends the run with ``OOMGuardError`` after
       ``collective_timeout`` seconds instead of a silent hang. Micro-batches before the last one run under
       ``no_sync``; the last one's backward is DDP's own, overlapped all-reduce.
+    * FSDP2 (``ModelParallelStrategy`` with ``fully_shard``, data parallel): FSDP2's all-gathers and reduce-scatters
+      are fenced the same way; a failed attempt unwinds every rank, FSDP2 is reset
+      (``FSDPModule.reset_iter_state``) and the batch re-run in halves.
     * At micro-batch 1, still out of memory: :class:`~lightning_guard.errors.OOMGuardError` with the memory figures.
 
     Caveats: layers that use batch statistics (``BatchNorm``) see micro-batches, not the batch. The loss must be a
     mean over the batch (``loss_reduction="mean"``, weighted by ``loss_weight``) or a sum (``"sum"``). Extra keys of
     a dict returned by ``training_step`` come from the last micro-batch. Manual optimization is not supported, nor
-    multi-process strategies other than DDP (FSDP, DeepSpeed: a one-rank OOM there cannot be recovered without a
-    hang today).
+    FSDP1, DeepSpeed or tensor parallelism (their collectives cannot be fenced: refused at setup).
 
     Lightning's ``accumulate_grad_batches=k`` works: each batch of the window is halved on its own (its micro-batch
     losses carry their share of it and Lightning's ``1/k``). An out-of-memory is recovered in the batch where it
@@ -110,7 +112,7 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
         loss_reduction: how ``training_step``'s loss reduces over samples: ``"mean"`` (each micro-batch loss is
             weighted by its share of the batch) or ``"sum"`` (added as is).
         split_eval: also split validation/test/predict batches that run out of memory.
-        collective_timeout: DDP: seconds an agreement waits for the other ranks before ``OOMGuardError``.
+        collective_timeout: DDP, FSDP2: seconds an agreement waits for the other ranks before ``OOMGuardError``.
 
     Example:
         >>> guard = OOMGuard(grow_after=100)
