@@ -9,13 +9,12 @@ are cheap (gloo on one machine, a small MLP), i.e. close to the worst case.
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from tests.benchmarks.report import git_state, machine, save
 from tests.sharded.launch import launch
 
 CONFIGS = {"none": "none", "oom_guard": "oomq", "step_guards": "wc,gg,l1,of", "step_guards_oom": "wc,gg,l1,of,oomq"}
@@ -33,7 +32,8 @@ def measure(rounds: int = 3, epochs: int = 6) -> dict[str, Any]:
         for name, ts in times.items()
     }
     return {
-        "machine": f"{platform.processor() or platform.machine()}, CPU, 2 processes (gloo)",
+        "machine": machine().replace("runs on 1 thread", "2 processes (gloo), 1 thread each"),
+        "commit": git_state(),
         "rounds": rounds,
         "batches_timed_per_run": epochs * 8 - 4,
         "ms_per_batch_median": {k: 1000.0 * statistics.median(v) for k, v in times.items()},
@@ -59,11 +59,8 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(out: str = "docs/benchmarks") -> dict[str, Any]:
     result = measure()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "fsdp2_overhead_cpu.json").write_text(json.dumps(result, indent=2))
-    (Path(out) / "fsdp2_overhead_cpu.md").write_text(to_markdown(result))
-    return result
+    return save(out, "fsdp2_overhead_cpu", result, to_markdown(result))
 
 
 if __name__ == "__main__":
-    print(to_markdown(main()))
+    main()
