@@ -131,6 +131,8 @@ def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.
     if "oomb" in names:  # rank 1: above 8 samples in backward at step 2 (the whole batch), above 4 in forward at 6
         out.append(OOMGuard())  # (in the second batch of the window under accumulate_grad_batches=2: a replay)
         out += [SimulatedOOM(8, "backward", ranks=[bad], steps=[2]), SecondOfWindowOOM(4, "forward", [bad], [6])]
+    if "oomv" in names:  # rank 1: above 16 samples in validation's forward (its batches are 32)
+        out += [OOMGuard(), SimulatedOOM(16, "forward", ranks=[bad], stages=("validate",))]
     if "oomq" in names:  # OOMGuard with no fault (its steady-state cost)
         out.append(OOMGuard())
     if "cx" in names:  # CompressExport at fit end: prune half of the weights, int8, export, verify

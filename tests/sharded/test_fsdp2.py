@@ -79,6 +79,21 @@ def test_class_balance_mixin_and_adaptive_proximal_l1_under_fsdp2_equal_ddp(tmp_
     assert ddp["guard_metrics"]["guard/l1/sparsity"][-1] > 0.05  # the adaptive proximal step zeroed weights
 
 
+@pytest.mark.ddp
+def test_oom_in_validation_on_one_rank_under_fsdp2_is_split_on_every_rank(tmp_path):
+    """Rank 1 runs out of memory in validation's forward: every rank re-runs the step in halves together (its
+    forward is a chain of all-gathers: rank 1 alone re-running would pair its all-gathers with the wrong blocks)."""
+    args = ("--guards", "wc,of,oomv")
+    fsdp = launch("fsdp2", tmp_path / "fsdp2", *args)
+    ddp = launch("ddp", tmp_path / "ddp", *args)
+    retries = [e for e in fsdp["events"] if e["kind"] == "oom_retry"]
+    assert retries
+    assert all(e["data"]["stage"] == "validate" for e in retries)
+    assert {e["data"]["new_micro_batch_size"] for e in retries} == {16}
+    assert fsdp["val_loss"] == pytest.approx(ddp["val_loss"], abs=1e-5)
+    assert not close(fsdp["params"], ddp["params"], 1e-5), close(fsdp["params"], ddp["params"], 1e-5)
+
+
 def test_sharded_best_weights_stay_out_of_checkpoints_and_a_resume_says_so(tmp_path, monkeypatch):
     """Lightning writes callback states from rank 0 only: under sharded training rank 0's shards in the checkpoint
     would be loaded by every rank on resume (wrong weights, silently). They stay out; the restore says why it cannot."""

@@ -2,6 +2,8 @@
 
 No gradients and no optimizer: the step is re-run at once in halves (``functional.oom_policy.eval_retry_size``), its
 outputs recombined (:func:`~lightning_guard.functional.combine_outputs`) and the size that worked kept per stage.
+Under FSDP2 with several processes an evaluation forward is a chain of all-gathers: each micro-batch runs fenced and
+ends with an agreement, and every rank re-runs the step in halves together.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 import torch
 
 from lightning_guard._compat import logged_results
+from lightning_guard._fence import AT_END, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard._sharded import reset_after_failure
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
 from lightning_guard.callbacks.oom_guard.common import _error_text
 from lightning_guard.callbacks.oom_guard.retry import _RetryLoop
@@ -25,6 +29,8 @@ class _EvalSplitting(_RetryLoop):
     def _eval_step(self, stage: str, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._busy or not args:
             return inner(*args, **kwargs)
+        if self._sharded and self._fence.active:
+            return self._sharded_eval_step(stage, inner, args[0], args[1:], kwargs)
         batch, rest = args[0], args[1:]
         n = self._samples(batch)
         size = self.eval_micro_batch_size.get(stage)
@@ -72,10 +78,63 @@ class _EvalSplitting(_RetryLoop):
             self._eval_oom(stage, size)
             size = eval_retry_size(size)  # size >= 1 here: the same as size // 2
 
+    def _sharded_eval_step(self, stage: str, inner: Callable[..., Any], batch: Any, rest: Any, kwargs: Any) -> Any:
+        """FSDP2, several processes: each micro-batch's forward fenced and agreed; every rank halves together."""
+        n = self._samples(batch)
+        size = min(self.eval_micro_batch_size.get(stage, n), n)
+        results = logged_results(self._trainer) if self._trainer is not None else None
+        attempt = _AttemptState(self._module(), results, set(), self._layout_of(self._module()))
+        while True:
+            parts = self._split(batch, size) if size < n else [batch]
+            log = _PartLog(results, batch, attempt)
+            outputs: list[Any] = []
+            rows = self._fenced_parts(inner, parts, rest, kwargs, outputs, log)
+            log.finish()
+            if rows is None:
+                if size < n:
+                    self.eval_micro_batch_size[stage] = size
+                return outputs[0] if len(parts) == 1 else combine_outputs(outputs, [self._samples(p) for p in parts])
+            del outputs, parts
+            attempt.restore()
+            failed = min(int(r[2]) for r in rows if r[0] == FAILED)  # [place, where, size, memory...]
+            self._eval_oom(stage, failed)
+            size = eval_retry_size(failed)
+            if size < 1:
+                self._fatal(tuple(i for i, r in enumerate(rows) if r[0] == FAILED), {})
+
+    def _fenced_parts(
+        self, inner: Callable[..., Any], parts: list[Any], rest: Any, kwargs: Any, outputs: list[Any], log: _PartLog
+    ) -> list[list[float]] | None:
+        """Run the micro-batches, each fenced and agreed at its end; the agreement's rows when a rank failed."""
+        for part in parts:
+            log.enter(part)
+            rows: list[list[float]] | None = None
+            self._oom = None
+            try:
+                with self._fence.watching():
+                    outputs.append(inner(part, *rest, **kwargs))
+            except FenceAbort as abort:
+                rows = abort.rows
+            except FenceTimeout as exc:
+                self._fence_timed_out(AT_END, exc)
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                self._oom_text = _error_text(exc)
+                self._oom = ("forward", self._samples(part), {})
+            if rows is None:
+                rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
+            self._oom = None
+            if StepFence.failed(rows):
+                return rows
+            log.leave(self._weight(part))
+        return None
+
     def _eval_oom(self, stage: str, size: int) -> None:
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         mem = memory_stats(device)
+        reset_after_failure(self._module())  # FSDP2 after a forward abandoned mid-flight (no-op otherwise)
         free_memory(device)
         if trainer is not None:
             new = size // 2

@@ -268,8 +268,8 @@ class _RetryLoop(_FenceProtocol):
         trainer = self._trainer
         assert trainer is not None
         start = time.perf_counter()
-        if self._sharded:  # FSDP2 after a forward or backward abandoned mid-flight: resharded, trackers cleared
-            reset_after_failure(self._module())
+        # FSDP2 (one process too) after a forward or backward abandoned mid-flight: resharded, trackers cleared
+        reset_after_failure(self._module())
         optimizer.zero_grad(set_to_none=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_forget_step(scaler)
