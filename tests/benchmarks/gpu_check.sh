@@ -8,7 +8,8 @@
 #   l1:             step-time overhead of L1Penalty (subgradient, proximal) vs the loss-term idiom, same model
 #   guards:         all step-path guards together vs bare, ~134M LM, bf16-mixed and 16-mixed (target <= 3%)
 #   sharded:        FSDP2 (ModelParallelStrategy + fully_shard) and FSDP1 (strategy="fsdp") on one GPU, bf16-mixed,
-#                   GradientGuard, L1Penalty, OverfitGuard, WarmupCosine with a NaN loss and NaN gradients on rank 0
+#                   GradientGuard, L1Penalty, OverfitGuard, WarmupCosine with a NaN loss and NaN gradients on rank 0,
+#                   FSDP2 also OOMGuard with simulated OOMs in forward and backward (FSDP2 reset on CUDA)
 #                   (tests/sharded/run_guards.py -> OUT/sharded_<strategy>/result.json; events printed)
 #   oom:            OOMGuard against a real CUDA out-of-memory under a 2.5 GiB cap: completes, matches a micro-batched
 #                   reference, recovery time (tests/callbacks/test_oom_guard_gpu.py -> OUT/oom_guard_gpu.json)
@@ -45,8 +46,9 @@ if [[ $PART == all || $PART == guards ]]; then
 fi
 if [[ $PART == all || $PART == sharded ]]; then
   for S in fsdp2 fsdp1; do
+    G=wc,gg,l1,of,cx; [[ $S == fsdp2 ]] && G=wc,gg,l1,of,oom,cx  # FSDP2: OOMGuard's reset after a failed attempt
     timeout 150 python3 -m tests.sharded.run_guards --strategy $S --accelerator gpu --devices 1 --fault-rank 0 \
-      --precision bf16-mixed --out "$OUT/sharded_$S" 2>&1 | grep -vE "$FILTER" | tail -4
+      --precision bf16-mixed --guards $G --out "$OUT/sharded_$S" 2>&1 | grep -vE "$FILTER" | tail -4
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], r['global_step'], r['val_loss'], \
       [(e['guard'], e['kind'], e['step']) for e in r['events']])" "$OUT/sharded_$S/result.json" $S
   done
