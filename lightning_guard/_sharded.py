@@ -38,6 +38,7 @@ __all__ = [
     "reshard",
     "sharded_training",
     "shares",
+    "unsynchronised_parameters",
 ]
 
 
@@ -167,3 +168,18 @@ def shares(tensors: list[Any], trainer: Any) -> list[float] | None:
         else:
             out.append(plain)
     return None if all(w == 1.0 for w in out) else out
+
+
+def unsynchronised_parameters(module: torch.nn.Module, trainer: Any) -> list[str]:
+    """Trainable parameters that are plain tensors (not ``DTensor``) under ModelParallelStrategy with several ranks.
+
+    ``fully_shard`` makes every parameter of the modules it is applied to a ``DTensor``; a parameter outside them
+    stays a plain tensor on each rank, and Lightning does not synchronise its gradient: unless the user's code does
+    (torch's ``replicate``), its copies drift apart. The guards weigh each copy 1 / world size in their sums, which is
+    the model's value only while the copies agree. Call after :func:`reshard` (gathered parameters are plain too).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if trainer.world_size <= 1 or not isinstance(trainer.strategy, ModelParallelStrategy):
+        return []
+    return [name for name, p in module.named_parameters() if p.requires_grad and not is_sharded(p)]

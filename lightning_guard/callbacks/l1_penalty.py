@@ -14,8 +14,9 @@ from typing_extensions import override
 from lightning_guard._checks import check_int
 from lightning_guard._compat import NORM_BASE, scaler_scale, steps_unscale_inside
 from lightning_guard._runtime import StepOutcome, emit
-from lightning_guard._sharded import local, sharded_training, shares
+from lightning_guard._sharded import fsdp_modules, local, reshard, sharded_training, shares
 from lightning_guard.callbacks._base import GuardCallback
+from lightning_guard.callbacks._sharding import warn_unsynchronised
 from lightning_guard.distributed import all_reduce_sum
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent
@@ -193,10 +194,15 @@ class L1Penalty(GuardCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        # FSDP2 keeps the root's parameters gathered after a validation (the sanity check) until the first step: the
+        # selection takes the sharded parameters the optimizer holds, not those temporary full tensors (freed later)
+        reshard(fsdp_modules(pl_module))
         self._select(pl_module)
         self._opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
         self._per_optimizer, self._signs = {}, {}
         self._reduce = sharded_training(trainer)  # each rank penalises and measures its shards: sums over ranks
+        if self._reduce:
+            warn_unsynchronised(self, trainer, pl_module, "the logged penalty and sparsity")
         if self.mode == "adaptive_proximal":
             for i, opt in enumerate(trainer.optimizers):
                 owns = any(id(p) in self._opt_params[i] for _, ps in self._groups for p in ps)

@@ -7,6 +7,7 @@ shard norms over ranks).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,12 @@ __all__ = [
     "top_k_grad_norms",
     "zclip_threshold",
 ]
+
+
+@functools.lru_cache(maxsize=16)
+def constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as an fp32 tensor on ``device``, made once: a copy from the host every step would sync it."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def collect_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -67,7 +74,7 @@ def global_grad_norm(
         norms = torch.stack(foreach_norm(gs, 2.0, dtype=torch.float32))
         if weights is None:
             return torch.linalg.vector_norm(norms)
-        return (norms.square() * torch.tensor(weight_of[device], device=norms.device)).sum().sqrt()
+        return (norms.square() * constant(tuple(weight_of[device]), norms.device)).sum().sqrt()
 
     per_device = [device_norm(device, gs) for device, gs in by_device.items()]
     norm = (

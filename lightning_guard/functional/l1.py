@@ -20,6 +20,7 @@ from lightning_guard._compat import (
     foreach_sub_,
 )
 from lightning_guard._sharded import local, local_grad
+from lightning_guard.functional.grad import constant
 
 __all__ = ["l1_adaptive_proximal_", "l1_norm", "l1_proximal_", "l1_subgradient_", "zero_count"]
 
@@ -124,7 +125,7 @@ def l1_norm(params: Sequence[torch.Tensor], weights: Sequence[float] | None = No
     norms = foreach_norm([local(p) for p in params], 1.0, dtype=torch.float32)
     stacked = torch.stack([n.to(norms[0].device) for n in norms])
     if weights is not None:
-        stacked = stacked * torch.tensor(list(weights), device=stacked.device)
+        stacked = stacked * constant(tuple(weights), stacked.device)
     return stacked.sum()
 
 
@@ -141,5 +142,5 @@ def zero_count(params: Sequence[torch.Tensor], weights: Sequence[float] | None =
     counts = [(local(p) == 0).sum() for p in params]
     stacked = torch.stack([c.to(counts[0].device) for c in counts])
     if weights is not None:
-        stacked = stacked.double() * torch.tensor(list(weights), dtype=torch.float64, device=stacked.device)
+        stacked = stacked.double() * constant(tuple(weights), stacked.device).double()
     return stacked.sum()

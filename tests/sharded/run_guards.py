@@ -45,9 +45,9 @@ class ShardedMLP(GuardMixin, pl.LightningModule):
     Its loss is ``GuardMixin.balanced_loss`` (plain cross-entropy without a ClassBalance in the Trainer).
     """
 
-    def __init__(self, hsdp: bool = False) -> None:
+    def __init__(self, hsdp: bool = False, shard_root: bool = True) -> None:
         super().__init__()
-        self.hsdp = hsdp
+        self.hsdp, self.shard_root = hsdp, shard_root
         self.body = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
         self.head = nn.Linear(64, 4)
 
@@ -56,16 +56,17 @@ class ShardedMLP(GuardMixin, pl.LightningModule):
             return
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        if isinstance(self, FSDPModule):  # already sharded (Lightning calls the hook again for a validate after fit)
+        if isinstance(self.head, FSDPModule):  # already sharded (Lightning calls the hook again for a validate)
             return
         mesh = self.device_mesh["data_parallel"]
         if self.hsdp:  # HSDP: a 2-D mesh, parameters replicated over its first dimension and sharded over its second
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(mesh.device_type, (mesh.size(), 1), mesh_dim_names=("replicate", "shard"))
-        for block in (self.body[0], self.body[3], self.head):
-            fully_shard(block, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        for block in (self.body[0], self.head):  # body[3] stays in the root's group: FSDP2 keeps it gathered after
+            fully_shard(block, mesh=mesh)  # a validation (the sanity check) until the next training step
+        if self.shard_root:  # else the root's own parameters (body.1, body.3) stay plain tensors, not synchronised
+            fully_shard(self, mesh=mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
     ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--no-root-shard", action="store_true")  # fully_shard the blocks only, not the module
     ap.add_argument("--accumulate", type=int, default=1)  # accumulate_grad_batches
     ap.add_argument("--checkpoint", action="store_true")  # a ModelCheckpoint saving every epoch (reshards the model)
     ap.add_argument("--stop-after-epoch", type=int)  # interrupt the run there, as a crash would (resume tests)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
         strategy = FSDPStrategy(auto_wrap_policy={nn.Linear})
     torch.manual_seed(0)
-    model = ShardedMLP(hsdp=args.strategy == "hsdp")
+    model = ShardedMLP(hsdp=args.strategy == "hsdp", shard_root=not args.no_root_shard)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=2,  # Lightning's default: FSDP2 then starts training with the root's weights gathered
         use_distributed_sampler=True,
         callbacks=[*guards(args.guards.split(","), args.fault_rank, out), *_procedure(args, out)],
     )

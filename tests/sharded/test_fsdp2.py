@@ -94,6 +94,17 @@ def test_oom_in_validation_on_one_rank_under_fsdp2_is_split_on_every_rank(tmp_pa
     assert not close(fsdp["params"], ddp["params"], 1e-5), close(fsdp["params"], ddp["params"], 1e-5)
 
 
+@pytest.mark.ddp
+def test_parameters_outside_fully_shard_are_reported_by_the_guards_that_count_them(tmp_path):
+    """Only the blocks are sharded: the root's own parameters stay plain tensors that Lightning does not synchronise
+    (each rank trains its copy). GradientGuard and L1Penalty count them as one copy each; they say so at train start."""
+    got = launch("fsdp2", tmp_path / "fsdp2", "--guards", "gg,l1", "--no-root-shard", "--epochs", "1")
+    warned = [e for e in got["events"] if e["kind"] == "unsynchronised_parameters"]
+    assert sorted(e["guard"] for e in warned) == ["gradient_guard", "l1_penalty"]
+    assert warned[0]["data"]["parameters"] == ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"]
+    assert all(e["step"] == 0 for e in warned)
+
+
 def test_sharded_best_weights_stay_out_of_checkpoints_and_a_resume_says_so(tmp_path, monkeypatch):
     """Lightning writes callback states from rank 0 only: under sharded training rank 0's shards in the checkpoint
     would be loaded by every rank on resume (wrong weights, silently). They stay out; the restore says why it cannot."""

@@ -14,6 +14,7 @@ from lightning_guard._checks import check_int, check_number
 from lightning_guard._compat import scaler_scale, steps_unscale_inside
 from lightning_guard._sharded import sharded_training, shares
 from lightning_guard._state import StateSchema
+from lightning_guard.callbacks._sharding import warn_unsynchronised
 from lightning_guard.callbacks.gradient_guard.actions import GradientGuardActions, _Step
 from lightning_guard.callbacks.gradient_guard.base import _current_scale
 from lightning_guard.errors import GuardConfigError
@@ -222,6 +223,8 @@ class GradientGuard(GradientGuardActions):
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
         self._reduce = self._sharded(trainer)
+        if self._reduce:
+            warn_unsynchronised(self, trainer, pl_module, "the gradient norm")
         self._losses = []
         n = len(trainer.optimizers)
         for per_opt in (self._stats, self._loss_stats):
