@@ -8,13 +8,14 @@ ends with an agreement, and every rank re-runs the step in halves together.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lightning_guard._compat import logged_results
-from lightning_guard._fence import AT_END, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard._fence import AT_END, FAILED, StepFence
 from lightning_guard._sharded import reset_after_failure
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
 from lightning_guard.callbacks.oom_guard.common import _error_text
@@ -108,25 +109,14 @@ class _EvalSplitting(_RetryLoop):
         """Run the micro-batches, each fenced and agreed at its end; the agreement's rows when a rank failed."""
         for part in parts:
             log.enter(part)
-            rows: list[list[float]] | None = None
-            self._oom = None
-            try:
-                with self._fence.watching():
-                    outputs.append(inner(part, *rest, **kwargs))
-            except FenceAbort as abort:
-                rows = abort.rows
-            except FenceTimeout as exc:
-                self._fence_timed_out(AT_END, exc)
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                self._oom_text = _error_text(exc)
-                self._oom = ("forward", self._samples(part), {})
+            out, rows, oom = self._fenced(functools.partial(inner, part, *rest, **kwargs))
             if rows is None:
-                rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
-            self._oom = None
+                self._oom = ("forward", self._samples(part), {}) if oom else None  # the agreement's payload
+                rows = self._agree_fence(FAILED if oom else AT_END)
+                self._oom = None
             if StepFence.failed(rows):
                 return rows
+            outputs.append(out)
             log.leave(self._weight(part))
         return None
 

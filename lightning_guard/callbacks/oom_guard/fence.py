@@ -160,22 +160,31 @@ class _FenceProtocol(_Core):
         A rank that runs out of memory goes to its agreement; the others meet it before their next collective of the
         backward (or at the step's agreement, when it failed after its last one), and every rank abandons the attempt.
         """
-        rows: list[list[float]] | None = None
+        _, rows, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
+        if oom:  # the failed graph is released by now
+            self._note_oom("backward", self._current_size())
+        if rows is None and self._oom is not None:
+            rows = self._agree_fence(FAILED)
+        return None if rows is None else self._fence_verdict(rows)
+
+    def _fenced(self, call: Callable[[], Any]) -> tuple[Any, list[list[float]] | None, bool]:
+        """Run ``call`` with its collectives fenced: ``(result, rows, oom)``.
+
+        ``rows``: the agreement at which another rank's failure stopped it; ``oom``: it ran out of memory here (the
+        error's text kept in ``_oom_text``). A timed-out agreement raises ``OOMGuardError``; other errors propagate.
+        """
         try:
             with self._fence.watching():
-                inner(loss, *args, **kwargs)
-        except FenceAbort as abort:  # another rank failed
-            rows = abort.rows
+                return call(), None, False
+        except FenceAbort as abort:
+            return None, abort.rows, False
         except FenceTimeout as exc:
             self._fence_timed_out(AT_END, exc)
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
             self._oom_text = _error_text(exc)
-            self._note_oom("backward", self._current_size())
-        if rows is None and self._oom is not None:  # outside the handler: the failed graph is released
-            rows = self._agree_fence(FAILED)
-        return None if rows is None else self._fence_verdict(rows)
+        return None, None, True
 
     @contextlib.contextmanager
     def _track_reduced(self) -> Iterator[Callable[[], list[torch.nn.Parameter]]]:

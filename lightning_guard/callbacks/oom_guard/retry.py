@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lightning_guard._compat import call_training_step, logged_results, scaler_forget_step
-from lightning_guard._fence import AT_END, FAILED, FenceAbort, FenceTimeout, StepFence
+from lightning_guard._fence import AT_END, FAILED, StepFence
 from lightning_guard._sharded import reset_after_failure
 from lightning_guard._wrapping import takes_batch_idx
 from lightning_guard.callbacks._base import GuardCallback
@@ -58,25 +58,16 @@ class _RetryLoop(_FenceProtocol):
             else:
                 # counted only while quiet steps are still possible (once a step issued a collective, never again)
                 before = self._fence.issued() if self._fence.active and not self._loud else None
-                try:
-                    with self._fence.watching():
-                        out = step()
-                except FenceAbort as abort:
-                    rows = abort.rows
-                except FenceTimeout as exc:
-                    self._fence_timed_out(AT_END, exc)
-                except Exception as exc:
-                    if not is_oom_error(exc):
-                        raise
-                    self._oom_text = _error_text(exc)
+                out, rows, oom = self._fenced(step)
+                if oom:  # the failed forward's frames are released by now
                     self._note_oom("forward", self._samples(part))
                     if not self._fence.active:
-                        raise _Retry(self._local_agreement()) from None
+                        raise _Retry(self._local_agreement())
                     if quiet:
                         self._deferred = self._post_failure()
                         return self._dummy_loss(pl_module)
                     rows = self._agree_fence(FAILED)
-                else:
+                elif rows is None:
                     self._step_collectives += self._issued_since(before)
                     if not self._fence.active or quiet:
                         if log is not None:
