@@ -86,16 +86,21 @@ def can_reset_after_failure() -> bool:
     return FSDPModule is not None and hasattr(FSDPModule, "reset_iter_state")
 
 
-def reset_after_failure(module: torch.nn.Module) -> None:
+def reset_after_failure(module: torch.nn.Module, *, training: bool) -> None:
     """Bring FSDP2 back to a clean iteration after a forward or backward abandoned mid-flight (out of memory).
 
     ``FSDPModule.reset_iter_state`` on each root (an FSDP2 module inside no other one): it waits for the collectives
-    in flight, reshards every parameter group and clears the iteration's trackers; the failed iteration's gradients
-    are lost. No communication.
+    in flight, reshards every parameter group and clears the iteration's trackers. No communication; nothing without
+    FSDP2 modules. After a training attempt (``training``) the gradients left on gathered parameters are dropped too
+    (a block whose backward ran but whose reduce-scatter did not holds its gradient there); an evaluation keeps every
+    gradient (an accumulation window may be open).
     """
-    for p in module.parameters():  # a block whose backward ran but whose reduce-scatter did not holds its gradient
-        p.grad = None  # on the gathered (unsharded) parameter, registered in the module until the reset below
     roots = fsdp_modules(module)
+    if not roots:
+        return
+    if training:
+        for p in module.parameters():  # the gathered parameters are registered in the module until the reset below
+            p.grad = None
     inner = {id(sub) for m in roots for sub in m.modules() if sub is not m}
     for m in roots:
         if id(m) not in inner:

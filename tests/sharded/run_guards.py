@@ -45,9 +45,11 @@ class ShardedMLP(GuardMixin, pl.LightningModule):
     Its loss is ``GuardMixin.balanced_loss`` (plain cross-entropy without a ClassBalance in the Trainer).
     """
 
-    def __init__(self, hsdp: bool = False, shard_root: bool = True) -> None:
+    def __init__(self, hsdp: bool = False, shard_root: bool = True, pre: bool = False) -> None:
         super().__init__()
         self.hsdp, self.shard_root = hsdp, shard_root
+        # a first layer outside every fully_shard (with the root unsharded): its backward comes after every collective
+        self.pre = nn.Linear(16, 16) if pre else nn.Identity()
         self.body = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
         self.head = nn.Linear(64, 4)
 
@@ -69,7 +71,7 @@ class ShardedMLP(GuardMixin, pl.LightningModule):
             fully_shard(self, mesh=mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.body(self.pre(x)))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -83,6 +85,10 @@ class ShardedMLP(GuardMixin, pl.LightningModule):
         self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
         self.track_classes(logits, y)  # per-class recall and balanced accuracy (torchmetrics, synced over ranks)
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
 
@@ -93,6 +99,13 @@ def data() -> tuple[DataLoader, DataLoader]:
     y = (x[:, :4] + 0.5 * torch.randn(320, 4, generator=g)).argmax(1)
     train, val = TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
     return DataLoader(train, batch_size=16), DataLoader(val, batch_size=32)
+
+
+class SyncDistAfterBackward(pl.Callback):
+    """A collective after backward, outside the step: ``self.log(..., sync_dist=True)`` in ``on_after_backward``."""
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("after_backward", torch.ones((), device=pl_module.device), sync_dist=True)
 
 
 class SecondOfWindowOOM(SimulatedOOM):
@@ -134,6 +147,11 @@ def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.
         out += [SimulatedOOM(8, "backward", ranks=[bad], steps=[2]), SecondOfWindowOOM(4, "forward", [bad], [6])]
     if "oomv" in names:  # rank 1: above 16 samples in validation's forward (its batches are 32)
         out += [OOMGuard(), SimulatedOOM(16, "forward", ranks=[bad], stages=("validate",))]
+    if "oomab" in names:  # rank 1: above 8 samples in the backward of the unsharded first layer (after every
+        # collective of the backward), and a sync_dist log in on_after_backward, where the other rank goes next
+        out += [OOMGuard(), SimulatedOOM(8, "backward", ranks=[bad], steps=[3], module="pre"), SyncDistAfterBackward()]
+    if "oomt" in names:  # rank 1: above 16 samples in trainer.test's forward, after fit (its batches are 32)
+        out += [OOMGuard(), SimulatedOOM(16, "forward", ranks=[bad], stages=("test",))]
     if "oomq" in names:  # OOMGuard with no fault (its steady-state cost)
         out.append(OOMGuard())
     if "cx" in names:  # CompressExport at fit end: prune half of the weights, int8, export, verify
@@ -211,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--devices", type=int, default=2)  # processes per node (torchrun's --nproc_per_node)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--no-root-shard", action="store_true")  # fully_shard the blocks only, not the module
+    ap.add_argument("--pre-layer", action="store_true")  # an unsharded first Linear (with --no-root-shard)
+    ap.add_argument("--val-every", type=int)  # val_check_interval in batches (mid-epoch validations)
+    ap.add_argument("--post-test", action="store_true")  # trainer.test after fit (on the validation data)
     ap.add_argument("--accumulate", type=int, default=1)  # accumulate_grad_batches
     ap.add_argument("--checkpoint", action="store_true")  # a ModelCheckpoint saving every epoch (reshards the model)
     ap.add_argument("--stop-after-epoch", type=int)  # interrupt the run there, as a crash would (resume tests)
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
 
         strategy = FSDPStrategy(auto_wrap_policy={nn.Linear})
     torch.manual_seed(0)
-    model = ShardedMLP(hsdp=args.strategy == "hsdp", shard_root=not args.no_root_shard)
+    model = ShardedMLP(hsdp=args.strategy == "hsdp", shard_root=not args.no_root_shard, pre=args.pre_layer)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -236,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         max_epochs=args.epochs,
         accumulate_grad_batches=args.accumulate,
+        val_check_interval=args.val_every,
         logger=CSVLogger(out, name="csv"),
         enable_checkpointing=args.checkpoint,
         default_root_dir=out,
@@ -257,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         post_val_loss = float(trainer.validate(model, val, verbose=False)[0]["val_loss"])
         again = full_params(model)
         params = {name: again[name] for name in params}
+    test_loss = float(trainer.test(model, val, verbose=False)[0]["test_loss"]) if args.post_test else None
     if trainer.global_rank == 0:
         from lightning_guard import event_stream
 
@@ -276,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             "events": events,
             "val_loss": val_loss,
             "post_val_loss": post_val_loss,
+            "test_loss": test_loss,
             "seconds_per_batch": timer.seconds / max(timer.batches, 1),
             "world_size": trainer.world_size,
             "pid": os.getpid(),

@@ -89,6 +89,7 @@ def test_oom_in_validation_on_one_rank_under_fsdp2_is_split_on_every_rank(tmp_pa
     retries = [e for e in fsdp["events"] if e["kind"] == "oom_retry"]
     assert retries
     assert all(e["data"]["stage"] == "validate" for e in retries)
+    assert all(e["ranks"] == e["data"]["oom_ranks"] == [1] for e in retries)  # reported once, for rank 1
     assert {e["data"]["new_micro_batch_size"] for e in retries} == {16}
     assert fsdp["val_loss"] == pytest.approx(ddp["val_loss"], abs=1e-5)
     assert not close(fsdp["params"], ddp["params"], 1e-5), close(fsdp["params"], ddp["params"], 1e-5)
@@ -103,6 +104,41 @@ def test_parameters_outside_fully_shard_are_reported_by_the_guards_that_count_th
     assert sorted(e["guard"] for e in warned) == ["gradient_guard", "l1_penalty"]
     assert warned[0]["data"]["parameters"] == ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"]
     assert all(e["step"] == 0 for e in warned)
+
+
+@pytest.mark.ddp
+def test_backward_oom_after_the_last_collective_then_a_sync_dist_log_after_backward_recovers(tmp_path):
+    """Rank 1 runs out of memory in the backward of an unsharded first layer, after the backward's last collective;
+    rank 0 goes on into a ``sync_dist`` log in ``on_after_backward``. Rank 1 used to raise out of backward and wait at
+    its agreement while rank 0 waited in the log's all-reduce (a review's hang). Now every rank runs the hooks after
+    backward and unwinds at the step's agreement: the run equals the same run without the log."""
+    args = ("--guards", "wc,oomab", "--no-root-shard", "--pre-layer", "--epochs", "1")
+    logged = launch("fsdp2", tmp_path / "logged", *args)
+    retries = [e for e in logged["events"] if e["kind"] == "oom_retry"]
+    assert [(e["step"], e["ranks"], e["data"]["where"]) for e in retries] == [(3, [1], ["backward"])]
+    assert logged["global_step"] == 8
+
+
+@pytest.mark.ddp
+def test_oom_in_trainer_test_after_fit_on_one_rank_under_fsdp2_is_split_on_every_rank(tmp_path):
+    """``trainer.test`` after fit, rank 1 out of memory: the fence is set up for the test stage too (it was only for
+    fit: rank 1 split alone and gloo failed on mismatched all-gathers, "8544 vs 1344")."""
+    args = ("--guards", "wc,oomt", "--post-test", "--epochs", "1")
+    fsdp = launch("fsdp2", tmp_path / "fsdp2", *args)
+    ddp = launch("ddp", tmp_path / "ddp", *args)
+    assert fsdp["test_loss"] == pytest.approx(ddp["test_loss"], abs=1e-5)
+    assert not close(fsdp["params"], ddp["params"], 1e-5)
+
+
+@pytest.mark.ddp
+def test_validation_oom_inside_an_accumulation_window_keeps_the_window_s_gradients(tmp_path):
+    """accumulate_grad_batches=2 and a validation after batch 3 (inside a window), rank 1 out of memory there: the
+    FSDP2 reset after an evaluation failure keeps the gradients (the first version dropped them: weights 0.012 off)."""
+    args = ("--accumulate", "2", "--val-every", "3", "--epochs", "1")
+    faulted = launch("fsdp2", tmp_path / "faulted", "--guards", "wc,oomv", *args)
+    clean = launch("fsdp2", tmp_path / "clean", "--guards", "wc,oomq", *args)
+    assert any(e["kind"] == "oom_retry" for e in faulted["events"])
+    assert not close(faulted["params"], clean["params"], 1e-6), close(faulted["params"], clean["params"], 1e-6)
 
 
 def test_sharded_best_weights_stay_out_of_checkpoints_and_a_resume_says_so(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from lightning_guard._compat import logged_results
 from lightning_guard._fence import AT_END, FAILED, StepFence
 from lightning_guard._sharded import reset_after_failure
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
-from lightning_guard.callbacks.oom_guard.common import _error_text
+from lightning_guard.callbacks.oom_guard.common import _MEM_KEYS, _error_text
 from lightning_guard.callbacks.oom_guard.retry import _RetryLoop
 from lightning_guard.functional.oom import combine_outputs, free_memory, is_oom_error, memory_stats
 from lightning_guard.functional.oom_policy import eval_retry_size
@@ -97,11 +97,13 @@ class _EvalSplitting(_RetryLoop):
                 return outputs[0] if len(parts) == 1 else combine_outputs(outputs, [self._samples(p) for p in parts])
             del outputs, parts
             attempt.restore()
-            failed = min(int(r[2]) for r in rows if r[0] == FAILED)  # [place, where, size, memory...]
-            self._eval_oom(stage, failed)
+            ranks = tuple(i for i, r in enumerate(rows) if r[0] == FAILED)  # rows: [place, where, size, memory...]
+            failed = min(int(rows[i][2]) for i in ranks)
             size = eval_retry_size(failed)
             if size < 1:
-                self._fatal(tuple(i for i, r in enumerate(rows) if r[0] == FAILED), {})
+                memory = {i: {k: rows[i][3 + j] for j, k in enumerate(_MEM_KEYS) if rows[i][3 + j]} for i in ranks}
+                self._fatal(ranks, memory)
+            self._eval_oom(stage, failed, ranks)
 
     def _fenced_parts(
         self, inner: Callable[..., Any], parts: list[Any], rest: Any, kwargs: Any, outputs: list[Any], log: _PartLog
@@ -111,7 +113,8 @@ class _EvalSplitting(_RetryLoop):
             log.enter(part)
             out, rows, oom = self._fenced(functools.partial(inner, part, *rest, **kwargs))
             if rows is None:
-                self._oom = ("forward", self._samples(part), {}) if oom else None  # the agreement's payload
+                device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+                self._oom = ("forward", self._samples(part), memory_stats(device)) if oom else None  # its payload
                 rows = self._agree_fence(FAILED if oom else AT_END)
                 self._oom = None
             if StepFence.failed(rows):
@@ -120,18 +123,29 @@ class _EvalSplitting(_RetryLoop):
             log.leave(self._weight(part))
         return None
 
-    def _eval_oom(self, stage: str, size: int) -> None:
+    def _eval_oom(self, stage: str, size: int, ranks: tuple[int, ...] | None = None) -> None:
+        """Clean up after an evaluation step that ran out of memory at ``size``, and say so.
+
+        ``ranks``: the ranks that failed, agreed (FSDP2: rank 0 reports for them); None: this rank alone.
+        """
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        mem = memory_stats(device)
-        reset_after_failure(self._module())  # FSDP2 after a forward abandoned mid-flight (no-op otherwise)
+        mem = memory_stats(device) if ranks is None else {}
+        reset_after_failure(self._module(), training=False)  # FSDP2 after a forward abandoned mid-flight
         free_memory(device)
-        if trainer is not None:
-            new = size // 2
-            self.emit(
-                trainer,
-                "oom_retry",
-                f"out of memory in {stage} at batch {size}; splitting into micro-batches of {new}",
-                severity="warning",
-                data={"stage": stage, "old_micro_batch_size": size, "new_micro_batch_size": new, **mem},
-            )
+        if trainer is None or size <= 1:  # at one sample the step fails for good (OOMGuardError follows)
+            return
+        new = size // 2
+        on = "" if ranks is None else f" on rank {', '.join(map(str, ranks))}"
+        data: dict[str, Any] = {"stage": stage, "old_micro_batch_size": size, "new_micro_batch_size": new, **mem}
+        if ranks is not None:
+            data["oom_ranks"] = list(ranks)
+        self.emit(
+            trainer,
+            "oom_retry",
+            f"out of memory in {stage}{on} at batch {size}; splitting into micro-batches of {new}",
+            severity="warning",
+            data=data,
+            ranks=ranks or (),
+            rank_zero_only=ranks is not None,
+        )

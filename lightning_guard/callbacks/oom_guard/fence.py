@@ -167,6 +167,21 @@ class _FenceProtocol(_Core):
             rows = self._agree_fence(FAILED)
         return None if rows is None else self._fence_verdict(rows)
 
+    def _sharded_closure_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> None:
+        """FSDP2, the backward inside Lightning's closure: a failure is told at the step's one agreement.
+
+        The hooks that follow backward (a ``sync_dist`` log in ``on_after_backward``) then run on every rank alike,
+        whatever happened: a rank that ran out of memory posts its failure without waiting (the others may be past
+        their last fenced collective, on their way into such a hook), and a rank stopped by another's failure goes on
+        as well. Every rank unwinds at the step's agreement (``step_verdict``), where FSDP2 is reset.
+        """
+        _, rows, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
+        if oom:
+            self._note_oom("backward", self._current_size())
+            self._deferred = self._post_failure()
+        elif rows is not None:
+            self._abandoned = self._fence_verdict(rows)
+
     def _fenced(self, call: Callable[[], Any]) -> tuple[Any, list[list[float]] | None, bool]:
         """Run ``call`` with its collectives fenced: ``(result, rows, oom)``.
 

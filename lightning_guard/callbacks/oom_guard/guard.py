@@ -149,18 +149,20 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._sharded = trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy)
         if stage == "fit":
             for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
                 self._install(pl_module, name)
             self._checked_batch = False
             self._dynamic_buffers, self._backward_collectives, self._layout = None, 0, None
-            self._quiet, self._loud, self._counted = False, False, False
-            self._sharded = trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy)
+            self._quiet, self._counted = False, False
             self._loud = self._sharded  # FSDP2: every step issues collectives, none is quiet
             if trainer.world_size > 1:
                 self._fence.setup()  # every rank, at the same point: creating a group is a collective
             if self._fence.active:  # the guards' one step agreement runs on the fence's group, with its timeout
                 self.runtime(trainer).set_step_gather(self._gather_step)
+        elif self._sharded and self.split_eval:  # validate/test/predict alone: FSDP2's evaluation forward is fenced
+            self._fence.setup()
         if self.split_eval:
             for name in _EVAL_HOOKS:
                 self._install(pl_module, name)
@@ -342,9 +344,7 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
                 raise _Retry(self._local_agreement())
             return None
         if self._sharded:
-            verdict = self._sharded_backward(inner, loss, args, kwargs)
-            if verdict is not None:
-                raise _Retry(verdict)
+            self._sharded_closure_backward(inner, loss, args, kwargs)
             return None
         self._ddp_backward(inner, loss, args, kwargs)
         # a failure here is told at the step's one agreement (on_before_optimizer_step, before any guard acts)
@@ -428,7 +428,7 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
         super().teardown(trainer, pl_module, stage)
         self._uninstall(pl_module)
         self._reset_step()
-        if stage == "fit":
+        if stage == "fit" or self._sharded:
             self._fence.teardown()
 
     @override

@@ -260,7 +260,7 @@ class _RetryLoop(_FenceProtocol):
         assert trainer is not None
         start = time.perf_counter()
         # FSDP2 (one process too) after a forward or backward abandoned mid-flight: resharded, trackers cleared
-        reset_after_failure(self._module())
+        reset_after_failure(self._module(), training=True)
         optimizer.zero_grad(set_to_none=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_forget_step(scaler)
@@ -347,4 +347,5 @@ class _RetryLoop(_FenceProtocol):
             )
         data = {"micro_batch_size": 1, "oom_ranks": list(ranks), **_memory_lists(ranks, memory)}
         self.emit(trainer, "oom_fatal", message, severity="error", data=data, ranks=ranks, rank_zero_only=True)
+        self.runtime(trainer).events.dump_outbox()  # every rank: its events not yet gathered go to disk now
         raise OOMGuardError(message, 1, ranks, memory)
