@@ -151,9 +151,13 @@ COLUMNS = {
         Column("torchrun", procedure="torchrun"),
         Column("two_nodes", procedure="two_nodes"),
         Column("fsdp2", procedure="fsdp2"),
+        Column("fsdp2_bf16_mixed", procedure="fsdp2", precision="bf16-mixed"),
     )
 }
 
+#: two bf16-mixed ranks vs one process with both ranks' batches: bf16 products of 16-row and 32-row batches round
+#: differently; the bound keeps a wide margin over the differences measured (docs/contract.md)
+BF16_MULTI_RANK_TOL = {"rtol": 0.0, "atol": 1e-2}
 #: the procedures that launch the cell in subprocesses (2 ranks; the same reference as ``ddp_spawn``)
 LAUNCHED = ("ddp_subprocess", "torchrun", "two_nodes", "fsdp2")
 #: two ranks: the reference is one process running both ranks' batches as one
@@ -280,7 +284,7 @@ def _launched(row: Row, col: Column, root: Path) -> Result:
     from lightning_guard import GuardConfigError
     from tests.sharded.launch import launch, torchrun
 
-    script, args = "tests.contract.run_cell", ("--row", row.name)
+    script, args = "tests.contract.run_cell", ("--row", row.name, "--column", col.name)
     if col.procedure == "torchrun":
         got = torchrun(root, *args, script=script)
     elif col.procedure == "two_nodes":
@@ -353,13 +357,17 @@ def check_equal(guarded: Result, reference: Result, col: Column) -> None:
     """Same weights, buffers and validation metrics (and after-fit results) within float tolerance."""
     assert guarded.weights.keys() == reference.weights.keys()
     tol = {"rtol": 2e-5, "atol": 2e-6} if col.procedure in MULTI_RANK else {"rtol": 1e-5, "atol": 1e-6}
+    if col.procedure in MULTI_RANK and col.precision != "32-true":  # bf16 matmuls of 2 x 16 rows vs 32 rows
+        tol = BF16_MULTI_RANK_TOL
     for name in reference.weights:
         torch.testing.assert_close(
             guarded.weights[name], reference.weights[name], msg=lambda m, n=name: f"{n}: {m}", **tol
         )
     assert guarded.metrics.keys() == reference.metrics.keys()
+    metric_tol = tol["atol"] if tol is BF16_MULTI_RANK_TOL else 1e-5
     for name, value in reference.metrics.items():
-        assert abs(guarded.metrics[name] - value) <= 1e-5 * max(1.0, abs(value)), (name, guarded.metrics[name], value)
+        diff = abs(guarded.metrics[name] - value)
+        assert diff <= metric_tol * max(1.0, abs(value)), (name, guarded.metrics[name], value)
     for key in ("validate", "test"):
         if key in reference.extra:
             (got,), (want,) = guarded.extra[key], reference.extra[key]

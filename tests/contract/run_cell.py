@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_guard import GuardConfigError, event_stream
-from tests.contract.matrix import COLUMNS, ROWS, _loaders, _net, _trainer
+from tests.contract.matrix import COLUMNS, ROWS, Column, _loaders, _net, _trainer
 from tests.contract.model import PLAIN
 
 
@@ -45,12 +45,14 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--row", required=True)
+    ap.add_argument("--column", default="plain")  # its precision (the strategy comes from --strategy)
     ap.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=1)
     args = ap.parse_args(argv)
-    out, row, col = Path(args.out), ROWS[args.row], COLUMNS["plain"]
+    out, row = Path(args.out), ROWS[args.row]
+    col = Column("launched", precision=COLUMNS[args.column].precision)
     world = args.devices * args.nodes
     strategy: Any = "ddp"
     if args.strategy == "fsdp2":
