@@ -152,6 +152,20 @@ def scaler_forget_step(scaler: Any) -> None:
     states.default_factory = _refresh_per_optimizer_state
 
 
+def ddp_sync_buffers_next_forward(model: Any, sync: bool) -> None:
+    """Set whether DDP's next forward broadcasts rank 0's buffers (BatchNorm statistics) before it runs.
+
+    DDP decides it from its previous forward (``require_forward_param_sync``: set at the end of a forward with
+    gradients synced, cleared at the end of one under ``no_sync`` or without gradients). A forward that failed on one
+    rank never reached that end, so the ranks disagree about the next broadcast and one waits in it for ever; after an
+    agreed failure every rank sets the same value. Nothing for a model that is not DDP.
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    _attr(model, "require_forward_param_sync", "DistributedDataParallel.require_forward_param_sync", "torch")
+    model.require_forward_param_sync = sync
+
+
 def collectives_issued(exclude: Any = None) -> int | None:
     """Collectives issued so far on every process group but ``exclude``; None where they cannot be read.
 

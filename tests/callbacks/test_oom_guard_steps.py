@@ -382,6 +382,50 @@ def test_ddp_forward_oom_on_one_rank_with_collectives_in_the_step(tmp_path):
     assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(1, [1], ["forward"])]
 
 
+class QuietConvNet(MeteredConvNet):
+    """The metered BatchNorm net with no collective in its step: nothing stops a healthy rank's forward early."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss)
+        return loss
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_ddp_forward_oom_in_a_micro_batch_with_batchnorm_keeps_the_buffer_broadcast_in_step(tmp_path):
+    """Micro-batching already on (16 of 32), rank 0 out of memory in the first micro-batch's forward, after DDP's
+    buffer broadcast. The failed forward never reached the end where DDP decides whether the next forward
+    broadcasts BatchNorm's buffers, so the ranks disagreed about that broadcast and one waited in it: OOMGuardError
+    after the timeout on one rank, a gloo crash on the other (a review's find, on main since the micro-batches).
+    Now every rank sets the same before the re-run; the run equals one that switched sizes without failing."""
+    tr, _ = digits_image_loaders(n_train=256, batch_size=32)
+    torch.manual_seed(0)
+    model = QuietConvNet()
+    ref_model = copy.deepcopy(model)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "oom").mkdir()
+    ref_cbs = [OOMGuard(micro_batch_size=16), MicroBatchAt(2, 8), DumpState(str(tmp_path / "ref"))]
+    trainer(tmp_path / "ref", ref_cbs, devices=2, strategy="ddp_spawn", max_steps=4).fit(ref_model, tr)
+    fault = SimulatedOOM(8, where="forward", module="classifier", ranks=[0], steps=[2])
+    cbs = [fault, OOMGuard(micro_batch_size=16, collective_timeout=20), DumpState(str(tmp_path / "oom"))]
+    trainer(tmp_path / "oom", cbs, devices=2, strategy="ddp_spawn", max_steps=4).fit(model, tr)
+    got, ref = _ranks(tmp_path / "oom"), _ranks(tmp_path / "ref")
+    assert got[0]["mbs"] == got[1]["mbs"] == 8
+    for g, r in zip(got, ref, strict=True):
+        for gp, rp in zip(g["params"], r["params"], strict=True):
+            torch.testing.assert_close(torch.tensor(gp), torch.tensor(rp), rtol=1e-6, atol=1e-6)
+        for k in r["buffers"]:
+            torch.testing.assert_close(
+                torch.tensor(g["buffers"][k]), torch.tensor(r["buffers"][k]), rtol=1e-6, atol=1e-6
+            )
+    events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
+    assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(2, [0], ["forward"])]
+
+
 class UnseenCollectiveNet(DigitsNet):
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from lightning_guard._compat import call_training_step, logged_results, scaler_forget_step
+from lightning_guard._compat import (
+    call_training_step,
+    ddp_sync_buffers_next_forward,
+    logged_results,
+    scaler_forget_step,
+)
 from lightning_guard._fence import AT_END, FAILED, StepFence
 from lightning_guard._sharded import reset_after_failure
 from lightning_guard._wrapping import takes_batch_idx
@@ -261,6 +266,9 @@ class _RetryLoop(_FenceProtocol):
         start = time.perf_counter()
         # FSDP2 (one process too) after a forward or backward abandoned mid-flight: resharded, trackers cleared
         reset_after_failure(self._module(), training=True)
+        # DDP: the re-run's first forward broadcasts the buffers on every rank, as a batch's first forward does (the
+        # failed forward left its rank's flag from before it, the others' from their last forward: a hang)
+        ddp_sync_buffers_next_forward(trainer.strategy.model, True)
         optimizer.zero_grad(set_to_none=True)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_forget_step(scaler)
