@@ -39,6 +39,7 @@ from lightning_guard._runtime import (
     reset_runtime,
     sync_events,
 )
+from lightning_guard._sharded import fsdp_modules, reshard
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.events import GuardEvent, Severity, _resolve_log_dir
 
@@ -324,6 +325,9 @@ class GuardCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        # FSDP2 keeps the root's parameters gathered after a validation (the sanity check) until the first step: the
+        # guards start from the sharded parameters the optimizer holds, not those temporary full tensors (freed later)
+        reshard(fsdp_modules(pl_module))
         if self._is_owner(trainer):
             self.runtime(trainer).attach(list(trainer.optimizers))
 

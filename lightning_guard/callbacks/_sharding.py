@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from lightning_guard._sharded import fsdp_modules, reshard, unsynchronised_parameters
+from lightning_guard._sharded import unsynchronised_parameters
 from lightning_guard.callbacks._base import GuardCallback
 
 
@@ -12,9 +12,8 @@ def warn_unsynchronised(guard: GuardCallback, trainer: pl.Trainer, pl_module: pl
     """A warning event when trainable parameters lie outside ``fully_shard`` under ModelParallelStrategy.
 
     Lightning does not synchronise them: each rank trains its own copy. ``what`` says which statistic of ``guard``
-    treats the copies as one (their mean).
+    treats the copies as one (their mean). Called from ``on_train_start``, after ``GuardCallback`` resharded.
     """
-    reshard(fsdp_modules(pl_module))  # parameters gathered after a validation are plain tensors too
     names = unsynchronised_parameters(pl_module, trainer)
     if not names:
         return

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_guard._checks import check_int
 from lightning_guard._compat import NORM_BASE, scaler_scale, steps_unscale_inside
 from lightning_guard._runtime import StepOutcome, emit
-from lightning_guard._sharded import fsdp_modules, local, reshard, sharded_training, shares
+from lightning_guard._sharded import local, sharded_training, shares
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._sharding import warn_unsynchronised
 from lightning_guard.distributed import all_reduce_sum
@@ -193,10 +193,7 @@ class L1Penalty(GuardCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        # FSDP2 keeps the root's parameters gathered after a validation (the sanity check) until the first step: the
-        # selection takes the sharded parameters the optimizer holds, not those temporary full tensors (freed later)
-        reshard(fsdp_modules(pl_module))
+        super().on_train_start(trainer, pl_module)  # resharded there: the selection takes the sharded parameters
         self._select(pl_module)
         self._opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
         self._per_optimizer, self._signs = {}, {}
@@ -318,17 +315,13 @@ class L1Penalty(GuardCallback):
         params = [p for _, ps in self._groups for p in ps]
         # a part replicated over ranks (HSDP's replicate dimension) weighs 1 / copies in the sums over ranks
         share = shares(params, trainer) if self._reduce else None
-        ws = share or [1.0] * len(params)
-        starts = [0]
-        for _, ps in self._groups:
-            starts.append(starts[-1] + len(ps))
-        weighted = torch.stack(
-            [
-                l1_norm(ps, None if share is None else ws[a:b]).to(params[0].device) * m
-                for (m, ps), a, b in zip(self._groups, starts[:-1], starts[1:], strict=True)
-            ]
-        ).sum()
-        numel = self._numel if share is None else sum(local(p).numel() * w for p, w in zip(params, ws, strict=True))
+        weight = None if share is None else dict(zip(map(id, params), share, strict=True))
+
+        def weights(ps: list[torch.Tensor]) -> list[float] | None:
+            return None if weight is None else [weight[id(p)] for p in ps]
+
+        weighted = torch.stack([l1_norm(ps, weights(ps)).to(params[0].device) * m for m, ps in self._groups]).sum()
+        numel = self._numel if weight is None else sum(local(p).numel() * weight[id(p)] for p in params)
         stats = torch.stack(
             [
                 weighted,

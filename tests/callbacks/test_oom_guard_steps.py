@@ -347,6 +347,13 @@ def _ranks(path: Path) -> list[dict[str, Any]]:
     return [json.loads((path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+def _assert_same_weights_and_buffers(g: dict[str, Any], r: dict[str, Any]) -> None:
+    for gp, rp in zip(g["params"], r["params"], strict=True):
+        torch.testing.assert_close(torch.tensor(gp), torch.tensor(rp), rtol=1e-6, atol=1e-6)
+    for k in r["buffers"]:
+        torch.testing.assert_close(torch.tensor(g["buffers"][k]), torch.tensor(r["buffers"][k]), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_forward_oom_on_one_rank_with_collectives_in_the_step(tmp_path):
@@ -370,12 +377,7 @@ def test_ddp_forward_oom_on_one_rank_with_collectives_in_the_step(tmp_path):
     assert got[0]["params"] == got[1]["params"]
     assert got[0]["mbs"] == got[1]["mbs"] == 16
     for g, r in zip(got, ref, strict=True):
-        for gp, rp in zip(g["params"], r["params"], strict=True):
-            torch.testing.assert_close(torch.tensor(gp), torch.tensor(rp), rtol=1e-6, atol=1e-6)
-        for k in r["buffers"]:
-            torch.testing.assert_close(
-                torch.tensor(g["buffers"][k]), torch.tensor(r["buffers"][k]), rtol=1e-6, atol=1e-6
-            )
+        _assert_same_weights_and_buffers(g, r)
         assert g["acc"] == r["acc"]
         assert g["metrics"] == pytest.approx(r["metrics"], rel=1e-6)
     events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
@@ -416,12 +418,7 @@ def test_ddp_forward_oom_in_a_micro_batch_with_batchnorm_keeps_the_buffer_broadc
     got, ref = _ranks(tmp_path / "oom"), _ranks(tmp_path / "ref")
     assert got[0]["mbs"] == got[1]["mbs"] == 8
     for g, r in zip(got, ref, strict=True):
-        for gp, rp in zip(g["params"], r["params"], strict=True):
-            torch.testing.assert_close(torch.tensor(gp), torch.tensor(rp), rtol=1e-6, atol=1e-6)
-        for k in r["buffers"]:
-            torch.testing.assert_close(
-                torch.tensor(g["buffers"][k]), torch.tensor(r["buffers"][k]), rtol=1e-6, atol=1e-6
-            )
+        _assert_same_weights_and_buffers(g, r)
     events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
     assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(2, [0], ["forward"])]
 

@@ -94,6 +94,7 @@ class GradientGuardBase(GuardCallback):
         # every rank's [has_loss, norm, loss, buffers_nonfinite] for this step
         self._verdict: list[tuple[float, ...]] | None = None
         self._reduce = False  # sharded gradients (FSDP): the vote is the squared norm of this rank's shard
+        self._share_of: dict[int, float] | None = None  # a parameter's weight in that sum over ranks (HSDP), if any
         self.last_norm: float = math.nan
         self.last_post_clip_norm: float = math.nan
 

@@ -223,8 +223,12 @@ class GradientGuard(GradientGuardActions):
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
         self._reduce = self._sharded(trainer)
+        self._share_of = None
         if self._reduce:
             warn_unsynchronised(self, trainer, pl_module, "the gradient norm")
+            params = [p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]]
+            share = shares(params, trainer)
+            self._share_of = None if share is None else dict(zip(map(id, params), share, strict=True))
         self._losses = []
         n = len(trainer.optimizers)
         for per_opt in (self._stats, self._loss_stats):
@@ -305,7 +309,8 @@ class GradientGuard(GradientGuardActions):
         self._snapshot.wait()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = collect_grads(params)
-        weights = shares([p.grad for p in params if p.grad is not None], trainer) if self._reduce else None
+        share_of = self._share_of
+        weights = None if share_of is None else [share_of[id(p)] for p in params if p.grad is not None]
         norm = global_grad_norm(grads, weights=weights)  # weighted: a part replicated over ranks (HSDP) counts once
         if self._reduce:  # sharded: each rank holds a part; the squares add up across ranks
             norm = norm * norm

@@ -91,11 +91,11 @@ class _Accumulation(_RetryLoop):
         assert trainer is not None
         if self._sharded:  # FSDP2: a failure anywhere is agreed inside (fenced collectives) or at the end
             verdict = self._sharded_backward(inner, loss, args, kwargs) or self._end_verdict()
+        elif self._distributed:
+            self._ddp_backward(inner, loss, args, kwargs)
+            verdict = self._end_verdict()
         else:
-            if self._distributed:
-                self._ddp_backward(inner, loss, args, kwargs)
-            else:
-                self._local_backward(inner, loss, args, kwargs)
+            self._local_backward(inner, loss, args, kwargs)
             verdict = self._end_verdict()
         if verdict is None:
             if self._part_log is not None:

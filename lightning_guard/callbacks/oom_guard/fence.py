@@ -131,17 +131,11 @@ class _FenceProtocol(_Core):
         """DDP: run backward; an out-of-memory is noted and DDP's reduction completed for what it had not reached."""
         before = None if self._counted else self._fence.issued()  # once seen to move, the counts need no reading
         with self._track_reduced() as reduced:
-            try:
-                with self._fence.watching():  # a collective inside backward (all_gather with sync_grads) is fenced
-                    inner(loss, *args, **kwargs)
-            except FenceAbort as abort:  # another rank failed in backward, and this backward issues collectives
-                self._backward_unrecoverable(abort.rows)
-            except FenceTimeout as exc:
-                self._fence_timed_out(AT_END, exc)
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                self._oom_text = _error_text(exc)
+            # a collective inside backward (all_gather with sync_grads) is fenced
+            _, rows, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
+            if rows is not None:  # another rank failed in backward, and this backward issues collectives
+                self._backward_unrecoverable(rows)
+            if oom:
                 self._note_oom("backward", self._current_size())
                 if self._backward_collectives > self._fence.collectives:
                     # the others have a collective of their backward ahead, where they stop at its agreement; past
