@@ -2,7 +2,8 @@
 
 ``StragglerGuard`` times each rank's own part of a batch (from ``on_train_batch_start`` to ``on_before_backward``:
 the data and the forward pass, before DDP's gradient all-reduce makes every rank wait for the slowest), votes the
-time in the step agreement that the built-in guards already hold (no collective of its own), and when the slowest
+time in the step agreement that the built-in guards already hold (no collective of its own; every rank's time is
+gathered in a second one only on a step whose summed time says a straggler is possible), and when the slowest
 rank took more than ``factor`` times the fastest one, every rank learns it from the same numbers and rank 0 reports
 one ``straggler`` event (JSONL, every logger's ``guard/straggler/straggler`` counter, W&B table, fit-end summary).
 
@@ -19,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_guard import GuardCallback, event_stream
+from lightning_guard import GuardCallback, StepVotes, event_stream
 
 
 class StragglerGuard(GuardCallback):
@@ -54,10 +55,16 @@ class StragglerGuard(GuardCallback):
         return [self._forward]  # the same count of numbers on every rank
 
     @override
-    def step_verdict(
-        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
-    ) -> None:
-        times = [row[0] for row in rows]  # every rank's vote, in rank order: the same list on every rank
+    def step_detail(self, total: tuple[float, ...]) -> bool:
+        # The agreement sums the votes over the ranks (one fixed-size all-reduce). Every rank's time is needed only
+        # when a straggler is possible: the slowest rank took over `min_seconds`, so the sum of the times did.
+        return total[0] > self.min_seconds
+
+    @override
+    def step_verdict(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, votes: StepVotes) -> None:
+        if votes.rows is None:
+            return  # no rank was slow enough to matter: the rows were not gathered
+        times = [row[0] for row in votes.rows]  # every rank's vote, in rank order: the same list on every rank
         slowest = max(range(len(times)), key=times.__getitem__)
         if len(times) > 1 and times[slowest] > max(self.factor * min(times), self.min_seconds):
             self.stragglers += 1  # every rank counts alike: the decision is shared

@@ -3,6 +3,7 @@
 The public API is re-exported here; the guide lives in ``docs/``.
 """
 
+from lightning_guard._agreement import StepVotes
 from lightning_guard._compat import UpstreamChangedError
 from lightning_guard._runtime import emit, event_stream
 from lightning_guard.callbacks import (
@@ -45,6 +46,7 @@ __all__ = [
     "OOMGuard",
     "OOMGuardError",
     "OverfitGuard",
+    "StepVotes",
     "UpstreamChangedError",
     "WarmupCosine",
     "WarmupCosineLR",

@@ -166,6 +166,17 @@ def ddp_sync_buffers_next_forward(model: Any, sync: bool) -> None:
     model.require_forward_param_sync = sync
 
 
+def ddp_buckets_rebuilt(model: Any) -> bool:
+    """Whether DDP has rebuilt its gradient buckets (True for a model that is not DDP).
+
+    DDP rebuilds them once, in the first forward after the first backward, and tells the other ranks the new order
+    with collectives of its own (two broadcasts): a one-off of DDP's, not a collective of the user's step.
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    return bool(_attr(model, "_has_rebuilt_buckets", "DistributedDataParallel._has_rebuilt_buckets", "torch"))
+
+
 def collectives_issued(exclude: Any = None) -> int | None:
     """Collectives issued so far on every process group but ``exclude``; None where they cannot be read.
 

@@ -3,10 +3,10 @@
 When one rank fails inside ``training_step`` (out of memory), the other ranks go on: into ``self.log(...,
 sync_dist=True)``'s all-reduce, a contrastive loss's all-gather, a metric synced on step. The failed rank cannot
 join those collectives (it does not know them), so without help the ranks wait on each other for ever. The fence
-puts a small agreement on a dedicated gloo group (CPU tensors: no device sync) in front of every
-``torch.distributed`` collective the step issues, and one at the end of the step. A rank that failed goes straight to
-the next agreement; the others meet it at theirs, before their next collective or at the end of the step, and all
-learn together that the step is abandoned.
+puts a small agreement (an all-reduce of a fixed-size vector) on a dedicated gloo group (CPU tensors: no device sync)
+in front of every ``torch.distributed`` collective the step issues, and one at the end of the step where that is
+needed. A rank that failed goes straight to the next agreement; the others meet it at theirs, before their next
+collective or at the end of the step, and all learn together that the step is abandoned.
 
 A collective the fence cannot see (one issued through a function bound before the fence was installed, a compiled
 graph's collective, a C++ extension's) cannot be fenced: the failed rank then waits at its agreement until
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from lightning_guard._compat import collectives_issued
 
-__all__ = ["COLLECTIVES", "FenceAbort", "FenceTimeout", "StepFence"]
+__all__ = ["COLLECTIVES", "PLACES", "FenceAbort", "FenceTimeout", "StepFence", "Tally"]
 
 #: the ``torch.distributed`` collectives the fence intercepts (looked up by name at each call by Lightning,
 #: torchmetrics and ``torch.distributed.nn``, so replacing the module attributes reaches them)
@@ -53,6 +54,9 @@ COLLECTIVES = (
 #: where a rank stands when it joins an agreement (AT_STEP: the step's one agreement of all guards, before the
 #: optimizer step; AT_STEP_QUIET: the same, and this step issued no collective of its own)
 AT_COLLECTIVE, AT_END, FAILED, AT_STEP, AT_STEP_QUIET = 1.0, 2.0, 3.0, 5.0, 6.0
+#: the places, in the order of a :class:`Tally`'s counts
+PLACES = (AT_COLLECTIVE, AT_END, FAILED, AT_STEP, AT_STEP_QUIET)
+_SLOT = {place: i for i, place in enumerate(PLACES)}
 _PLACES = {
     AT_COLLECTIVE: "before a collective in the step",
     AT_END: "at the end of the step",
@@ -62,15 +66,51 @@ _PLACES = {
 }
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What an agreement on the fence group tells every rank: how many ranks stand at each place, and the sums.
+
+    The sums are over the ranks, of the values that follow the place. The same on every rank; its size does not depend
+    on the world size.
+
+    Attributes:
+        counts: ranks at each place, in the order of :data:`PLACES`.
+        total: the sum over ranks of each value after the place (zeros where a rank's row was shorter).
+    """
+
+    counts: tuple[int, ...]
+    total: tuple[float, ...]
+
+    @property
+    def failed(self) -> bool:
+        """Some rank failed."""
+        return self.counts[_SLOT[FAILED]] > 0
+
+    @property
+    def place(self) -> float | None:
+        """The place every rank stands at; None when they stand at different places."""
+        present = [p for p, n in zip(PLACES, self.counts, strict=True) if n]
+        return present[0] if len(present) == 1 else None
+
+    def at(self, place: float) -> int:
+        """How many ranks stand at ``place``."""
+        return self.counts[_SLOT[place]]
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{n} rank{'s' if n > 1 else ''} {_PLACES[p]}" for p, n in zip(PLACES, self.counts, strict=True) if n
+        )
+
+
 class FenceAbort(BaseException):
     """Unwinds a step on a healthy rank when another rank failed.
 
     A ``BaseException``, so that user code catching ``Exception`` does not swallow it.
     """
 
-    def __init__(self, rows: list[list[float]]) -> None:
+    def __init__(self, tally: Tally) -> None:
         super().__init__("lightning_guard: another rank failed in this step")
-        self.rows = rows
+        self.tally = tally
 
 
 class FenceTimeout(RuntimeError):
@@ -79,6 +119,10 @@ class FenceTimeout(RuntimeError):
 
 class StepFence:
     """Agreements on a dedicated gloo group around the collectives of one rank's step.
+
+    Every agreement is one all-reduce (a sum) of a fixed-size vector: a count per place (:data:`PLACES`) and the
+    values after the place, so its cost does not grow with the number of ranks. Per-rank detail (which ranks failed,
+    their figures) is gathered separately (:meth:`details`), only when an agreement showed a failure.
 
     Args:
         timeout_s: how long an agreement waits for the other ranks before :class:`FenceTimeout`.
@@ -116,50 +160,72 @@ class StepFence:
         self.group = None
 
     # ------------------------------------------------------------------ the agreement
-    def agree(self, place: float, payload: list[float] | None = None) -> list[list[float]]:
-        """All-gather ``[place, *payload]`` from every rank on the fence group; rows in rank order."""
+    def agree(self, place: float, payload: list[float] | None = None) -> Tally:
+        """Agree on ``[place, *payload]`` with every rank on the fence group."""
         return self.gather([place, *(payload or [0.0] * self.payload_size)])
 
-    def gather(self, values: list[float]) -> list[list[float]]:
-        """All-gather a row of floats (``values[0]`` a place) on the fence group; rows in rank order, as sent.
+    def gather(self, values: list[float]) -> Tally:
+        """Agree on a row of floats (``values[0]`` a place) on the fence group: the places counted, the rest summed.
 
-        Rows are padded to the longest row gathered so far, so that ranks that are out of step (one at a fence
+        Rows are padded to the longest row agreed so far, so that ranks that are out of step (one at a fence
         agreement, one at the step's agreement, which is longer) see each other's places instead of a size error.
         """
-        _, rows, n = self._post(values, async_op=False)  # returns when every rank's row is in
-        return [r.tolist()[:n] for r in rows]
+        return self.finish(self._post(values, async_op=False))  # returns when every rank's row is in
 
-    def gather_async(self, values: list[float]) -> tuple[Any, list[torch.Tensor], int]:
-        """Post a row for the next gather on the fence group without waiting; :meth:`finish` waits for it.
+    def gather_async(self, values: list[float]) -> tuple[Any, torch.Tensor, int]:
+        """Post a row for the next agreement on the fence group without waiting; :meth:`finish` waits for it.
 
         Whatever agreement the other ranks reach next on the group (before a collective, at the end of a step, or the
         step's agreement) completes it.
         """
         return self._post(values, async_op=True)
 
-    def _post(self, values: list[float], *, async_op: bool) -> tuple[Any, list[torch.Tensor], int]:
-        """Issue the all-gather of one padded row on the fence group (a timeout surfaces as ``FenceTimeout``)."""
+    def _post(self, values: list[float], *, async_op: bool) -> tuple[Any, torch.Tensor, int]:
+        """Issue the all-reduce of one padded row on the fence group (a timeout surfaces as ``FenceTimeout``)."""
         assert self.group is not None
         self.row_size = max(self.row_size, len(values))
-        row = torch.zeros(self.row_size, dtype=torch.float64)
-        row[: len(values)] = torch.tensor(values, dtype=torch.float64)
-        rows = [torch.empty_like(row) for _ in range(self.world_size)]
-        gather = self._originals.get("all_gather", dist.all_gather)
+        vector = torch.zeros(len(PLACES) + self.row_size - 1, dtype=torch.float64)
+        vector[_SLOT.get(values[0], _SLOT[AT_COLLECTIVE])] = 1.0
+        vector[len(PLACES) : len(PLACES) + len(values) - 1] = torch.tensor(values[1:], dtype=torch.float64)
+        reduce = self._originals.get("all_reduce", dist.all_reduce)
         try:
-            work = gather(rows, row, group=self.group, async_op=async_op)
+            work = reduce(vector, group=self.group, async_op=True)
         except RuntimeError as exc:
             raise FenceTimeout(str(exc)) from exc
-        return work, rows, len(values)
+        posted = (work, vector, len(values))
+        if not async_op:
+            self._wait(work)
+        return posted
 
     @staticmethod
-    def finish(posted: tuple[Any, list[torch.Tensor], int]) -> list[list[float]]:
-        """Wait for a row posted by :meth:`gather_async`; rows in rank order, as long as the posted one."""
-        work, rows, n = posted
+    def _wait(work: Any) -> None:
         try:
             work.wait()
         except RuntimeError as exc:
             raise FenceTimeout(str(exc)) from exc
-        return [r.tolist()[:n] for r in rows]
+
+    @classmethod
+    def finish(cls, posted: tuple[Any, torch.Tensor, int]) -> Tally:
+        """Wait for a row posted by :meth:`gather_async`; the sums as long as the posted row (after its place)."""
+        work, vector, n = posted
+        cls._wait(work)
+        values = vector.tolist()
+        return Tally(tuple(int(c) for c in values[: len(PLACES)]), tuple(values[len(PLACES) : len(PLACES) + n - 1]))
+
+    def details(self, values: list[float]) -> list[list[float]]:
+        """Every rank's row, in rank order: the second collective, held only where an agreement showed a failure.
+
+        Every rank must call it at the same point (all of them learned the failure from the same agreement).
+        """
+        assert self.group is not None
+        row = torch.tensor(values, dtype=torch.float64)
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        gather = self._originals.get("all_gather", dist.all_gather)
+        try:
+            gather(rows, row, group=self.group)
+        except RuntimeError as exc:
+            raise FenceTimeout(str(exc)) from exc
+        return [r.tolist() for r in rows]
 
     def issued(self) -> int | None:
         """Collectives issued so far on every process group but the fence's own, seen by the fence or not.
@@ -168,14 +234,6 @@ class StepFence:
         extension's too); None where a backend does not keep them.
         """
         return collectives_issued(exclude=self.group)
-
-    @staticmethod
-    def failed(rows: list[list[float]]) -> bool:
-        return any(r[0] == FAILED for r in rows)
-
-    @staticmethod
-    def describe(rows: list[list[float]]) -> str:
-        return ", ".join(f"rank {i} {_PLACES.get(r[0], '?')}" for i, r in enumerate(rows))
 
     # ------------------------------------------------------------------ interception
     @contextlib.contextmanager
@@ -212,9 +270,9 @@ class StepFence:
                 return original(*args, **kwargs)  # a collective inside a collective (all_gather_object) or ours
             self._depth += 1
             try:
-                rows = self.agree(AT_COLLECTIVE)
-                if self.failed(rows):
-                    raise FenceAbort(rows)
+                tally = self.agree(AT_COLLECTIVE)
+                if tally.failed:
+                    raise FenceAbort(tally)
                 self.collectives += 1
                 return original(*args, **kwargs)
             finally:

@@ -14,8 +14,10 @@ gradient norm and loss, OOMGuard's status under DDP) do not each issue a collect
 (in the hook of the last guard whose vote depends on its place in the callback list, GradientGuard; otherwise in the
 first guard's) the runtime asks every guard for its vote (:meth:`GuardCallback.step_vote`: a few numbers, the same
 count on every rank), joins them with the number of guard events waiting on this rank, reads the device values once
-(the step's one host sync), gathers the row from every rank in one collective and hands each guard its columns
-(:meth:`GuardCallback.step_verdict`) before any of them judges the step. A guard that established that the step's
+(the step's one host sync), sums the row over the ranks in one all-reduce of a fixed-size vector (its cost does not
+grow with the number of ranks) and hands each guard its columns (:meth:`GuardCallback.step_verdict`) before any of
+them judges the step. Every rank's row is gathered in a second collective only on a step where a guard asks for it
+from the sums (a non-finite norm: which rank?). A guard that established that the step's
 gradients are finite says so (:meth:`GuardRuntime.note_finite`), and the fused-optimizer ``found_inf`` read is then
 skipped.
 """
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_guard._agreement import StepChannel, StepVotes, sum_on_device, to_host, wants_rows
 from lightning_guard._compat import unwrap_optimizer
 from lightning_guard._state import StateSchema
 from lightning_guard.distributed import Agreement, agree, world_size
@@ -97,8 +100,8 @@ class GuardRuntime:
         self.lr_scales: list[dict[str, float]] = []
         self._saved_lrs: dict[int, list[Any]] = {}
         self._finite: set[int] = set()  # optimizers whose step's gradients a guard found finite (agreed)
-        # gathers the step's row on a guard's own group (OOMGuard's gloo fence, with its timeout); None: the strategy
-        self._step_gather: Callable[[list[float]], list[list[float]]] | None = None
+        # holds the step agreement on a guard's own group (OOMGuard's gloo fence, with its timeout); None: the strategy
+        self._step_channel: StepChannel | None = None
         self.step_row_size = 0  # the length of the step agreement's row (votes and the pending count), once known
 
     # ------------------------------------------------------------------ wiring
@@ -175,15 +178,17 @@ class GuardRuntime:
         return -1
 
     # ------------------------------------------------------------------ the step's one agreement
-    def set_step_gather(self, gather: Callable[[list[float]], list[list[float]]] | None) -> None:
-        """Gather the step agreement's rows with ``gather(row) -> rows`` (a guard's own group), not the strategy."""
-        self._step_gather = gather
+    def set_step_channel(self, channel: StepChannel | None) -> None:
+        """Hold the step agreement on a guard's group (OOMGuard's gloo fence, with its timeout), not the strategy's."""
+        self._step_channel = channel
 
     def agree_step(self, pl_module: pl.LightningModule, optimizer: Any, voters: list[Any]) -> None:
         """The one agreement of all guards for this optimizer step (see the module's docstring).
 
-        ``voters``: the guards in the order of their votes (the same on every rank); the last column is the
-        pending-event count.
+        ``voters``: the guards in the order of their votes (the same on every rank). The votes and this rank's count
+        of pending events are summed over ranks in one all-reduce of a fixed-size vector; every rank's row is gathered
+        in a second collective only where a guard asks for it from the sums (:meth:`GuardCallback.step_detail`: a
+        non-finite norm somewhere, say).
         """
         trainer = self.trainer
         self._mark_loss(self.optimizer_index(optimizer))  # has_loss() is valid for the votes
@@ -200,34 +205,28 @@ class GuardRuntime:
             n = int(vote.numel()) if isinstance(vote, torch.Tensor) else len(vote)
             spans.append((cb, size, size + n))
             size += n
+        self.step_row_size = size + 1
         world = int(getattr(trainer, "world_size", 1) or 1)
-        if world > 1 and self._step_gather is None:  # on the device: one collective, then the one host read
-            dev = trainer.strategy.root_device
-            parts = [
-                v.reshape(-1).to(device=dev, dtype=torch.float32)
-                if isinstance(v, torch.Tensor)
-                else torch.tensor(v, dtype=torch.float32, device=dev)
-                for _, v in votes
-            ]
-            parts.append(torch.tensor([float(self.events.pending())], dtype=torch.float32, device=dev))
-            flat = _to_host([trainer.strategy.all_gather(torch.cat(parts)).reshape(-1)])
-            rows = [flat[i * (size + 1) : (i + 1) * (size + 1)] for i in range(world)]
-        else:  # the one host read first; then, under DDP, the gather on the guard's own (CPU) group
-            on_device = iter(_to_host([v.reshape(-1).float() for _, v in votes if isinstance(v, torch.Tensor)]))
+        if world > 1 and self._step_channel is None:  # on the device: one collective, then the one host read
+            total, rows = sum_on_device(trainer, votes, spans, float(self.events.pending()))
+        else:  # the one host read first; then, under DDP, the agreement on the guard's own (CPU) group
+            on_device = iter(to_host([v.reshape(-1).float() for _, v in votes if isinstance(v, torch.Tensor)]))
             row: list[float] = []
             for _, vote in votes:
                 row.extend([next(on_device) for _ in range(vote.numel())] if isinstance(vote, torch.Tensor) else vote)
+            row.append(float(self.events.pending()))
             if world > 1:
-                row.append(float(self.events.pending()))
-                assert self._step_gather is not None
-                rows = self._step_gather(row)
+                assert self._step_channel is not None
+                total, every_rank_here = self._step_channel.reduce(row)
+                wanted = every_rank_here and wants_rows(spans, total)
+                rows = self._step_channel.rows(row) if wanted else None
             else:
-                rows = [row]
-        self.step_row_size = size + 1
-        if world > 1:
-            self._exchange_if_pending([r[size] for r in rows])
+                total, rows = row, [row]
+        if world > 1 and total[size] > 0:  # events wait on some rank: the exchange follows at once
+            self.events.exchange()
         for cb, start, end in spans:
-            cb.step_verdict(trainer, optimizer, [tuple(r[start:end]) for r in rows])
+            mine = None if rows is None else tuple(tuple(r[start:end]) for r in rows)
+            cb.step_verdict(trainer, optimizer, StepVotes(tuple(total[start:end]), mine, world))
 
     def agree(self, flag: bool | torch.Tensor, payload: torch.Tensor | None = None) -> Agreement:
         """Agree on a flag across ranks (``lightning_guard.distributed.agree``), carrying the pending events.
@@ -455,15 +454,6 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lrs: list[Any]) -> None:
             group["lr"].copy_(lr)
         else:
             group["lr"] = lr
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[float]:
-    """The values of 1-d float tensors (on any devices), in order, read in one device-to-host copy per device."""
-    if not tensors:
-        return []
-    if all(t.device == tensors[0].device for t in tensors):
-        return torch.cat(tensors).tolist()
-    return [v for t in tensors for v in t.tolist()]
 
 
 def _lr_copy(value: Any) -> float | torch.Tensor:

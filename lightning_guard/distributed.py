@@ -107,17 +107,28 @@ def agree(trainer: pl.Trainer, flag: bool | torch.Tensor, payload: torch.Tensor 
 
 
 def all_reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks through the strategy (returns the input on one process)."""
-    if world_size(trainer) <= 1:
-        return tensor
-    return trainer.strategy.reduce(tensor, reduce_op="sum")
+    """Sum a tensor over ranks, in place (returns the input on one process): one collective."""
+    return _all_reduce(trainer, tensor, "sum")
 
 
 def all_reduce_max(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
-    """Take the elementwise maximum of a tensor over ranks (returns the input on one process)."""
+    """Take the elementwise maximum of a tensor over ranks, in place (returns the input on one process)."""
+    return _all_reduce(trainer, tensor, "max")
+
+
+def _all_reduce(trainer: pl.Trainer, tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """One ``torch.distributed.all_reduce`` on the default group where it is initialised; else the strategy's reduce.
+
+    Not ``strategy.reduce`` where torch.distributed runs: Lightning's DDP reduce holds a barrier before every
+    all-reduce, a second collective for nothing.
+    """
     if world_size(trainer) <= 1:
         return tensor
-    return trainer.strategy.reduce(tensor, reduce_op="max")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(tensor, op=reduce_op)
+        return tensor
+    return trainer.strategy.reduce(tensor, reduce_op=op)
 
 
 def gather_json(trainer: pl.Trainer, obj: Any) -> list[Any]:

@@ -126,12 +126,14 @@ def test_all_step_path_guards_agree_once_per_step_with_one_host_sync(tmp_path, o
     (at the end of training_step and after backward) and GradientGuard once more, with its host sync: 3 collectives.
     Now WarmupCosine, GradientGuard, L1Penalty and OOMGuard together issue one collective (OOMGuard's status,
     GradientGuard's norm and loss and the pending-event count travel together) and read one device value per step;
-    without OOMGuard the agreement goes through ``trainer.strategy.all_gather``: one collective, one read too."""
+    without OOMGuard the agreement goes through the default group: one collective, one read too. Issue 26: that
+    collective is an all-reduce of a fixed-size vector (it was an all-gather of a row per rank), and without
+    OOMGuard it is no longer preceded by the barrier of Lightning's ``strategy.reduce``."""
     per_rank = _fit(tmp_path, DigitsNet(), oom_guard)
     for rows in per_rank:
         assert len(rows) == 8
         for row in rows:
-            assert row["collectives"] == ["all_gather"], row
+            assert row["collectives"] == ["all_reduce"], row
             assert len(row["reads"]) == 1, row
 
 
@@ -141,12 +143,12 @@ def test_a_step_with_its_own_collective_keeps_the_fence_and_still_one_host_sync(
     """``self.log(..., sync_dist=True)`` in training_step issues a barrier and an all-reduce (Lightning's
     ``_sync_ddp``): each is fenced (an agreement in front of it), one agreement ends the step (a rank that ran out of
     memory in forward must not reach DDP's all-reduce alone) and the step's agreement follows: four of the guards'
-    around the user's two; still one device read."""
+    around the user's two; still one device read. Every agreement is an all-reduce of a fixed-size vector."""
     per_rank = _fit(tmp_path, SyncLogNet())
     for rows in per_rank:
         for row in rows:
-            fenced = ["all_gather", "barrier", "all_gather", "all_reduce"]
-            assert row["collectives"] == [*fenced, "all_gather", "all_gather"], row
+            fenced = ["all_reduce", "barrier", "all_reduce", "all_reduce"]
+            assert row["collectives"] == [*fenced, "all_reduce", "all_reduce"], row
             assert len(row["reads"]) == 1, row
 
 
@@ -196,11 +198,13 @@ def test_one_rank_out_of_memory_in_a_quiet_step_is_told_at_the_step_agreement(tm
     ]
     rows = json.loads((tmp_path / "oom" / "rank0.json").read_text())
     # Step 0 ends with an agreement (nothing is known of the step yet); steps 1-3 have the step's agreement only.
-    # Step 4: the agreement that abandons the attempt, rank 1's injector event forwarded to rank 0 (two gathers), and
-    # the re-run in two micro-batches of 16: the first, under no_sync, ends with an agreement. Step 5: the same two.
-    # Step 6: the first micro-batch's end agreement (its backward fails on rank 0), the step's agreement that abandons
-    # the attempt, and the re-run at 8 (three micro-batches under no_sync; rank 0's own event needs no forwarding).
-    assert [len(r["collectives"]) for r in rows] == [2, 1, 1, 1, 1 + 2 + 1 + 1, 1 + 1, 1 + 1 + 3 + 1, 3 + 1]
+    # Step 4: the agreement that abandons the attempt, rank 1's injector event forwarded to rank 0 (two gathers), who
+    # failed and at what size (one gather, at the recovery), and the re-run in two micro-batches of 16: the first,
+    # under no_sync, needs no agreement of its own (issue 26: it had one). Step 5: the step's agreement alone.
+    # Step 6: rank 0's backward fails in the first micro-batch; it posts the failure in the last one (the step's
+    # agreement, which abandons the attempt), who failed (one gather), and the re-run at 8 (four micro-batches, the
+    # step's agreement alone; rank 0's own event needs no forwarding).
+    assert [len(r["collectives"]) for r in rows] == [2, 1, 1, 1, 1 + 2 + 1 + 1, 1, 1 + 1 + 1, 1]
 
 
 class LateSyncLogNet(DigitsNet):

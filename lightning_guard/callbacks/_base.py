@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_guard import _wandb
+from lightning_guard._agreement import StepVotes
 from lightning_guard._checks import check_int
 from lightning_guard._compat import spawn_launched
 from lightning_guard._metrics import due, write_metrics
@@ -161,10 +162,11 @@ _RENAMED = {
 class GuardCallback(Callback):
     """Base class of the guards, public for guards of your own (docs/extending.md).
 
-    The protocol a guard implements: :meth:`step_vote` and :meth:`step_verdict` (its part in the one agreement per
-    optimizer step), :attr:`vote_first` / :attr:`vote_in_place`, :meth:`on_batch_retry`, :meth:`setup_problems`;
-    what it uses: :meth:`emit` (events), :meth:`runtime` (the per-trainer runtime). Call ``super()`` in every Lightning
-    hook you override: the first guard in ``trainer.callbacks`` owns the runtime and works in those hooks.
+    The protocol a guard implements: :meth:`step_vote`, :meth:`step_detail` and :meth:`step_verdict` (its part in the
+    one agreement per optimizer step), :attr:`vote_first` / :attr:`vote_in_place`, :meth:`on_batch_retry`,
+    :meth:`setup_problems`; what it uses: :meth:`emit` (events), :meth:`runtime` (the per-trainer runtime). Call
+    ``super()`` in every Lightning hook you override: the first guard in ``trainer.callbacks`` owns the runtime and
+    works in those hooks.
     """
 
     #: short name used in events and metric names (``guard/<name>/<kind>``)
@@ -529,10 +531,23 @@ class GuardCallback(Callback):
         """
         return None
 
-    def step_verdict(
-        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
-    ) -> None:
-        """Every rank's vote for this step, in rank order (called only for a guard that voted)."""
+    def step_detail(self, total: tuple[float, ...]) -> bool:
+        """Whether this step's verdict needs every rank's vote, judging from the votes summed over the ranks.
+
+        The step agreement is one all-reduce of every guard's numbers: a fixed-size message whatever the number of
+        ranks. Every rank's row is gathered, in a second collective, only on a step where a guard answers True here.
+        The answer must depend on ``total`` alone (it is the same on every rank). The default, True, hands every
+        rank's vote to every verdict (the protocol before the sums): override it to return False where the sums
+        suffice (GradientGuard asks for the rows only when a sum is not finite: which rank?).
+        """
+        return True
+
+    def step_verdict(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, votes: StepVotes) -> None:
+        """This step's votes (called only for a guard that voted).
+
+        ``votes.total``: the sums over the ranks; ``votes.rows``: every rank's vote in rank order where
+        :meth:`step_detail` asked for them (and on one process). ``votes`` is also the sequence of those rows.
+        """
 
     def on_batch_retry(self, trainer: pl.Trainer) -> None:
         """The current batch is about to be run again (OOMGuard): forget what this attempt recorded."""

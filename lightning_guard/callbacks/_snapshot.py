@@ -214,13 +214,24 @@ class StepBuffers:
         self._saved: list[torch.Tensor] = []
         self._norms: torch.Tensor | None = None  # the saved floating buffers' inf-norms (NaN/inf where already so)
         self.taken = False  # a capture of the batch being run exists
+        self._layout: tuple[torch.nn.Module, list[tuple[torch.nn.Module, str]]] | None = None
+
+    def forget_layout(self) -> None:
+        """Walk the module's buffers again at the next capture (a new fit: the module may have changed)."""
+        self._layout = None
 
     def _live(self) -> list[torch.Tensor]:
         return [getattr(m, name) for m, name in self._where]
 
     def capture(self, module: torch.nn.Module) -> None:
-        """Copy the persistent buffers now (before the batch's first forward)."""
-        where = persistent_buffers(module)
+        """Copy the persistent buffers now (before the batch's first forward).
+
+        Where they live is walked once per module (a Python walk over every submodule: kept off the step path);
+        :meth:`forget_layout` walks it again (a new fit).
+        """
+        if self._layout is None or self._layout[0] is not module:
+            self._layout = (module, persistent_buffers(module))
+        where = self._layout[1]
         live = [getattr(m, name).detach() for m, name in where]
         same = len(where) == len(self._where) and all(
             a[0] is b[0] and a[1] == b[1] and t.shape == s.shape and t.dtype == s.dtype and t.device == s.device

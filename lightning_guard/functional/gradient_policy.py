@@ -1,6 +1,8 @@
 """GradientGuard's judgement of one optimizer step, as pure functions of the numbers every rank agreed on.
 
-:func:`step_facts` reads the step agreement's rows (one per rank: ``has_loss, norm, loss, buffers_nonfinite``);
+:func:`step_facts_from_sums` reads the step agreement's sums over the ranks of ``has_loss, norm, loss,
+buffers_nonfinite`` (the common path: one fixed-size all-reduce); where a sum says something is wrong
+(:func:`needs_rows`), every rank's row is gathered and :func:`step_facts` reads them (which ranks?);
 :func:`decide_step` turns the facts, the spike test of the running statistics and the guard's memory of the
 previous steps into one :class:`StepDecision`. :class:`LrBackoff` decides when an optimizer's LR backs off and how it
 recovers. ``GradientGuard`` acts on them (skip, clip, roll back, scale the LR, report); nothing here touches a trainer,
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["LrBackoff", "StepDecision", "StepFacts", "decide_step", "step_facts"]
+__all__ = ["LrBackoff", "StepDecision", "StepFacts", "decide_step", "needs_rows", "step_facts", "step_facts_from_sums"]
 
 Action = Literal[
     "scheduled_skip", "amp_overflow", "nonfinite_skip", "damage_skip", "hard_batch", "clip", "skip", "warn", "healthy"
@@ -27,12 +29,15 @@ class StepFacts:
     """What the agreed rows say about the step.
 
     Attributes:
-        norms: the gradient norm per rank (the whole model's, on every rank, when gradients are sharded).
+        norms: the gradient norm per rank (the whole model's, on every rank, when gradients are sharded); from the
+            sums alone, the agreed norm once.
         loss_mean: the mean loss over the ranks whose step has a loss.
         bad_ranks: ranks with a non-finite norm, loss or new non-finite buffer.
         loss_bad: some rank's loss is non-finite.
         grads_bad: some rank's gradient norm is non-finite.
-        norm: the largest norm over the ranks with a loss (NaN when a rank is bad).
+        norm: the norm of the step (NaN when a rank is bad): from every rank's row, the largest over the ranks with
+            a loss; from the sums, their mean (equal under DDP, where the gradients are all-reduced); sharded, the
+            root of the summed squares either way.
     """
 
     norms: tuple[float, ...]
@@ -81,6 +86,26 @@ def step_facts(rows: Sequence[Sequence[float]], *, sharded: bool) -> StepFacts:
         loss_bad=bool(loss_bad_ranks),
         grads_bad=any(r[0] and not math.isfinite(n) for n, r in zip(norms, rows, strict=True)),
         norm=norm,
+    )
+
+
+def needs_rows(total: Sequence[float]) -> bool:
+    """Whether the sums of ``(has_loss, norm, loss, buffers_nonfinite)`` over ranks call for every rank's row.
+
+    A non-finite norm or loss on any rank makes its sum non-finite; a bad buffer anywhere makes the last sum positive.
+    """
+    return not (math.isfinite(total[1]) and math.isfinite(total[2])) or total[3] > 0
+
+
+def step_facts_from_sums(total: Sequence[float], world: int, *, sharded: bool) -> StepFacts:
+    """The facts of a step whose sums over the ranks are all finite, with no bad buffer (:func:`needs_rows` False).
+
+    ``total``: the sums of ``(has_loss, norm, loss, buffers_nonfinite)``; ``sharded``: the norm column holds squares.
+    """
+    voted = max(total[0], 1.0)
+    norm = math.sqrt(max(total[1], 0.0)) if sharded else total[1] / voted
+    return StepFacts(
+        norms=(norm,), loss_mean=total[2] / voted, bad_ranks=(), loss_bad=False, grads_bad=False, norm=norm
     )
 
 

@@ -120,6 +120,7 @@ class SecondOfWindowOOM(SimulatedOOM):
 
 
 def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.Callback]:
+    """The guards named, with their faults on rank ``bad`` (none with ``clean`` among the names)."""
     out: list[pl.Callback] = []
     if "wc" in names:
         out.append(WarmupCosine(warmup=2))
@@ -154,11 +155,15 @@ def guards(names: list[str], bad: int = 1, root: Path | None = None) -> list[pl.
         out += [OOMGuard(), SimulatedOOM(16, "forward", ranks=[bad], stages=("test",))]
     if "oomq" in names:  # OOMGuard with no fault (its steady-state cost)
         out.append(OOMGuard())
+    if "oomm" in names:  # OOMGuard with no fault, each batch of 16 in micro-batches of 4 (see --micro-batch)
+        out.append(OOMGuard(micro_batch_size=4))
     if "cx" in names:  # CompressExport at fit end: prune half of the weights, int8, export, verify
         compressed = str((root or Path(".")) / "compressed")
         out.append(CompressExport(compressed, prune="unstructured", prune_amounts=(0.5,), max_metric_drop=0.05))
     if "spike" in names:  # the LR x30 for the last steps: the final weights are worse than the best
         out.append(LRSpike(factor=30.0, steps=list(range(20, 24))))
+    if "clean" in names:  # the guards alone: their cost on the common path (tests.sharded.collectives)
+        out = [cb for cb in out if not isinstance(cb, InjectNaN | SimulatedOOM | LRSpike)]
     return out
 
 
@@ -237,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stop-after-epoch", type=int)  # interrupt the run there, as a crash would (resume tests)
     ap.add_argument("--resume")  # ckpt_path: a checkpoint of a run with the same arguments
     ap.add_argument("--post-validate", action="store_true")  # validate again after fit: the weights users get back
+    ap.add_argument(
+        "--count-collectives", action="store_true"
+    )  # result.json: "collectives" (tests.sharded.collectives)
     args = ap.parse_args(argv)
     out = Path(args.out)
     world = args.devices * args.nodes
@@ -271,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     train, val = data()
     timer = StepTimer()
     trainer.callbacks.append(timer)  # type: ignore[attr-defined]
+    counter = None
+    if args.count_collectives:
+        from tests.sharded.collectives import CollectiveCounter
+
+        counter = CollectiveCounter()
+        trainer.callbacks.insert(0, counter)  # type: ignore[attr-defined]  # first: its batch start opens the count
     trainer.fit(model, train, val, ckpt_path=args.resume)
     params = full_params(model)
     val_loss = float(trainer.callback_metrics["val_loss"])  # the last validation during fit
@@ -305,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             "pid": os.getpid(),
             "compress_report": _compress_report(out),
             "guard_metrics": _guard_metrics(out),
+            "collectives": None if counter is None else counter.result(),
         }
         (out / "result.json").write_text(json.dumps(result))
     if torch.distributed.is_initialized():  # a gloo worker left with its group open may abort at interpreter exit

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_guard._agreement import StepVotes
 from lightning_guard._compat import scaler_scale
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks._snapshot import Snapshot, StepBuffers
@@ -92,7 +93,7 @@ class GradientGuardBase(GuardCallback):
         self._batch_losses_from = 0
         self._vote: tuple[Any, list[torch.Tensor]] | None = None  # this step's optimizer and gradients, as voted
         # every rank's [has_loss, norm, loss, buffers_nonfinite] for this step
-        self._verdict: list[tuple[float, ...]] | None = None
+        self._verdict: StepVotes | None = None
         self._reduce = False  # sharded gradients (FSDP): the vote is the squared norm of this rank's shard
         self._share_of: dict[int, float] | None = None  # a parameter's weight in that sum over ranks (HSDP), if any
         self.last_norm: float = math.nan

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_guard._agreement import StepVotes
 from lightning_guard._checks import check_int, check_number
 from lightning_guard._compat import scaler_scale, steps_unscale_inside
 from lightning_guard._sharded import sharded_training, shares
@@ -19,7 +20,13 @@ from lightning_guard.callbacks.gradient_guard.actions import GradientGuardAction
 from lightning_guard.callbacks.gradient_guard.base import _current_scale
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.functional.grad import collect_grads, global_grad_norm
-from lightning_guard.functional.gradient_policy import LrBackoff, decide_step, step_facts
+from lightning_guard.functional.gradient_policy import (
+    LrBackoff,
+    decide_step,
+    needs_rows,
+    step_facts,
+    step_facts_from_sums,
+)
 
 __all__ = ["GradientGuard"]
 
@@ -222,6 +229,7 @@ class GradientGuard(GradientGuardActions):
         super().on_train_start(trainer, pl_module)
         runtime = self.runtime(trainer)
         runtime.add_listener(self._on_step)
+        self._step_buffers.forget_layout()  # walked again for this fit's module, once
         self._reduce = self._sharded(trainer)
         self._share_of = None
         if self._reduce:
@@ -331,25 +339,31 @@ class GradientGuard(GradientGuardActions):
         return torch.stack([torch.ones((), device=norm.device), norm.float(), loss, buffers_bad])
 
     @override
-    def step_verdict(
-        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
-    ) -> None:
-        self._verdict = rows
+    def step_detail(self, total: tuple[float, ...]) -> bool:
+        """Every rank's vote only where a sum is not finite or a buffer went bad: which ranks, to report them."""
+        return needs_rows(total)
+
+    @override
+    def step_verdict(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, votes: StepVotes) -> None:
+        self._verdict = votes
 
     def _guard_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         """Judge the agreed step (``functional.gradient_policy``), then act on the decision."""
         runtime = self.runtime(trainer)
-        vote, rows = self._vote, self._verdict
+        vote, votes = self._vote, self._verdict
         self._vote, self._verdict = None, None
         if not runtime.has_loss(optimizer):
             return
-        if vote is None or rows is None or vote[0] is not optimizer:
+        if vote is None or votes is None or vote[0] is not optimizer:
             raise RuntimeError(
                 "GradientGuard: no step agreement for this optimizer step (its on_before_optimizer_step was called "
                 "outside Lightning's optimizer step, or a guard's hook did not call super())"
             )
         idx = max(runtime.optimizer_index(optimizer), 0)
-        facts = step_facts(rows, sharded=self._reduce)
+        if votes.rows is not None:
+            facts = step_facts(votes.rows, sharded=self._reduce)
+        else:  # the common path: only the sums travelled (every sum finite, no bad buffer)
+            facts = step_facts_from_sums(votes.total, votes.world, sharded=self._reduce)
         if facts.healthy:
             runtime.note_finite(optimizer)  # the GradScaler's inf check of these gradients needs no host read
         self.last_norm = facts.norm

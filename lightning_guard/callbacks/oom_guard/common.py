@@ -15,6 +15,11 @@ _MARK = "_lightning_guard_original"
 _EVAL_HOOKS = {"validation_step": "validate", "test_step": "test", "predict_step": "predict"}
 
 
+#: the verdict of a failure agreed on the fence group (an all-reduce of counts): who failed, where and at what size is
+#: gathered at the recovery, where every rank stands (``_failure_details``)
+FENCED = Agreement((), ())
+
+
 class _Retry(Exception):
     """Unwinds a failed attempt out of Lightning's closure (releasing its graph) up to ``optimizer_step``."""
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lightning_guard._fence import StepFence
+from lightning_guard._fence import StepFence, Tally
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _layout, _PartLog
 from lightning_guard.callbacks.oom_guard.common import _CODE, _MEM_KEYS
@@ -53,6 +53,7 @@ class _Core(GuardCallback):
         # FSDP2 (ModelParallelStrategy, data parallel): every forward and backward issues collectives (the shards'
         # all-gathers and reduce-scatters), each fenced; a failed attempt unwinds every rank at once, FSDP2 is reset
         self._sharded = False
+        self._step_tally: Tally | None = None  # the fence's count of places at the step's agreement (DDP, FSDP2)
         self._layout: tuple[int, tuple[list[tuple[torch.nn.Module, str]], list[Any]]] | None = None
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0
@@ -83,7 +84,7 @@ class _Core(GuardCallback):
         self._oom: tuple[str, int, dict[str, float]] | None = None  # this rank's failure in this attempt
         self._abandoned: Agreement | None = None  # the ranks agreed to drop this attempt before its backward
         # this rank failed in a quiet step: its row, posted for the others' next agreement on the fence group
-        self._deferred: tuple[Any, list[torch.Tensor], int] | None = None
+        self._deferred: tuple[Any, torch.Tensor, int] | None = None
         self._step_collectives = 0  # collectives this attempt's training_step and backward issued (DDP)
         self._part_log: _PartLog | None = None
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lightning_guard._compat import logged_results
-from lightning_guard._fence import AT_END, FAILED, StepFence
+from lightning_guard._fence import AT_END, FAILED
 from lightning_guard._sharded import reset_after_failure
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
 from lightning_guard.callbacks.oom_guard.common import _MEM_KEYS, _error_text
@@ -108,17 +108,19 @@ class _EvalSplitting(_RetryLoop):
     def _fenced_parts(
         self, inner: Callable[..., Any], parts: list[Any], rest: Any, kwargs: Any, outputs: list[Any], log: _PartLog
     ) -> list[list[float]] | None:
-        """Run the micro-batches, each fenced and agreed at its end; the agreement's rows when a rank failed."""
+        """Run the micro-batches, each fenced and agreed at its end; every rank's row when a rank failed."""
         for part in parts:
             log.enter(part)
-            out, rows, oom = self._fenced(functools.partial(inner, part, *rest, **kwargs))
-            if rows is None:
-                device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-                self._oom = ("forward", self._samples(part), memory_stats(device)) if oom else None  # its payload
-                rows = self._agree_fence(FAILED if oom else AT_END)
+            out, tally, oom = self._fenced(functools.partial(inner, part, *rest, **kwargs))
+            device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self._oom = ("forward", self._samples(part), memory_stats(device)) if oom else None  # its payload
+            try:
+                if tally is None:
+                    tally = self._agree_fence(FAILED if oom else AT_END)
+                if tally.failed:  # every rank learned it at this agreement: who failed, at what size (one gather)
+                    return self._fence.details([FAILED if oom else AT_END, *self._payload()])
+            finally:
                 self._oom = None
-            if StepFence.failed(rows):
-                return rows
             outputs.append(out)
             log.leave(self._weight(part))
         return None

@@ -10,17 +10,40 @@ failed on one rank.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import torch
 
-from lightning_guard._fence import AT_END, AT_STEP, AT_STEP_QUIET, FAILED, FenceAbort, FenceTimeout, StepFence
-from lightning_guard.callbacks.oom_guard.common import _error_text
+from lightning_guard._fence import (
+    AT_COLLECTIVE,
+    AT_END,
+    AT_STEP,
+    AT_STEP_QUIET,
+    FAILED,
+    FenceAbort,
+    FenceTimeout,
+    Tally,
+)
+from lightning_guard.callbacks.oom_guard.common import FENCED, _error_text
 from lightning_guard.callbacks.oom_guard.core import _Core
 from lightning_guard.distributed import Agreement
 from lightning_guard.errors import OOMGuardError
 from lightning_guard.functional.oom import is_oom_error
+
+
+class _FenceChannel:
+    """OOMGuard's fence group as the runtime's ``StepChannel``: the step's agreement held there, with its timeout."""
+
+    def __init__(self, guard: _FenceProtocol) -> None:
+        self._guard = guard
+
+    def reduce(self, row: list[float]) -> tuple[list[float], bool]:
+        return self._guard._reduce_step(row)
+
+    def rows(self, row: list[float]) -> list[list[float]]:
+        return self._guard._step_rows(row)
 
 
 class _FenceProtocol(_Core):
@@ -31,7 +54,7 @@ class _FenceProtocol(_Core):
         after = self._fence.issued()
         return 1 if before is None or after is None else after - before
 
-    def _post_failure(self) -> tuple[Any, list[torch.Tensor], int]:
+    def _post_failure(self) -> tuple[Any, torch.Tensor, int]:
         """This rank failed in a quiet step: post its row, in the step agreement's layout, without waiting.
 
         The others meet it either at an agreement in front of a collective of the step that no earlier step issued
@@ -47,34 +70,60 @@ class _FenceProtocol(_Core):
         row += [0.0] * (size - 1 - len(row)) + [float(runtime.events.pending())]
         return self._fence.gather_async(row)
 
-    def _gather_step(self, row: list[float]) -> list[list[float]]:
+    # ------------------------------------------------------------------ the step's agreement on the fence group
+    def _reduce_step(self, row: list[float]) -> tuple[list[float], bool]:
+        """The step's agreement (``StepChannel.reduce``): the row summed over ranks, the place where all stand."""
         try:
             if self._deferred is not None:  # this rank's failure, posted in a quiet step: where did the others meet it?
                 posted, self._deferred = self._deferred, None
-                rows = self._fence.finish(posted)  # complete by now: the others are at this agreement or met it earlier
-                if all(r[0] in (AT_STEP, AT_STEP_QUIET, FAILED) for r in rows):
-                    return [r[: len(row)] for r in rows]  # here: the post was this rank's row of the step's agreement
+                tally = self._fence.finish(
+                    posted
+                )  # complete by now: the others are at this agreement or met it earlier
+                if not tally.at(AT_COLLECTIVE) and not tally.at(AT_END):
+                    return self._step_sums(tally)  # here: the post was this rank's row of the step's agreement
                 # in front of a collective of the step: they went on to this agreement, which is still to be held
-            return self._fence.gather(row)
+            return self._step_sums(self._fence.gather(row))
         except FenceTimeout as exc:
             self._fence_timed_out(FAILED if self._oom is not None else AT_STEP, exc)
 
-    def _agree_fence(self, place: float) -> list[list[float]]:
+    def _step_sums(self, tally: Tally) -> tuple[list[float], bool]:
+        """The sums for the runtime (OOMGuard's own column: the place all stand at, NaN where they differ)."""
+        self._step_tally = tally
+        place = tally.place
+        return [math.nan if place is None else place, *tally.total], place in (AT_STEP, AT_STEP_QUIET)
+
+    def _step_rows(self, row: list[float]) -> list[list[float]]:
+        """Every rank's row of the step's agreement (``StepChannel.rows``: a guard asked for them)."""
         try:
-            rows = self._fence.agree(place, list(self._payload()))
+            return self._fence.details(row)
+        except FenceTimeout as exc:
+            self._fence_timed_out(AT_STEP, exc)
+
+    def _agree_fence(self, place: float) -> Tally:
+        try:
+            tally = self._fence.agree(place, list(self._payload()))
         except FenceTimeout as exc:
             self._fence_timed_out(place, exc)
-        if not StepFence.failed(rows) and len({r[0] for r in rows}) > 1:
-            self._out_of_step(rows)
-        return rows
+        if not tally.failed and tally.place is None:
+            self._out_of_step(tally)
+        return tally
 
-    def _out_of_step(self, rows: list[list[float]]) -> NoReturn:
+    def _failure_details(self) -> Agreement:
+        """Who failed, where, at what size (the second collective, after every rank learned of a failure)."""
+        try:
+            rows = self._fence.details([FAILED if self._oom is not None else AT_END, *self._payload()])
+        except FenceTimeout as exc:
+            self._fence_timed_out(FAILED if self._oom is not None else AT_END, exc)
+        return Agreement(tuple(r[0] == FAILED for r in rows), tuple(tuple(r[1:]) for r in rows))
+
+    def _out_of_step(self, tally: Tally) -> NoReturn:
+        world = sum(tally.counts)
         raise OOMGuardError(
-            f"OOMGuard: the ranks are out of step inside training_step ({StepFence.describe(rows)}): the step "
+            f"OOMGuard: the ranks are out of step inside training_step ({tally.describe()}): the step "
             "issues a different number of collectives on different ranks (a collective under a data-dependent "
             "condition, or micro-batch counts that differ because the ranks' batches differ in size)",
             self._current_size(),
-            tuple(range(len(rows))),
+            tuple(range(world)),
             {},
         )
 
@@ -101,7 +150,7 @@ class _FenceProtocol(_Core):
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), (rank,), {}) from exc
 
-    def _backward_unrecoverable(self, rows: list[list[float]]) -> NoReturn:
+    def _backward_unrecoverable(self) -> NoReturn:
         """A one-rank out-of-memory in a backward that issues collectives of its own: stop every rank, loudly.
 
         Those collectives (the backward of ``self.all_gather(..., sync_grads=True)``, ``torch.distributed.nn``)
@@ -110,7 +159,7 @@ class _FenceProtocol(_Core):
         """
         trainer = self._trainer
         assert trainer is not None
-        failed = [i for i, r in enumerate(rows) if r[0] == FAILED]
+        failed = list(self._failure_details().ranks)  # every rank is here: it learned at the same agreement
         message = (
             f"OOMGuard: rank {failed} ran out of memory in backward, and this step's backward issues collectives of "
             "its own (the backward of `self.all_gather(..., sync_grads=True)` or of `torch.distributed.nn` "
@@ -123,24 +172,26 @@ class _FenceProtocol(_Core):
         self.runtime(trainer).events.dump_outbox()
         raise OOMGuardError(message, self._current_size(), tuple(failed), {})
 
-    def _fence_verdict(self, rows: list[list[float]] | None) -> Agreement:
-        assert rows is not None
-        return Agreement(tuple(r[0] == FAILED for r in rows), tuple(tuple(r[1:]) for r in rows))
+    @staticmethod
+    def _fence_verdict() -> Agreement:
+        """A failure agreed on the fence: who failed is gathered at the recovery, where every rank is."""
+        return FENCED
 
     def _ddp_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> None:
         """DDP: run backward; an out-of-memory is noted and DDP's reduction completed for what it had not reached."""
         before = None if self._counted else self._fence.issued()  # once seen to move, the counts need no reading
         with self._track_reduced() as reduced:
             # a collective inside backward (all_gather with sync_grads) is fenced
-            _, rows, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
-            if rows is not None:  # another rank failed in backward, and this backward issues collectives
-                self._backward_unrecoverable(rows)
+            _, tally, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
+            if tally is not None:  # another rank failed in backward, and this backward issues collectives
+                self._backward_unrecoverable()
             if oom:
                 self._note_oom("backward", self._current_size())
                 if self._backward_collectives > self._fence.collectives:
                     # the others have a collective of their backward ahead, where they stop at its agreement; past
                     # the last one (this backward passed them all), completing DDP's reduction below is safe
-                    self._backward_unrecoverable(self._agree_fence(FAILED))
+                    self._agree_fence(FAILED)
+                    self._backward_unrecoverable()
             else:
                 self._backward_collectives = self._fence.collectives
                 self._step_collectives += self._fence.collectives
@@ -154,12 +205,12 @@ class _FenceProtocol(_Core):
         A rank that runs out of memory goes to its agreement; the others meet it before their next collective of the
         backward (or at the step's agreement, when it failed after its last one), and every rank abandons the attempt.
         """
-        _, rows, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
+        _, tally, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
         if oom:  # the failed graph is released by now
             self._note_oom("backward", self._current_size())
-        if rows is None and self._oom is not None:
-            rows = self._agree_fence(FAILED)
-        return None if rows is None else self._fence_verdict(rows)
+        if tally is None and self._oom is not None:
+            tally = self._agree_fence(FAILED)
+        return None if tally is None else self._fence_verdict()
 
     def _sharded_closure_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> None:
         """FSDP2, the backward inside Lightning's closure: a failure is told at the step's one agreement.
@@ -169,24 +220,24 @@ class _FenceProtocol(_Core):
         their last fenced collective, on their way into such a hook), and a rank stopped by another's failure goes on
         as well. Every rank unwinds at the step's agreement (``step_verdict``), where FSDP2 is reset.
         """
-        _, rows, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
+        _, tally, oom = self._fenced(lambda: inner(loss, *args, **kwargs))
         if oom:
             self._note_oom("backward", self._current_size())
             self._deferred = self._post_failure()
-        elif rows is not None:
-            self._abandoned = self._fence_verdict(rows)
+        elif tally is not None:
+            self._abandoned = self._fence_verdict()
 
-    def _fenced(self, call: Callable[[], Any]) -> tuple[Any, list[list[float]] | None, bool]:
-        """Run ``call`` with its collectives fenced: ``(result, rows, oom)``.
+    def _fenced(self, call: Callable[[], Any]) -> tuple[Any, Tally | None, bool]:
+        """Run ``call`` with its collectives fenced: ``(result, tally, oom)``.
 
-        ``rows``: the agreement at which another rank's failure stopped it; ``oom``: it ran out of memory here (the
+        ``tally``: the agreement at which another rank's failure stopped it; ``oom``: it ran out of memory here (the
         error's text kept in ``_oom_text``). A timed-out agreement raises ``OOMGuardError``; other errors propagate.
         """
         try:
             with self._fence.watching():
                 return call(), None, False
         except FenceAbort as abort:
-            return None, abort.rows, False
+            return None, abort.tally, False
         except FenceTimeout as exc:
             self._fence_timed_out(AT_END, exc)
         except Exception as exc:

@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
+from lightning_guard._agreement import StepVotes
 from lightning_guard._checks import check_int
 from lightning_guard._compat import should_accumulate
-from lightning_guard._fence import AT_STEP, AT_STEP_QUIET, FAILED, StepFence
+from lightning_guard._fence import AT_STEP, AT_STEP_QUIET, FAILED
 from lightning_guard._sharded import can_reset_after_failure
 from lightning_guard._state import StateSchema
 from lightning_guard._wrapping import wraps_method
@@ -20,6 +21,7 @@ from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks.oom_guard.accumulate import _Accumulation
 from lightning_guard.callbacks.oom_guard.common import _EVAL_HOOKS, _MARK, _loss_of, _Retry, _with_loss
 from lightning_guard.callbacks.oom_guard.evaluation import _EvalSplitting
+from lightning_guard.callbacks.oom_guard.fence import _FenceChannel
 from lightning_guard.errors import GuardConfigError
 from lightning_guard.functional.oom_policy import SizePolicy
 
@@ -160,7 +162,7 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
             if trainer.world_size > 1:
                 self._fence.setup()  # every rank, at the same point: creating a group is a collective
             if self._fence.active:  # the guards' one step agreement runs on the fence's group, with its timeout
-                self.runtime(trainer).set_step_gather(self._gather_step)
+                self.runtime(trainer).set_step_channel(_FenceChannel(self))
         elif self._sharded and self.split_eval:  # validate/test/predict alone: FSDP2's evaluation forward is fenced
             self._fence.setup()
         if self.split_eval:
@@ -364,16 +366,20 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
         return [AT_STEP_QUIET if quiet else AT_STEP, *self._payload()]
 
     @override
-    def step_verdict(
-        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, rows: list[tuple[float, ...]]
-    ) -> None:
-        table = [list(r) for r in rows]
-        if StepFence.failed(table):  # every rank, here: before any guard judges the gradients
+    def step_detail(self, total: tuple[float, ...]) -> bool:
+        """Never: the places are counted in the sums, and who failed is gathered at the recovery."""
+        return False
+
+    @override
+    def step_verdict(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, votes: StepVotes) -> None:
+        tally, self._step_tally = self._step_tally, None  # the fence's count of places (``_reduce_step``)
+        assert tally is not None
+        if tally.failed:  # every rank, here: before any guard judges the gradients
             self.runtime(trainer).abandon_step(optimizer)
-            raise _Retry(self._fence_verdict(table))
-        if any(r[0] not in (AT_STEP, AT_STEP_QUIET) for r in table):
-            self._out_of_step(table)
-        if any(r[0] == AT_STEP for r in table):
+            raise _Retry(self._fence_verdict())
+        if tally.place is None:
+            self._out_of_step(tally)
+        if tally.at(AT_STEP):
             self._loud = True
         self._quiet = not self._loud
 

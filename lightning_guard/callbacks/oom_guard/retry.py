@@ -18,16 +18,25 @@ import torch
 
 from lightning_guard._compat import (
     call_training_step,
+    ddp_buckets_rebuilt,
     ddp_sync_buffers_next_forward,
     logged_results,
     scaler_forget_step,
 )
-from lightning_guard._fence import AT_END, FAILED, StepFence
+from lightning_guard._fence import AT_END, FAILED, Tally
 from lightning_guard._sharded import reset_after_failure
 from lightning_guard._wrapping import takes_batch_idx
 from lightning_guard.callbacks._base import GuardCallback
 from lightning_guard.callbacks.oom_guard.attempt import _AttemptState, _PartLog
-from lightning_guard.callbacks.oom_guard.common import _MEM_KEYS, _WHERE, _error_text, _loss_of, _memory_lists, _Retry
+from lightning_guard.callbacks.oom_guard.common import (
+    _MEM_KEYS,
+    _WHERE,
+    FENCED,
+    _error_text,
+    _loss_of,
+    _memory_lists,
+    _Retry,
+)
 from lightning_guard.callbacks.oom_guard.fence import _FenceProtocol
 from lightning_guard.distributed import Agreement
 from lightning_guard.errors import OOMGuardError
@@ -37,15 +46,21 @@ from lightning_guard.functional.oom import free_memory, is_oom_error, memory_sta
 class _RetryLoop(_FenceProtocol):
     """Run a training batch's attempts, in micro-batches, and recover from a failed one."""
 
-    def _guarded_step(self, step: Callable[[], Any], part: Any, synced: bool) -> Any:
+    def _guarded_step(self, step: Callable[[], Any], part: Any, synced: bool, defer: bool = False) -> Any:
         """Run one ``training_step`` call; on out-of-memory here (or, under DDP, on any rank) abandon the attempt.
 
         Under DDP the call runs inside the fence: every collective it issues is preceded by an agreement, and one
-        ends it, so a rank that failed meets the others at their next agreement and no rank is left inside a
-        collective. An abandoned call raises ``_Retry`` (``synced=False``: a micro-batch under ``no_sync``, where DDP
-        expects no backward) or returns a zero loss whose backward completes DDP's armed all-reduce and then raises.
+        ends it where needed, so a rank that failed meets the others at their next agreement and no rank is left
+        inside a collective. An abandoned call raises ``_Retry`` (``synced=False``: a micro-batch under ``no_sync``,
+        where DDP expects no backward) or returns a zero loss whose backward completes DDP's armed all-reduce and then
+        raises. ``defer``: a micro-batch before the batch's last (under ``no_sync``, DDP): no agreement at its end; a
+        failure known here (this rank's, or another's met before a collective) skips the micro-batches up to the
+        last (None), where it is told as a failure in that one would be.
         """
-        pl_module = self._module()
+        if defer and (self._abandoned is not None or self._deferred is not None):
+            return None  # the attempt is abandoned: straight to the batch's last micro-batch
+        if synced and self._abandoned is not None:
+            return self._dummy_loss(self._module())  # learned in an earlier micro-batch: complete DDP's all-reduce
         log = self._part_log
         if log is not None:
             log.enter(part)
@@ -53,44 +68,72 @@ class _RetryLoop(_FenceProtocol):
         # that fails completes DDP's all-reduce with a zero loss and tells the others at the step's one agreement.
         quiet = synced and self._quiet
         self._busy = True
-        rows: list[list[float]] | None = None
         try:
             if self._oom is not None:  # this rank failed earlier in the attempt (a micro-batch's backward)
-                if quiet:
-                    self._deferred = self._post_failure()
-                    return self._dummy_loss(pl_module)
-                rows = self._agree_fence(FAILED)
+                tally = self._told_failure(quiet, defer)
+                if tally is None:
+                    return None if defer else self._dummy_loss(self._module())
             else:
                 # counted only while quiet steps are still possible (once a step issued a collective, never again)
                 before = self._fence.issued() if self._fence.active and not self._loud else None
-                out, rows, oom = self._fenced(step)
+                model = self._trainer.strategy.model if self._trainer is not None else None
+                rebuilt = ddp_buckets_rebuilt(model) if before is not None else True
+                out, tally, oom = self._fenced(step)
+                if not rebuilt and ddp_buckets_rebuilt(model):
+                    before = self._fence.issued()  # a micro-batch's forward in which DDP rebuilt its buckets
+                    # (its broadcasts, once per fit): not counted as a collective of the step
                 if oom:  # the failed forward's frames are released by now
                     self._note_oom("forward", self._samples(part))
                     if not self._fence.active:
                         raise _Retry(self._local_agreement())
-                    if quiet:
-                        self._deferred = self._post_failure()
-                        return self._dummy_loss(pl_module)
-                    rows = self._agree_fence(FAILED)
-                elif rows is None:
+                    tally = self._told_failure(quiet, defer)
+                    if tally is None:
+                        return self._skip_part() if defer else self._dummy_loss(self._module())
+                elif tally is None:
                     self._step_collectives += self._issued_since(before)
-                    if not self._fence.active or quiet:
+                    if not self._fence.active or quiet or defer:
                         if log is not None:
                             log.leave(self._weight(part))
                         return out
-                    rows = self._agree_fence(AT_END)
-                    if not StepFence.failed(rows):
+                    tally = self._agree_fence(AT_END)
+                    if not tally.failed:
                         if log is not None:
                             log.leave(self._weight(part))
                         return out
                     del out
+                elif defer:  # another rank's failure, met before a collective: on to the last micro-batch
+                    self._abandoned = self._fence_verdict()
+                    return self._skip_part()
         finally:
             self._busy = False
-        verdict = self._fence_verdict(rows)
+        verdict = self._fence_verdict()
         if not synced or self._sharded:  # FSDP2: no DDP all-reduce is armed; every rank unwinds now
             raise _Retry(verdict)
         self._abandoned = verdict
-        return self._dummy_loss(pl_module)  # every rank: DDP armed its all-reduce in this forward
+        return self._dummy_loss(self._module())  # every rank: DDP armed its all-reduce in this forward
+
+    def _skip_part(self) -> None:
+        """A deferred micro-batch's forward stopped midway: leave DDP as a completed forward under ``no_sync`` does.
+
+        That forward would have cleared DDP's broadcast-buffers-next-forward flag, as it did on the ranks whose forwards
+        completed; left set, the last micro-batch's forward would broadcast BatchNorm's buffers on this rank alone.
+        """
+        if self._trainer is not None:
+            ddp_sync_buffers_next_forward(self._trainer.strategy.model, False)
+
+    def _told_failure(self, quiet: bool, defer: bool) -> Tally | None:
+        """This rank failed (DDP): tell the others; the agreement, or None where it is told at the step's agreement.
+
+        In a quiet step the failure is posted without waiting (its row completes the others' next agreement); in a
+        deferred micro-batch it waits for the batch's last one (posted now in a quiet step, agreed there otherwise).
+        """
+        if quiet or (defer and self._quiet):
+            if self._deferred is None:
+                self._deferred = self._post_failure()
+            return None
+        if defer:
+            return None
+        return self._agree_fence(FAILED)
 
     def _local_backward(self, inner: Callable[..., Any], loss: torch.Tensor, args: Any, kwargs: Any) -> bool:
         """One process: run backward; True when it ran out of memory (noted)."""
@@ -158,7 +201,12 @@ class _RetryLoop(_FenceProtocol):
         return call_training_step(trainer, part, *step_args)
 
     def _run_parts(
-        self, parts: list[Any], shares: list[float], batch_idx: int, step: Callable[[Any, int], Any] | None = None
+        self,
+        parts: list[Any],
+        shares: list[float],
+        batch_idx: int,
+        step: Callable[[Any, int], Any] | None = None,
+        defer: bool = False,
     ) -> torch.Tensor | None:
         """Forward and backward of micro-batches (under ``no_sync``), each loss weighted by its share of the batch.
 
@@ -174,7 +222,7 @@ class _RetryLoop(_FenceProtocol):
         earlier: torch.Tensor | None = None
         for part, share in zip(parts, shares, strict=True):
             with no_sync() if no_sync is not None else contextlib.nullcontext():
-                out = self._guarded_step(functools.partial(step, part, batch_idx), part, synced=False)
+                out = self._guarded_step(functools.partial(step, part, batch_idx), part, synced=False, defer=defer)
                 loss = _loss_of(out)
                 del out
                 if loss is None:
@@ -235,8 +283,8 @@ class _RetryLoop(_FenceProtocol):
         """After backward(s) run outside Lightning's step: did any rank run out of memory (DDP: agreed)? None: no."""
         if not self._fence.active:
             return self._local_agreement() if self._oom is not None else None
-        rows = self._agree_fence(FAILED if self._oom is not None else AT_END)
-        return self._fence_verdict(rows) if StepFence.failed(rows) else None
+        tally = self._agree_fence(FAILED if self._oom is not None else AT_END)
+        return self._fence_verdict() if tally.failed else None
 
     def _run_chunks(
         self, closure: Callable[[], Any], optimizer: Any, epoch: int, batch_idx: int, rerun: bool = False
@@ -252,7 +300,10 @@ class _RetryLoop(_FenceProtocol):
         if rerun:
             self._replay(self._window)
         parts, shares = self._parts(self._batch)
-        earlier = self._run_parts(parts[:-1], shares[:-1], batch_idx)
+        # DDP: no agreement after these micro-batches (under no_sync, nothing to meet); a failure in one is told at the
+        # last one, whose backward holds DDP's all-reduce (FSDP2: every micro-batch issues collectives, each fenced)
+        defer = self._fence.active and not self._sharded
+        earlier = self._run_parts(parts[:-1], shares[:-1], batch_idx, defer=defer)
         # the last part runs through Lightning's closure (its backward is DDP's own, overlapped all-reduce); a rank
         # that failed in an earlier part's backward meets the others at that part's first agreement
         self._mode, self._last_part, self._last_share, self._earlier = "last", parts[-1], shares[-1], earlier
@@ -263,6 +314,8 @@ class _RetryLoop(_FenceProtocol):
         """Clean up after a failed attempt (gradients, GradScaler state, memory), halve, and say so."""
         trainer = self._trainer
         assert trainer is not None
+        if verdict is FENCED:  # agreed on the fence by counts: who failed, where, at what size (every rank is here)
+            verdict = self._failure_details()
         start = time.perf_counter()
         # FSDP2 (one process too) after a forward or backward abandoned mid-flight: resharded, trackers cleared
         reset_after_failure(self._module(), training=True)
