@@ -6,7 +6,8 @@
 #                   together under 16-mixed / bf16-mixed, single device and FSDP on one GPU)
 #   gradient_guard: step-time overhead of GradientGuard on a ~135M-parameter transformer LM, bf16-mixed
 #   l1:             step-time overhead of L1Penalty (subgradient, proximal) vs the loss-term idiom, same model
-#   guards:         all step-path guards together vs bare, ~134M LM, bf16-mixed and 16-mixed (target <= 3%)
+#   guards:         all step-path guards together vs bare and vs Lightning's gradient_clip_val + SpikeDetection,
+#                   ~134M LM, bf16-mixed and 16-mixed (target <= 3% over bare)
 #   sharded:        FSDP2 (ModelParallelStrategy + fully_shard) and FSDP1 (strategy="fsdp") on one GPU, bf16-mixed,
 #                   GradientGuard, L1Penalty, OverfitGuard, WarmupCosine with a NaN loss and NaN gradients on rank 0,
 #                   FSDP2 also OOMGuard with simulated OOMs in forward and backward (FSDP2 reset on CUDA)

@@ -14,7 +14,8 @@ Configurations (each a fresh model and Trainer, rounds interleaved in rotated or
   ``l1_proximal`` (``L1Penalty``), on the same parameters;
 * all-guards suite (``--suite all``): ``all_guards`` = ``WarmupCosine``, ``GradientGuard``, ``L1Penalty`` and
   ``OOMGuard`` together (the guards with work on every step; OverfitGuard, ClassBalance and CompressExport act at
-  validation, fit start or fit end), against ``bare`` and ``floor``;
+  validation, fit start or fit end), against ``bare``, ``floor`` and ``clip_spike`` (Lightning's own
+  ``gradient_clip_val=1.0`` with its ``SpikeDetection``);
 * DDP suite (``--suite ddp``, CPU): ``ddp_bare`` (plain DDP under ``ddp_spawn``, 2 processes, gloo, one intra-op
   thread each), ``ddp_floor`` (the floor plus one all-gather of three floats per step: the least a guard that agrees
   across ranks costs) and ``ddp_all_guards`` (the same four guards), on the same MLP; rank 0's time is reported;
@@ -150,7 +151,7 @@ class LM(pl.LightningModule):
 
 CONFIGS = ["bare", "floor", "lightning_clip", "spike_detection", "guard", "guard_snap10", "bare_fused", "guard_fused"]
 L1_CONFIGS = ["bare", "l1_loss_term", "l1_subgradient", "l1_proximal"]
-ALL_CONFIGS = ["bare", "floor", "all_guards"]
+ALL_CONFIGS = ["bare", "floor", "clip_spike", "all_guards"]
 DDP_CONFIGS = ["ddp_bare", "ddp_floor", "ddp_all_guards"]
 
 
@@ -225,6 +226,9 @@ def _run(config: str, device: str, warmup: int, steps: int, precision: str) -> f
     elif config == "lightning_clip":
         kwargs["gradient_clip_val"] = 1.0
     elif config == "spike_detection":
+        callbacks.append(SpikeDetection())
+    elif config == "clip_spike":  # what Lightning offers itself: clipping and its spike detector together
+        kwargs["gradient_clip_val"] = 1.0
         callbacks.append(SpikeDetection())
     elif config in ("guard", "guard_fused"):
         callbacks.append(GradientGuard())

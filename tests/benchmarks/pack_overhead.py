@@ -6,6 +6,9 @@ Every step-path guard together (``WarmupCosine``, ``GradientGuard``, ``L1Penalty
 * ``floor``: one fused gradient norm and a finiteness check with one host read (the least a gradient guard costs);
   under DDP the **agreeing floor**: the same plus one all-reduce of three floats (the least a guard that agrees
   across ranks costs);
+* ``floor_l1``: the floor plus the least L1Penalty's own job costs (``1e-6 * sign(w)`` added to the gradients of the
+  same weights, fused, into preallocated signs): arithmetic over every weight, which no implementation of an L1
+  penalty avoids (a ``loss + lambda * sum|w|`` term costs more);
 * ``clip_spike``: Lightning's own ``gradient_clip_val=1.0`` with its ``SpikeDetection`` callback (one process).
 
 **Design.** Configurations are interleaved in many short rounds (rotated order, a fresh Trainer each, the same data);
@@ -52,13 +55,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard.callbacks._base import GuardCallback
-from lightning_guard.functional import global_grad_norm
+from lightning_guard.functional import global_grad_norm, l1_subgradient_
 from tests.benchmarks.overhead import MLP, Floor
 from tests.benchmarks.report import quiet_trainer, save
 
 ROOT = Path(__file__).resolve().parents[2]
-ONE_PROCESS = ["bare", "floor", "clip_spike", "all_guards"]
-DDP = ["ddp_bare", "ddp_floor", "ddp_all_guards"]
+ONE_PROCESS = ["bare", "floor", "floor_l1", "clip_spike", "all_guards"]
+DDP = ["ddp_bare", "ddp_floor", "ddp_floor_l1", "ddp_all_guards"]
 TARGET = 1.05  # the guards / the floor
 BATCH = 256
 
@@ -77,6 +80,18 @@ class AgreeingFloor(Floor):
         dist.all_reduce(row)
         if not all(math.isfinite(v) for v in row.tolist()):
             raise RuntimeError("non-finite gradients")
+
+
+class L1Floor(Callback):
+    """The least L1Penalty's job costs: ``strength * sign(w)`` added to the gradients of the >= 2-d weights, fused,
+    into signs allocated once (``functional.l1_subgradient_``), with nothing else around it."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.params = [p for p in pl_module.parameters() if p.dim() >= 2]
+        self.workspace = [torch.empty_like(p) for p in self.params]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        l1_subgradient_(self.params, 1e-6, workspace=self.workspace)
 
 
 class Timer(Callback):
@@ -111,8 +126,9 @@ def _callbacks(config: str) -> tuple[list[Callback], dict[str, Any]]:
     from lightning.pytorch.callbacks import SpikeDetection
 
     name = config.removeprefix("ddp_")
-    if name == "floor":
-        return [AgreeingFloor() if config.startswith("ddp_") else Floor()], {}
+    if name in ("floor", "floor_l1"):
+        floor = AgreeingFloor() if config.startswith("ddp_") else Floor()
+        return [floor, *([L1Floor()] if name == "floor_l1" else [])], {}
     if name == "clip_spike":
         return [SpikeDetection()], {"gradient_clip_val": 1.0}
     if name == "all_guards":
@@ -172,17 +188,18 @@ class _HookClock:
 
     def __init__(self) -> None:
         self.ns: dict[str, int] = defaultdict(int)
+        self.by_hook: dict[str, int] = defaultdict(int)
         self._inner_ns = 0
 
     def attach(self, guard: GuardCallback) -> None:
         name = type(guard).__name__
         for hook in self.HOOKS:
-            setattr(guard, hook, self._timed(name, getattr(guard, hook)))
+            setattr(guard, hook, self._timed(name, getattr(guard, hook), hook))
         for wrapped in self.WRAPPED:
             if hasattr(guard, wrapped):
-                setattr(guard, wrapped, self._timed_wrapper(name, getattr(guard, wrapped)))
+                setattr(guard, wrapped, self._timed_wrapper(name, getattr(guard, wrapped), wrapped))
 
-    def _timed(self, name: str, method: Any) -> Any:
+    def _timed(self, name: str, method: Any, hook: str) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0, inner0 = time.perf_counter_ns(), self._inner_ns
             try:
@@ -190,20 +207,21 @@ class _HookClock:
             finally:
                 spent = time.perf_counter_ns() - t0
                 self.ns[name] += spent - (self._inner_ns - inner0)
+                self.by_hook[f"{name}.{hook}"] += spent - (self._inner_ns - inner0)
                 self._inner_ns = inner0 + spent  # what encloses this call counts it as inner
 
         return timed
 
-    def _timed_wrapper(self, name: str, method: Any) -> Any:
-        timed = self._timed(name, method)
+    def _timed_wrapper(self, name: str, method: Any, hook: str) -> Any:
+        timed = self._timed(name, method, hook)
 
         def wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
             def counted_inner(*a: Any, **k: Any) -> Any:  # the user's own work: not the guard's
-                t0 = time.perf_counter_ns()
+                t0, inner0 = time.perf_counter_ns(), self._inner_ns
                 try:
                     return inner(*a, **k)
-                finally:
-                    self._inner_ns += time.perf_counter_ns() - t0
+                finally:  # all of it inner to the wrapper (other guards' hooks in it are counted for them)
+                    self._inner_ns = inner0 + time.perf_counter_ns() - t0
 
             return timed(counted_inner, *args, **kwargs)
 
@@ -303,10 +321,11 @@ def ddp_spawn(rounds: int, warmup: int, steps: int) -> dict[str, list[float]]:
 
 # ---------------------------------------------------------------------------------------------------- report
 def _summary(times: dict[str, list[float]], prefix: str = "") -> dict[str, Any]:
-    floor = times[f"{prefix}floor"]
+    floor, floor_l1 = times[f"{prefix}floor"], times[f"{prefix}floor_l1"]
     return {
         "ms_per_step": {c: 1000 * statistics.median(v) for c, v in times.items()},
         "vs_floor": {c: interval(v, floor) for c, v in times.items() if c != f"{prefix}floor"},
+        "vs_floor_l1": {c: interval(v, floor_l1) for c, v in times.items() if c == f"{prefix}all_guards"},
         "vs_bare": {c: interval(v, times[f"{prefix}bare"]) for c, v in times.items() if c != f"{prefix}bare"},
     }
 
@@ -362,6 +381,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["| configuration | ms/step | vs bare | vs floor |", "|---|---|---|---|"]
         for config, ms in part["ms_per_step"].items():
             lines.append(_row(config, ms, part["vs_floor"].get(config), part["vs_bare"].get(config)))
+        ci = part["vs_floor_l1"][f"{prefix}all_guards"]
+        lines += [
+            "",
+            f"{prefix}all_guards vs {prefix}floor_l1 (the floor with L1's own arithmetic): {ci['median']:.3f} "
+            f"[{ci['low']:.3f}, {ci['high']:.3f}]",
+        ]
         if "collectives" in part:
             c = part["collectives"][f"{prefix}all_guards"]
             lines += [
