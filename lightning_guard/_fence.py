@@ -137,6 +137,7 @@ class StepFence:
         self.collectives = 0  # user collectives seen in the current watch
         self.row_size = 1 + payload_size  # every agreement's row has this length (the longest one yet, padded)
         self._originals: dict[str, Callable[..., Any]] = {}
+        self._wrappers: dict[str, Callable[..., Any]] = {}
         self._depth = 0
 
     @property
@@ -257,7 +258,10 @@ class StepFence:
             if original is None:
                 continue
             self._originals[name] = original
-            setattr(dist, name, self._fenced(original))
+            fenced = self._wrappers.get(name)
+            if fenced is None or fenced.__wrapped__ is not original:  # type: ignore[attr-defined]
+                fenced = self._wrappers[name] = self._fenced(original)  # made once per function, not per step
+            setattr(dist, name, fenced)
 
     def unwatch(self) -> None:
         for name, original in self._originals.items():

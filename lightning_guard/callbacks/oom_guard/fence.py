@@ -249,7 +249,7 @@ class _FenceProtocol(_Core):
     @contextlib.contextmanager
     def _track_reduced(self) -> Iterator[Callable[[], list[torch.nn.Parameter]]]:
         """Yield a function listing the trainable parameters whose gradient this backward has not produced yet."""
-        params = [p for p in self._module().parameters() if p.requires_grad]
+        params = [p for p in self._module().parameters() if p.requires_grad]  # per step: a callback may unfreeze
         fresh = all(p.grad is None for p in params)
         seen: set[int] = set()
         handles = []
