@@ -245,3 +245,40 @@ def test_what_the_batch_hooks_wrote_survives_the_recovery_of_an_accumulating_bat
     assert fault.raised == 1
     assert int(model.batches_seen) == 10
     assert log.series("n_batches") == [10.0]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("micro", "faults", "told"),
+    [
+        (None, {3: (16, "forward")}, [([1], ["forward"], 16, 0)]),
+        (16, {4: (8, "backward"), 7: (4, "forward")}, [([1], ["backward"], 8, 1), ([1], ["forward"], 4, 1)]),
+    ],
+    ids=["whole_batch_forward", "first_micro_batch"],
+)
+def test_ddp_a_quiet_accumulating_batch_tells_a_failure_after_its_backward(tmp_path, micro, faults, told):
+    """Issue 26: in quiet steps an accumulating batch (under no_sync) has one agreement, after its backward, not one
+    after its training_step too (and one per micro-batch). Rank 1 runs out of memory in the second window (step 1
+    on; the first step is never quiet): in the whole batch's forward, or in the first of two micro-batches (backward,
+    then forward in the third window); it skips to the batch's backward with a zero loss and tells the others there.
+    Both ranks end on the weights of a run without faults (1e-5) and report the same recoveries."""
+    tr, _ = digits_loaders(n_train=576, batch_size=32)  # 9 batches of 32 per rank: 3 windows of 3
+    torch.manual_seed(0)
+    model = DigitsNet(optimizer="sgd", lr=0.5)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    kw = {"devices": 2, "strategy": "ddp_spawn", "max_steps": 3, "accumulate_grad_batches": 3}
+    trainer(ref, [OOMGuard(micro_batch_size=micro), DumpWeights(str(ref))], **kw).fit(copy.deepcopy(model), tr)
+    guard = OOMGuard(micro_batch_size=micro, collective_timeout=30)
+    trainer(tmp_path, [OOMAtBatches(faults, ranks=(1,)), guard, DumpWeights(str(tmp_path))], **kw).fit(model, tr)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    want = json.loads((ref / "rank0.json").read_text())
+    assert got[0] == got[1]
+    for x, y in zip(got[0], want, strict=True):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-5, atol=1e-5)
+    events = _oom_events(tmp_path)
+    assert [
+        (e["ranks"], e["data"]["where"], e["data"]["new_micro_batch_size"], e["data"]["replayed_batches"])
+        for e in events
+    ] == told

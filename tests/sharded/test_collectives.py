@@ -19,8 +19,8 @@ from tests.sharded.launch import launch
 GUARDS = "wc,gg,l1,of,cb,clean"
 
 
-def _collectives(tmp_path, guards: str, devices: int) -> dict:
-    result = launch("ddp", tmp_path, "--guards", guards, "--devices", str(devices), "--count-collectives")
+def _collectives(tmp_path, guards: str, devices: int, *extra: str) -> dict:
+    result = launch("ddp", tmp_path, "--guards", guards, "--devices", str(devices), "--count-collectives", *extra)
     assert result["world_size"] == devices
     return result["collectives"]
 
@@ -45,3 +45,12 @@ def test_without_oom_guard_the_agreement_is_one_all_reduce_on_the_default_group(
     assert counted["counts"].get("barrier", 0) == 0  # Lightning's strategy.reduce adds one: not used
     assert set(counted["origins"]) == {"lightning", "lightning_guard.distributed:_all_reduce"}, counted
     assert counted["sent_per_step"] == 20.0  # GradientGuard's 4 numbers and the pending-event count, float32
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_accumulating_batches_add_one_agreement_each_whatever_their_micro_batches(tmp_path):
+    """``accumulate_grad_batches=2`` with OOMGuard's micro-batches of 4: the window's first batch (under no_sync) ends
+    with one agreement after its backward, the second holds the step's: 2 per optimizer step (main: 9 all-gathers)."""
+    counted = _collectives(tmp_path, f"{GUARDS},oomm", 2, "--accumulate", "2")
+    assert counted["per_step"] == 2.0, counted

@@ -70,9 +70,12 @@ class _Accumulation(_RetryLoop):
             # which would drop the micro-batches run here; they are zeroed now instead
             self._inner["optimizer_zero_grad"](trainer.current_epoch, self._batch_idx, trainer.optimizers[0])
         self._hold_grads = True
-        earlier = self._run_parts(parts[:-1], shares[:-1], self._batch_idx, step)
+        # DDP, quiet steps: no agreement after the training steps; a failure is told at the one after the backward
+        defer = self._defer("end")
+        earlier = self._run_parts(parts[:-1], shares[:-1], self._batch_idx, step, defer=defer)
         last = parts[-1]
-        out = self._guarded_step(functools.partial(step, last, self._batch_idx), last, synced=False)
+        call = functools.partial(step, last, self._batch_idx)
+        out = self._guarded_step(call, last, synced=False, defer=defer, loss_on_skip=True)
         loss = _loss_of(out)
         if loss is not None and len(parts) > 1:
             total = loss * shares[-1]

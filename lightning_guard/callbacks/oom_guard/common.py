@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -14,6 +14,9 @@ _MEM_KEYS = ("allocated_mib", "reserved_mib", "peak_mib")
 _MARK = "_lightning_guard_original"
 _EVAL_HOOKS = {"validation_step": "validate", "test_step": "test", "predict_step": "predict"}
 
+
+#: where a call under ``no_sync`` tells a failure instead of at its end (``_RetryLoop._guarded_step``)
+Defer = Literal["", "last", "end"]
 
 #: the verdict of a failure agreed on the fence group (an all-reduce of counts): who failed, where and at what size is
 #: gathered at the recovery, where every rank stands (``_failure_details``)

@@ -32,6 +32,7 @@ from lightning_guard.callbacks.oom_guard.common import (
     _MEM_KEYS,
     _WHERE,
     FENCED,
+    Defer,
     _error_text,
     _loss_of,
     _memory_lists,
@@ -46,19 +47,22 @@ from lightning_guard.functional.oom import free_memory, is_oom_error, memory_sta
 class _RetryLoop(_FenceProtocol):
     """Run a training batch's attempts, in micro-batches, and recover from a failed one."""
 
-    def _guarded_step(self, step: Callable[[], Any], part: Any, synced: bool, defer: bool = False) -> Any:
+    def _guarded_step(
+        self, step: Callable[[], Any], part: Any, synced: bool, defer: Defer = "", loss_on_skip: bool = False
+    ) -> Any:
         """Run one ``training_step`` call; on out-of-memory here (or, under DDP, on any rank) abandon the attempt.
 
         Under DDP the call runs inside the fence: every collective it issues is preceded by an agreement, and one
         ends it where needed, so a rank that failed meets the others at their next agreement and no rank is left
         inside a collective. An abandoned call raises ``_Retry`` (``synced=False``: a micro-batch under ``no_sync``,
         where DDP expects no backward) or returns a zero loss whose backward completes DDP's armed all-reduce and then
-        raises. ``defer``: a micro-batch before the batch's last (under ``no_sync``, DDP): no agreement at its end; a
-        failure known here (this rank's, or another's met before a collective) skips the micro-batches up to the
-        last (None), where it is told as a failure in that one would be.
+        raises. ``defer`` (DDP, quiet steps, a call under ``no_sync``): no agreement at its end. A failure known here
+        (this rank's, or another's met before a collective) skips the rest up to where it is told: ``"last"``, the
+        batch's last micro-batch (the failure posted now); ``"end"``, the agreement after an accumulating batch's
+        backward. A skipped call returns None, or a zero loss with ``loss_on_skip`` (Lightning's backward follows).
         """
         if defer and (self._abandoned is not None or self._deferred is not None):
-            return None  # the attempt is abandoned: straight to the batch's last micro-batch
+            return self._skipped(loss_on_skip)  # the attempt is abandoned: straight to where it is told
         if synced and self._abandoned is not None:
             return self._dummy_loss(self._module())  # learned in an earlier micro-batch: complete DDP's all-reduce
         log = self._part_log
@@ -72,7 +76,7 @@ class _RetryLoop(_FenceProtocol):
             if self._oom is not None:  # this rank failed earlier in the attempt (a micro-batch's backward)
                 tally = self._told_failure(quiet, defer)
                 if tally is None:
-                    return None if defer else self._dummy_loss(self._module())
+                    return self._skipped(loss_on_skip) if defer else self._dummy_loss(self._module())
             else:
                 # counted only while quiet steps are still possible (once a step issued a collective, never again)
                 before = self._fence.issued() if self._fence.active and not self._loud else None
@@ -88,7 +92,7 @@ class _RetryLoop(_FenceProtocol):
                         raise _Retry(self._local_agreement())
                     tally = self._told_failure(quiet, defer)
                     if tally is None:
-                        return self._skip_part() if defer else self._dummy_loss(self._module())
+                        return self._skipped(loss_on_skip, midway=True) if defer else self._dummy_loss(self._module())
                 elif tally is None:
                     self._step_collectives += self._issued_since(before)
                     if not self._fence.active or quiet or defer:
@@ -101,9 +105,9 @@ class _RetryLoop(_FenceProtocol):
                             log.leave(self._weight(part))
                         return out
                     del out
-                elif defer:  # another rank's failure, met before a collective: on to the last micro-batch
+                elif defer:  # another rank's failure, met before a collective: on to where it is told
                     self._abandoned = self._fence_verdict()
-                    return self._skip_part()
+                    return self._skipped(loss_on_skip, midway=True)
         finally:
             self._busy = False
         verdict = self._fence_verdict()
@@ -112,22 +116,33 @@ class _RetryLoop(_FenceProtocol):
         self._abandoned = verdict
         return self._dummy_loss(self._module())  # every rank: DDP armed its all-reduce in this forward
 
-    def _skip_part(self) -> None:
-        """A deferred micro-batch's forward stopped midway: leave DDP as a completed forward under ``no_sync`` does.
+    def _skipped(self, loss: bool, midway: bool = False) -> torch.Tensor | None:
+        """A deferred call skipped: None, or a zero loss (``loss``) for Lightning's backward to run on.
 
-        That forward would have cleared DDP's broadcast-buffers-next-forward flag, as it did on the ranks whose forwards
-        completed; left set, the last micro-batch's forward would broadcast BatchNorm's buffers on this rank alone.
+        ``midway``: its forward stopped midway; DDP is left as a completed forward under ``no_sync`` leaves it. That
+        forward would have cleared DDP's broadcast-buffers-next-forward flag, as it did on the ranks whose forwards
+        completed; left set, the next synced forward would broadcast BatchNorm's buffers on this rank alone.
         """
-        if self._trainer is not None:
+        if midway and self._trainer is not None:
             ddp_sync_buffers_next_forward(self._trainer.strategy.model, False)
+        return self._dummy_loss(self._module()) if loss else None
 
-    def _told_failure(self, quiet: bool, defer: bool) -> Tally | None:
-        """This rank failed (DDP): tell the others; the agreement, or None where it is told at the step's agreement.
+    def _defer(self, to: Defer) -> Defer:
+        """``to`` where a call under ``no_sync`` may go without an agreement at its end, else ``""``.
 
-        In a quiet step the failure is posted without waiting (its row completes the others' next agreement); in a
-        deferred micro-batch it waits for the batch's last one (posted now in a quiet step, agreed there otherwise).
+        DDP in a quiet step only: with a collective in the step (forward or backward), a healthy rank could enter an
+        unfenced collective of its backward while a failed rank skips ahead.
         """
-        if quiet or (defer and self._quiet):
+        return to if self._fence.active and not self._sharded and self._quiet else ""
+
+    def _told_failure(self, quiet: bool, defer: Defer) -> Tally | None:
+        """This rank failed (DDP): tell the others; the agreement, or None where it is told later.
+
+        In a quiet step the failure is posted without waiting (its row completes the others' next agreement), and so
+        in a micro-batch deferred to the batch's last; deferred to the end of an accumulating batch's backward, it is
+        agreed there.
+        """
+        if quiet or defer == "last":
             if self._deferred is None:
                 self._deferred = self._post_failure()
             return None
@@ -206,7 +221,7 @@ class _RetryLoop(_FenceProtocol):
         shares: list[float],
         batch_idx: int,
         step: Callable[[Any, int], Any] | None = None,
-        defer: bool = False,
+        defer: Defer = "",
     ) -> torch.Tensor | None:
         """Forward and backward of micro-batches (under ``no_sync``), each loss weighted by its share of the batch.
 
@@ -283,6 +298,8 @@ class _RetryLoop(_FenceProtocol):
         """After backward(s) run outside Lightning's step: did any rank run out of memory (DDP: agreed)? None: no."""
         if not self._fence.active:
             return self._local_agreement() if self._oom is not None else None
+        if self._abandoned is not None:  # learned before a collective of a deferred call: agreed already
+            return self._abandoned
         tally = self._agree_fence(FAILED if self._oom is not None else AT_END)
         return self._fence_verdict() if tally.failed else None
 
@@ -300,10 +317,9 @@ class _RetryLoop(_FenceProtocol):
         if rerun:
             self._replay(self._window)
         parts, shares = self._parts(self._batch)
-        # DDP: no agreement after these micro-batches (under no_sync, nothing to meet); a failure in one is told at the
-        # last one, whose backward holds DDP's all-reduce (FSDP2: every micro-batch issues collectives, each fenced)
-        defer = self._fence.active and not self._sharded
-        earlier = self._run_parts(parts[:-1], shares[:-1], batch_idx, defer=defer)
+        # DDP, quiet steps: no agreement after these micro-batches (under no_sync, nothing to meet); a failure in one is
+        # told at the last one, whose backward holds DDP's all-reduce (FSDP2: every micro-batch's collectives fenced)
+        earlier = self._run_parts(parts[:-1], shares[:-1], batch_idx, defer=self._defer("last"))
         # the last part runs through Lightning's closure (its backward is DDP's own, overlapped all-reduce); a rank
         # that failed in an earlier part's backward meets the others at that part's first agreement
         self._mode, self._last_part, self._last_share, self._earlier = "last", parts[-1], shares[-1], earlier
