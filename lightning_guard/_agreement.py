@@ -28,8 +28,9 @@ class StepVotes:
 
     Attributes:
         total: each number of the vote summed over the ranks (on one process: this rank's vote).
-        rows: every rank's vote, in rank order, where the guard asked for them (:meth:`GuardCallback.step_detail`)
-            or on one process; None on the common path, where the sums are all that travelled.
+        rows: every rank's vote, in rank order, on a step where any guard asked for the rows
+            (:meth:`GuardCallback.step_detail`: then every guard gets its own), and on one process; None on the
+            common path, where the sums are all that travelled.
         world: the number of ranks.
     """
 
@@ -58,7 +59,12 @@ class StepVotes:
 
 
 class StepChannel(Protocol):
-    """Where the step agreement is held when a guard provides its own group (OOMGuard's fence)."""
+    """Where the step agreement is held when a guard provides its own group (OOMGuard's fence).
+
+    ``owner``: the guard that provides it; its vote leads the row (its first number is where the rank stands).
+    """
+
+    owner: Any
 
     def reduce(self, row: list[float]) -> tuple[list[float], bool]:
         """Sum ``row`` over ranks (one fixed-size collective); also whether every rank stands at this agreement."""

@@ -186,7 +186,10 @@ class StepFence:
         assert self.group is not None
         self.row_size = max(self.row_size, len(values))
         vector = torch.zeros(len(PLACES) + self.row_size - 1, dtype=torch.float64)
-        vector[_SLOT.get(values[0], _SLOT[AT_COLLECTIVE])] = 1.0
+        slot = _SLOT.get(values[0])
+        if slot is None:  # a row whose first number is not a place: a voter ahead of the fence's owner
+            raise ValueError(f"StepFence: a row must start with a place {sorted(_SLOT)}, got {values[0]!r}")
+        vector[slot] = 1.0
         vector[len(PLACES) : len(PLACES) + len(values) - 1] = torch.tensor(values[1:], dtype=torch.float64)
         reduce = self._originals.get("all_reduce", dist.all_reduce)
         try:

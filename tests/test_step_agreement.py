@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_guard
-from lightning_guard import GradientGuard, L1Penalty, OOMGuard, WarmupCosine
+from lightning_guard import GradientGuard, GuardCallback, L1Penalty, OOMGuard, WarmupCosine
 from lightning_guard._fence import COLLECTIVES
 from tests.helpers import DigitsNet, MicroBatchAt, digits_loaders, events_file, read_jsonl, trainer
 
@@ -248,3 +248,116 @@ def test_one_rank_out_of_memory_in_a_quiet_step_with_a_collective_of_its_own_rec
     assert w0 == w1
     events = [e for e in read_jsonl(events_file(tmp_path)) if e["guard"] == "oom"]
     assert [(e["kind"], e["step"], e["ranks"]) for e in events] == [("oom_retry", 5 if late else 4, [1])]
+
+
+class MeteredNet(DigitsNet):
+    """A torchmetrics accuracy updated and logged on step (synced on step or not)."""
+
+    def __init__(self, sync_on_step: bool) -> None:
+        super().__init__(optimizer="sgd", lr=0.5)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.acc = MulticlassAccuracy(num_classes=10, dist_sync_on_step=sync_on_step)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.acc(logits, y)
+        self.log("acc", self.acc, on_step=True, on_epoch=False)
+        return F.cross_entropy(logits, y)
+
+
+class NthCallOOM(Callback):
+    """Out of memory in the forward of the ``n``-th call (0-based) of ``module`` in step ``step`` on ``rank``."""
+
+    def __init__(self, rank: int, step: int, n: int, module: str = "net.0") -> None:
+        self.rank, self.step, self.n, self.module = rank, step, n, module
+        self.calls = 0
+
+    def on_train_start(self, trainer, pl_module):
+        def pre(mod, args):
+            if trainer.global_rank == self.rank and trainer.global_step == self.step and trainer.training:
+                self.calls += 1
+                if self.calls == self.n + 1:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+
+        pl_module.get_submodule(self.module).register_forward_pre_hook(pre)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_a_metric_synced_on_step_and_one_rank_out_of_memory_in_a_later_micro_batch_recovers(tmp_path):
+    """Review of issue 26 (a hang on main too): a torchmetrics metric with ``dist_sync_on_step`` logged on step,
+    micro-batches of 8, rank 0 out of memory in the second micro-batch's forward. The failed attempt's log combining
+    computed the metric (a collective) on the rank whose metric had seen two updates while the other waited for who
+    failed: both timed out. Now a failed attempt combines nothing; the run equals one that switched sizes there."""
+    tr, _ = digits_loaders(n_train=384, batch_size=24)
+
+    def fit(out: Path, extra: list[Any]) -> list[Any]:
+        out.mkdir()
+        cbs = [*extra, OOMGuard(micro_batch_size=8, collective_timeout=30), DumpWeights(str(out))]
+        torch.manual_seed(0)
+        trainer(out, cbs, devices=2, strategy="ddp_spawn", max_steps=4).fit(MeteredNet(sync_on_step=True), tr)
+        return [json.loads((out / f"weights{r}.json").read_text()) for r in (0, 1)]
+
+    ref = fit(tmp_path / "ref", [MicroBatchAt(2, 4)])
+    got = fit(tmp_path / "oom", [NthCallOOM(rank=0, step=2, n=1)])
+    assert got[0] == got[1]
+    for g, r in zip(got[0], ref[0], strict=True):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(r), rtol=1e-6, atol=1e-6)
+    events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
+    assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(2, [0], ["forward"])]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_a_metric_logged_on_step_costs_no_collective_with_micro_batches(tmp_path):
+    """Review of issue 26: a metric logged on step (not synced on step) in a step run as 3 micro-batches. Combining
+    its value over the micro-batches computed it synced: 8 all-gathers and 4 barriers per step on main (13
+    collectives with the step's agreement). Now this rank's value, as the whole batch logs it: the step's agreement
+    alone."""
+    tr, _ = digits_loaders(n_train=384, batch_size=24)
+    counter = CountPerStep(str(tmp_path), first=2)
+    t = trainer(tmp_path, [counter, OOMGuard(micro_batch_size=8)], devices=2, strategy="ddp_spawn", max_steps=6)
+    t.fit(MeteredNet(sync_on_step=False), tr)
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [row["collectives"] for row in rows] == [["all_reduce"]] * 4, rows
+
+
+class FirstVoter(GuardCallback):
+    """A guard of the user's own with ``vote_first``, listed before OOMGuard, on the protocol before sums."""
+
+    guard_name, vote_first = "first_voter", True
+
+    def step_vote(self, trainer, pl_module, optimizer):
+        return [float(trainer.global_rank)]
+
+    def step_verdict(self, trainer, optimizer, rows):
+        assert [r[0] for r in rows] == [0.0, 1.0]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_a_voter_ahead_of_oom_guard_leaves_its_place_first(tmp_path):
+    """Review of issue 26: a ``vote_first`` guard listed before OOMGuard put its number where the fence reads a rank's
+    place; a one-rank backward out-of-memory went unseen (both ranks stepped on the failed attempt's gradients,
+    1.3e-2 off), and a guard reading every rank's row crashed at the first step. OOMGuard, whose group holds the
+    agreement, now votes first; the run equals one that switched sizes at the failure."""
+    from lightning_guard.testing import SimulatedOOM
+
+    tr, _ = digits_loaders(n_train=640, batch_size=32)
+
+    def fit(out: Path, extra: list[Any]) -> list[Any]:
+        out.mkdir()
+        cbs = [FirstVoter(), *extra, OOMGuard(collective_timeout=30), DumpWeights(str(out))]
+        torch.manual_seed(0)
+        trainer(out, cbs, devices=2, strategy="ddp_spawn", max_steps=4).fit(DigitsNet(), tr)
+        return [json.loads((out / f"weights{r}.json").read_text()) for r in (0, 1)]
+
+    ref = fit(tmp_path / "ref", [MicroBatchAt(2, 16)])
+    got = fit(tmp_path / "oom", [SimulatedOOM(16, where="backward", ranks=[1], steps=[2])])
+    for g, r in zip(got[0], ref[0], strict=True):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(r), rtol=1e-6, atol=1e-6)
+    events = [e for e in read_jsonl(events_file(tmp_path / "oom")) if e["kind"] == "oom_retry"]
+    assert [(e["step"], e["ranks"], e["data"]["where"]) for e in events] == [(2, [1], ["backward"])]

@@ -545,8 +545,9 @@ class GuardCallback(Callback):
     def step_verdict(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, votes: StepVotes) -> None:
         """This step's votes (called only for a guard that voted).
 
-        ``votes.total``: the sums over the ranks; ``votes.rows``: every rank's vote in rank order where
-        :meth:`step_detail` asked for them (and on one process). ``votes`` is also the sequence of those rows.
+        ``votes.total``: the sums over the ranks; ``votes.rows``: every rank's vote in rank order on a step where any
+        guard's :meth:`step_detail` asked for rows (and on one process), else None. ``votes`` is also the sequence of
+        those rows.
         """
 
     def on_batch_retry(self, trainer: pl.Trainer) -> None:

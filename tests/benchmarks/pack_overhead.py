@@ -396,7 +396,13 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"bytes sent {c['sent_per_step']:.0f}, received {c['received_per_step']:.0f} per step.",
             ]
         lines.append("")
-    lines += ["**Host time per step in each guard's hooks** (one process, µs)", ""]
+    lines += [
+        "**Host time per step in each guard's hooks** (one process, µs; WarmupCosine is first in the list, so it owns "
+        "the runtime's per-step bookkeeping; GradientGuard holds the step's agreement: every guard's vote, the one "
+        "host read and the verdicts; OOMGuard: its hooks and its wrappers of training_step, backward and "
+        "optimizer_step, the wrapped calls themselves left out)",
+        "",
+    ]
     lines += ["| guard | µs/step |", "|---|---|"]
     lines += [f"| {name} | {us:.1f} |" for name, us in result["host_us_per_step"].items()]
     return "\n".join(lines) + "\n"

@@ -70,12 +70,11 @@ class _Accumulation(_RetryLoop):
             # which would drop the micro-batches run here; they are zeroed now instead
             self._inner["optimizer_zero_grad"](trainer.current_epoch, self._batch_idx, trainer.optimizers[0])
         self._hold_grads = True
-        # DDP, quiet steps: no agreement after the training steps; a failure is told at the one after the backward
-        defer = self._defer("end")
-        earlier = self._run_parts(parts[:-1], shares[:-1], self._batch_idx, step, defer=defer)
+        # DDP, quiet steps: no agreement after the micro-batches before the last; a failure in one is told at the
+        # last one's, before Lightning's backward (the batch then re-runs for real: its logs and metrics are exact)
+        earlier = self._run_parts(parts[:-1], shares[:-1], self._batch_idx, step, defer=self._defer("end"))
         last = parts[-1]
-        call = functools.partial(step, last, self._batch_idx)
-        out = self._guarded_step(call, last, synced=False, defer=defer, loss_on_skip=True)
+        out = self._guarded_step(functools.partial(step, last, self._batch_idx), last, synced=False)
         loss = _loss_of(out)
         if loss is not None and len(parts) > 1:
             total = loss * shares[-1]

@@ -198,6 +198,10 @@ class _PartLog:
         for name, value in states.items():
             setattr(step, name, value)
         set_metric_bookkeeping(step, 1, None, forward_cache(step))
+        if not getattr(metric, "dist_sync_on_step", False):
+            # what the whole batch would have logged on step: this rank's value (torchmetrics syncs on step only with
+            # dist_sync_on_step); synced, it was a collective per metric per step, and one rank's alone after a failure
+            step.distributed_available_fn = lambda: False
         return step.compute()
 
     def leave(self, weight: float) -> None:
@@ -207,6 +211,16 @@ class _PartLog:
             cache = forward_cache(rm)
             if rm.is_tensor and rm.meta.on_step and cache is not None and cache is not self._before.get(key):
                 self.parts.setdefault(key, []).append((cache, weight))
+
+    def release(self) -> None:
+        """The attempt failed: give Lightning back the batch, combine nothing (the attempt's state is restored next).
+
+        Combining computes the metrics logged on step (a collective for one synced on step), which a failed rank
+        would hold alone.
+        """
+        if self.results is not None:
+            self.results.batch, self.results.batch_size = self.batch, None
+        self.parts = {}
 
     def finish(self) -> None:
         if self.results is None:

@@ -15,7 +15,9 @@ _MARK = "_lightning_guard_original"
 _EVAL_HOOKS = {"validation_step": "validate", "test_step": "test", "predict_step": "predict"}
 
 
-#: where a call under ``no_sync`` tells a failure instead of at its end (``_RetryLoop._guarded_step``)
+#: where a micro-batch under ``no_sync`` tells a failure instead of at its end (``_RetryLoop._guarded_step``): the
+#: batch's last micro-batch, in a synced quiet step ("last": the failure is posted at once) or an accumulating one
+#: ("end": agreed at its end)
 Defer = Literal["", "last", "end"]
 
 #: the verdict of a failure agreed on the fence group (an all-reduce of counts): who failed, where and at what size is

@@ -70,7 +70,10 @@ class _EvalSplitting(_RetryLoop):
                 if failed:
                     break
                 log.leave(self._weight(part))
-            log.finish()
+            if failed:
+                log.release()
+            else:
+                log.finish()
             if not failed:
                 self.eval_micro_batch_size[stage] = size
                 return combine_outputs(outputs, [self._samples(p) for p in parts])
@@ -90,7 +93,10 @@ class _EvalSplitting(_RetryLoop):
             log = _PartLog(results, batch, attempt)
             outputs: list[Any] = []
             rows = self._fenced_parts(inner, parts, rest, kwargs, outputs, log)
-            log.finish()
+            if rows is None:
+                log.finish()
+            else:  # a failed attempt: combine nothing (a metric synced on step would sync on some ranks alone)
+                log.release()
             if rows is None:
                 if size < n:
                     self.eval_micro_batch_size[stage] = size

@@ -37,13 +37,13 @@ class _FenceChannel:
     """OOMGuard's fence group as the runtime's ``StepChannel``: the step's agreement held there, with its timeout."""
 
     def __init__(self, guard: _FenceProtocol) -> None:
-        self._guard = guard
+        self.owner = guard
 
     def reduce(self, row: list[float]) -> tuple[list[float], bool]:
-        return self._guard._reduce_step(row)
+        return self.owner._reduce_step(row)
 
     def rows(self, row: list[float]) -> list[list[float]]:
-        return self._guard._step_rows(row)
+        return self.owner._step_rows(row)
 
 
 class _FenceProtocol(_Core):

@@ -47,24 +47,24 @@ from lightning_guard.functional.oom import free_memory, is_oom_error, memory_sta
 class _RetryLoop(_FenceProtocol):
     """Run a training batch's attempts, in micro-batches, and recover from a failed one."""
 
-    def _guarded_step(
-        self, step: Callable[[], Any], part: Any, synced: bool, defer: Defer = "", loss_on_skip: bool = False
-    ) -> Any:
+    def _guarded_step(self, step: Callable[[], Any], part: Any, synced: bool, defer: Defer = "") -> Any:
         """Run one ``training_step`` call; on out-of-memory here (or, under DDP, on any rank) abandon the attempt.
 
         Under DDP the call runs inside the fence: every collective it issues is preceded by an agreement, and one
         ends it where needed, so a rank that failed meets the others at their next agreement and no rank is left
         inside a collective. An abandoned call raises ``_Retry`` (``synced=False``: a micro-batch under ``no_sync``,
         where DDP expects no backward) or returns a zero loss whose backward completes DDP's armed all-reduce and then
-        raises. ``defer`` (DDP, quiet steps, a call under ``no_sync``): no agreement at its end. A failure known here
-        (this rank's, or another's met before a collective) skips the rest up to where it is told: ``"last"``, the
-        batch's last micro-batch (the failure posted now); ``"end"``, the agreement after an accumulating batch's
-        backward. A skipped call returns None, or a zero loss with ``loss_on_skip`` (Lightning's backward follows).
+        raises. ``defer`` (DDP, quiet steps, a micro-batch before the last, under ``no_sync``): no agreement at its
+        end. A failure known here (this rank's, or another's met before a collective) skips the micro-batches (None)
+        up to where it is told: the batch's last micro-batch, which has no agreement of its own in a quiet step, so
+        the failure is posted now (``"last"``), or which ends with one (``"end"``, an accumulating batch).
         """
         if defer and (self._abandoned is not None or self._deferred is not None):
-            return self._skipped(loss_on_skip)  # the attempt is abandoned: straight to where it is told
-        if synced and self._abandoned is not None:
-            return self._dummy_loss(self._module())  # learned in an earlier micro-batch: complete DDP's all-reduce
+            return self._skipped()  # the attempt is abandoned: straight to where it is told
+        if self._abandoned is not None:  # learned in an earlier micro-batch, before a collective: agreed already
+            if not synced:
+                raise _Retry(self._abandoned)
+            return self._dummy_loss(self._module())  # complete DDP's all-reduce
         log = self._part_log
         if log is not None:
             log.enter(part)
@@ -76,7 +76,7 @@ class _RetryLoop(_FenceProtocol):
             if self._oom is not None:  # this rank failed earlier in the attempt (a micro-batch's backward)
                 tally = self._told_failure(quiet, defer)
                 if tally is None:
-                    return self._skipped(loss_on_skip) if defer else self._dummy_loss(self._module())
+                    return self._skipped() if defer else self._dummy_loss(self._module())
             else:
                 # counted only while quiet steps are still possible (once a step issued a collective, never again)
                 before = self._fence.issued() if self._fence.active and not self._loud else None
@@ -92,7 +92,7 @@ class _RetryLoop(_FenceProtocol):
                         raise _Retry(self._local_agreement())
                     tally = self._told_failure(quiet, defer)
                     if tally is None:
-                        return self._skipped(loss_on_skip, midway=True) if defer else self._dummy_loss(self._module())
+                        return self._skipped(midway=True) if defer else self._dummy_loss(self._module())
                 elif tally is None:
                     self._step_collectives += self._issued_since(before)
                     if not self._fence.active or quiet or defer:
@@ -107,7 +107,7 @@ class _RetryLoop(_FenceProtocol):
                     del out
                 elif defer:  # another rank's failure, met before a collective: on to where it is told
                     self._abandoned = self._fence_verdict()
-                    return self._skipped(loss_on_skip, midway=True)
+                    return self._skipped(midway=True)
         finally:
             self._busy = False
         verdict = self._fence_verdict()
@@ -116,8 +116,8 @@ class _RetryLoop(_FenceProtocol):
         self._abandoned = verdict
         return self._dummy_loss(self._module())  # every rank: DDP armed its all-reduce in this forward
 
-    def _skipped(self, loss: bool, midway: bool = False) -> torch.Tensor | None:
-        """A deferred call skipped: None, or a zero loss (``loss``) for Lightning's backward to run on.
+    def _skipped(self, midway: bool = False) -> None:
+        """A deferred micro-batch skipped (None: no backward for it).
 
         ``midway``: its forward stopped midway; DDP is left as a completed forward under ``no_sync`` leaves it. That
         forward would have cleared DDP's broadcast-buffers-next-forward flag, as it did on the ranks whose forwards
@@ -125,7 +125,6 @@ class _RetryLoop(_FenceProtocol):
         """
         if midway and self._trainer is not None:
             ddp_sync_buffers_next_forward(self._trainer.strategy.model, False)
-        return self._dummy_loss(self._module()) if loss else None
 
     def _defer(self, to: Defer) -> Defer:
         """``to`` where a call under ``no_sync`` may go without an agreement at its end, else ``""``.
@@ -139,8 +138,8 @@ class _RetryLoop(_FenceProtocol):
         """This rank failed (DDP): tell the others; the agreement, or None where it is told later.
 
         In a quiet step the failure is posted without waiting (its row completes the others' next agreement), and so
-        in a micro-batch deferred to the batch's last; deferred to the end of an accumulating batch's backward, it is
-        agreed there.
+        in a micro-batch deferred to the batch's last; deferred to the last micro-batch of an accumulating batch, it
+        is agreed there.
         """
         if quiet or defer == "last":
             if self._deferred is None:
@@ -203,7 +202,7 @@ class _RetryLoop(_FenceProtocol):
                 self._mode, self._hold_grads, self._last_part, self._earlier = "idle", False, None, None
             # outside the handler: the failed attempt's frames, graph and activations are unreachable now
             if self._part_log is not None:
-                self._part_log.finish()
+                self._part_log.release()
             attempt.restore()  # buffers, metrics and logged values as before the failed attempt
             self._recover(optimizer, verdict)
             rerun = True
@@ -298,8 +297,6 @@ class _RetryLoop(_FenceProtocol):
         """After backward(s) run outside Lightning's step: did any rank run out of memory (DDP: agreed)? None: no."""
         if not self._fence.active:
             return self._local_agreement() if self._oom is not None else None
-        if self._abandoned is not None:  # learned before a collective of a deferred call: agreed already
-            return self._abandoned
         tally = self._agree_fence(FAILED if self._oom is not None else AT_END)
         return self._fence_verdict() if tally.failed else None
 
