@@ -254,15 +254,19 @@ def test_what_the_batch_hooks_wrote_survives_the_recovery_of_an_accumulating_bat
     [
         (None, {3: (16, "forward")}, [([1], ["forward"], 16, 0)]),
         (16, {4: (8, "backward"), 7: (4, "forward")}, [([1], ["backward"], 8, 1), ([1], ["forward"], 4, 1)]),
+        (None, {3: (16, "backward")}, [([1], ["backward"], 16, 1)]),
+        (None, {4: (16, "backward")}, [([1], ["backward"], 16, 2)]),
     ],
-    ids=["whole_batch_forward", "first_micro_batch"],
+    ids=["whole_batch_forward", "first_micro_batch", "backward_told_at_the_next_batch", "backward_told_at_the_step"],
 )
 def test_ddp_a_quiet_accumulating_batch_tells_a_failure_after_its_backward(tmp_path, micro, faults, told):
-    """Issue 26: in quiet steps an accumulating batch (under no_sync) has one agreement, after its backward, not one
-    after its training_step too (and one per micro-batch). Rank 1 runs out of memory in the second window (step 1
-    on; the first step is never quiet): in the whole batch's forward, or in the first of two micro-batches (backward,
-    then forward in the third window); it skips to the batch's backward with a zero loss and tells the others there.
-    Both ranks end on the weights of a run without faults (1e-5) and report the same recoveries."""
+    """Issue 26: in quiet steps an accumulating batch (under no_sync) has one agreement, at the end of its training
+    step, not one after its backward too (and one per micro-batch). Rank 1 runs out of memory in the second window
+    (step 1 on; the first step is never quiet): in the whole batch's forward; in the first of two micro-batches
+    (backward, then forward in the third window: it skips to the last micro-batch and tells the others there); or in
+    a whole batch's backward, carried to the next agreement: the next batch's training step, or the step's agreement
+    at the window's last batch, where the window is replayed. Both ranks end on the weights of a run without faults
+    (1e-5) and report the same recoveries."""
     tr, _ = digits_loaders(n_train=576, batch_size=32)  # 9 batches of 32 per rank: 3 windows of 3
     torch.manual_seed(0)
     model = DigitsNet(optimizer="sgd", lr=0.5)
