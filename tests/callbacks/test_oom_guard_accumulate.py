@@ -193,6 +193,20 @@ class DumpWeights(Callback):
         (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
 
 
+def _assert_recovered_like(out: Path, ref: Path, told: list[Any]) -> None:
+    """Both ranks' weights equal, and equal the fault-free run's (1e-5: fp32 summation order across micro-batches);
+    the ``oom_retry`` events as ``(ranks, where, new micro-batch size, replayed batches)``."""
+    got = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    want = json.loads((ref / "rank0.json").read_text())
+    assert got[0] == got[1]
+    for x, y in zip(got[0], want, strict=True):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-5, atol=1e-5)
+    assert [
+        (e["ranks"], e["data"]["where"], e["data"]["new_micro_batch_size"], e["data"]["replayed_batches"])
+        for e in _oom_events(out)
+    ] == told
+
+
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_accumulated_window_recovered_with_the_oom_on_rank_1_only(tmp_path):
@@ -210,16 +224,7 @@ def test_ddp_accumulated_window_recovered_with_the_oom_on_rank_1_only(tmp_path):
     trainer(ref, [OOMGuard(), DumpWeights(str(ref))], **kw).fit(copy.deepcopy(model), tr)
     faults = OOMAtBatches({1: (16, "backward"), 5: (8, "forward")}, ranks=(1,))
     trainer(tmp_path, [faults, OOMGuard(), DumpWeights(str(tmp_path))], **kw).fit(model, tr)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    want = json.loads((ref / "rank0.json").read_text())
-    assert got[0] == got[1]
-    for x, y in zip(got[0], want, strict=True):
-        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-5, atol=1e-5)
-    events = _oom_events(tmp_path)
-    assert [
-        (e["ranks"], e["data"]["where"], e["data"]["new_micro_batch_size"], e["data"]["replayed_batches"])
-        for e in events
-    ] == [([1], ["backward"], 16, 1), ([1], ["forward"], 8, 2)]
+    _assert_recovered_like(tmp_path, ref, [([1], ["backward"], 16, 1), ([1], ["forward"], 8, 2)])
 
 
 class BatchStartWriter(DigitsNet):
@@ -276,13 +281,4 @@ def test_ddp_a_quiet_accumulating_batch_tells_a_failure_after_its_backward(tmp_p
     trainer(ref, [OOMGuard(micro_batch_size=micro), DumpWeights(str(ref))], **kw).fit(copy.deepcopy(model), tr)
     guard = OOMGuard(micro_batch_size=micro, collective_timeout=30)
     trainer(tmp_path, [OOMAtBatches(faults, ranks=(1,)), guard, DumpWeights(str(tmp_path))], **kw).fit(model, tr)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    want = json.loads((ref / "rank0.json").read_text())
-    assert got[0] == got[1]
-    for x, y in zip(got[0], want, strict=True):
-        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-5, atol=1e-5)
-    events = _oom_events(tmp_path)
-    assert [
-        (e["ranks"], e["data"]["where"], e["data"]["new_micro_batch_size"], e["data"]["replayed_batches"])
-        for e in events
-    ] == told
+    _assert_recovered_like(tmp_path, ref, told)
