@@ -259,19 +259,17 @@ def test_what_the_batch_hooks_wrote_survives_the_recovery_of_an_accumulating_bat
     [
         (None, {3: (16, "forward")}, [([1], ["forward"], 16, 0)]),
         (16, {4: (8, "backward"), 7: (4, "forward")}, [([1], ["backward"], 8, 1), ([1], ["forward"], 4, 1)]),
-        (None, {3: (16, "backward")}, [([1], ["backward"], 16, 1)]),
-        (None, {4: (16, "backward")}, [([1], ["backward"], 16, 2)]),
+        (None, {3: (16, "backward")}, [([1], ["backward"], 16, 0)]),
+        (None, {4: (16, "backward")}, [([1], ["backward"], 16, 1)]),
     ],
-    ids=["whole_batch_forward", "first_micro_batch", "backward_told_at_the_next_batch", "backward_told_at_the_step"],
+    ids=["whole_batch_forward", "first_micro_batch", "backward_first_of_window", "backward_second_of_window"],
 )
 def test_ddp_a_quiet_accumulating_batch_tells_a_failure_after_its_backward(tmp_path, micro, faults, told):
-    """Issue 26: in quiet steps an accumulating batch (under no_sync) has one agreement, at the end of its training
-    step, not one after its backward too (and one per micro-batch). Rank 1 runs out of memory in the second window
-    (step 1 on; the first step is never quiet): in the whole batch's forward; in the first of two micro-batches
-    (backward, then forward in the third window: it skips to the last micro-batch and tells the others there); or in
-    a whole batch's backward, carried to the next agreement: the next batch's training step, or the step's agreement
-    at the window's last batch, where the window is replayed. Both ranks end on the weights of a run without faults
-    (1e-5) and report the same recoveries."""
+    """Issue 26: in quiet steps the micro-batches of an accumulating batch (under no_sync) before its last no longer
+    end with an agreement each. Rank 1 runs out of memory in the second window (step 1 on; the first step is never
+    quiet): in the whole batch's forward; in the first of two micro-batches (backward, then forward in the third
+    window: it skips to the last micro-batch and tells the others there); or in a whole batch's backward (told after
+    it). Both ranks end on the weights of a run without faults (1e-5) and report the same recoveries."""
     tr, _ = digits_loaders(n_train=576, batch_size=32)  # 9 batches of 32 per rank: 3 windows of 3
     torch.manual_seed(0)
     model = DigitsNet(optimizer="sgd", lr=0.5)
@@ -282,3 +280,47 @@ def test_ddp_a_quiet_accumulating_batch_tells_a_failure_after_its_backward(tmp_p
     guard = OOMGuard(micro_batch_size=micro, collective_timeout=30)
     trainer(tmp_path, [OOMAtBatches(faults, ranks=(1,)), guard, DumpWeights(str(tmp_path))], **kw).fit(model, tr)
     _assert_recovered_like(tmp_path, ref, told)
+
+
+class FirstBackwardCollective(Callback):
+    """At ``batch``, every rank's backward all-reduces a gradient of ``net.0``'s output (no step issued one before);
+    on ``rank`` the backward runs out of memory first, at ``net.2`` (backward runs last layers first)."""
+
+    def __init__(self, batch: int, rank: int) -> None:
+        self.batch, self.rank, self.idx = batch, rank, -1
+
+    def on_train_start(self, trainer, pl_module):
+        def collective(mod, args, out):
+            if self.idx == self.batch and out.requires_grad:
+
+                def reduce(grad):
+                    torch.distributed.all_reduce(torch.ones(1))
+                    return grad
+
+                out.register_hook(reduce)
+
+        def fail(mod, args, out):
+            if self.idx == self.batch and trainer.global_rank == self.rank and out.requires_grad:
+                out.register_hook(lambda grad: (_ for _ in ()).throw(_oom("backward")))
+
+        pl_module.net[0].register_forward_hook(collective)
+        pl_module.net[2].register_forward_hook(fail)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.idx = batch_idx
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_ddp_a_backward_failure_before_a_first_backward_collective_stops_every_rank_at_once(tmp_path):
+    """Review of issue 26: carrying an accumulating batch's backward failure (a quiet step) to the next agreement left
+    the healthy rank waiting at the fence in front of its backward's first collective while the failed rank went on
+    into Lightning's per-batch broadcast: both waited for ``collective_timeout``, then an error blaming a crashed rank.
+    The failure is agreed after the backward, as on main: every rank stops at once with the reason. (The same fault
+    in a window's last batch, DDP's synchronised backward, still waits for the timeout, on main too.)"""
+    tr, _ = digits_loaders(n_train=768, batch_size=32)  # 12 batches per rank: batch 5 accumulates (window 4-7)
+    torch.manual_seed(0)
+    cbs = [FirstBackwardCollective(batch=5, rank=1), OOMGuard(collective_timeout=60)]
+    kw = {"devices": 2, "strategy": "ddp_spawn", "max_steps": 3, "accumulate_grad_batches": 4}
+    with pytest.raises(Exception, match=r"ran out of memory in backward, and this step's backward issues collectives"):
+        trainer(tmp_path, cbs, **kw).fit(DigitsNet(optimizer="sgd", lr=0.5), tr)

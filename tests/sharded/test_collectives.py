@@ -49,9 +49,9 @@ def test_without_oom_guard_the_agreement_is_one_all_reduce_on_the_default_group(
 
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_accumulating_batches_add_one_agreement_each_whatever_their_micro_batches(tmp_path):
-    """``accumulate_grad_batches=2`` with OOMGuard's micro-batches of 4: the window's first batch (under no_sync) has
-    one agreement, at the end of its training step (a failure in its backward is carried to the next), the second
-    holds the step's: 2 per optimizer step (main: 9 all-gathers)."""
+def test_accumulating_batches_add_two_agreements_each_whatever_their_micro_batches(tmp_path):
+    """``accumulate_grad_batches=2`` with OOMGuard's micro-batches of 4: the window's first batch (under no_sync) ends
+    its training step and its backward with an agreement each, its micro-batches before the last need none; the
+    second holds the step's: 3 per optimizer step (main: 9 all-gathers)."""
     counted = _collectives(tmp_path, f"{GUARDS},oomm", 2, "--accumulate", "2")
-    assert counted["per_step"] == 2.0, counted
+    assert counted["per_step"] == 3.0, counted

@@ -44,7 +44,6 @@ class _Accumulation(_RetryLoop):
             self._batch_attempt = _AttemptState(
                 module, logged_results(trainer), self._dynamic_buffers, self._layout_of(module)
             )
-        self._oom, self._carried = self._carried, None  # an earlier batch's backward failed: told at this batch's
         try:
             return self._accumulating_attempt(step)
         except _Retry as retry:
@@ -88,9 +87,7 @@ class _Accumulation(_RetryLoop):
         """Backward of a batch that accumulates, then an agreement; a failure is recovered before Lightning goes on.
 
         The batch's forward completed (its logs and buffer writes stand); the gradients of the window so far are
-        rebuilt: zeroed, and every batch of the window, this one included, replayed for its gradients only. Under DDP
-        in a quiet step there is no agreement here: a failure is told at the next one (the next batch's training step,
-        or the step's agreement at the window's last batch), whose recovery replays the window, this batch included.
+        rebuilt: zeroed, and every batch of the window, this one included, replayed for its gradients only.
         """
         trainer = self._trainer
         assert trainer is not None
@@ -98,11 +95,10 @@ class _Accumulation(_RetryLoop):
             verdict = self._sharded_backward(inner, loss, args, kwargs) or self._end_verdict()
         elif self._distributed:
             self._ddp_backward(inner, loss, args, kwargs)
-            if self._defer("end"):  # a quiet step: a failure here is carried to the next agreement (the next batch's,
-                # or the step's); the window's replay there rebuilds this batch's gradients, its forward stands
-                self._carried, verdict = self._oom, None
-            else:
-                verdict = self._end_verdict()
+            # agreed here even in a quiet step: a healthy rank may be waiting at the fence in front of a collective of
+            # its backward that no step issued before (carried further, the failed rank went on into Lightning's next
+            # collective, the per-batch SIGTERM broadcast, and both waited for `collective_timeout`)
+            verdict = self._end_verdict()
         else:
             self._local_backward(inner, loss, args, kwargs)
             verdict = self._end_verdict()

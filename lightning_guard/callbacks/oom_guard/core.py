@@ -54,8 +54,6 @@ class _Core(GuardCallback):
         # all-gathers and reduce-scatters), each fenced; a failed attempt unwinds every rank at once, FSDP2 is reset
         self._sharded = False
         self._step_tally: Tally | None = None  # the fence's count of places at the step's agreement (DDP, FSDP2)
-        # an accumulating batch's backward failure in a quiet DDP step, told at the window's next agreement
-        self._carried: tuple[str, int, dict[str, float]] | None = None
         self._layout: tuple[int, tuple[list[tuple[torch.nn.Module, str]], list[Any]]] | None = None
         self.eval_micro_batch_size: dict[str, int] = {}
         self.retries = 0

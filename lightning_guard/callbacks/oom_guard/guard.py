@@ -155,7 +155,7 @@ class OOMGuard(_Accumulation, _EvalSplitting, GuardCallback):
         if stage == "fit":
             for name in ("optimizer_step", "optimizer_zero_grad", "backward"):
                 self._install(pl_module, name)
-            self._checked_batch, self._carried = False, None
+            self._checked_batch = False
             self._dynamic_buffers, self._backward_collectives, self._layout = None, 0, None
             self._quiet, self._counted = False, False
             self._loud = self._sharded  # FSDP2: every step issues collectives, none is quiet

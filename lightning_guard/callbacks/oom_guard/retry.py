@@ -178,8 +178,7 @@ class _RetryLoop(_FenceProtocol):
         attempt = _AttemptState(module, logged_results(trainer), self._dynamic_buffers, self._layout_of(module))
         rerun = False  # a re-run after a failure: the window's earlier batches (accumulation) are replayed first
         while True:
-            self._oom, self._abandoned, self._deferred, self._step_collectives = self._carried, None, None, 0
-            self._carried = None  # an accumulating batch's backward failure (quiet DDP step): told at this step's
+            self._oom, self._abandoned, self._deferred, self._step_collectives = None, None, None, 0
             closure = optimizer_closure
             self._part_log = None
             if self._chunked() or (rerun and self._window):
