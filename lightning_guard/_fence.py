@@ -171,7 +171,7 @@ class StepFence:
         Rows are padded to the longest row agreed so far, so that ranks that are out of step (one at a fence
         agreement, one at the step's agreement, which is longer) see each other's places instead of a size error.
         """
-        return self.finish(self._post(values, async_op=False))  # returns when every rank's row is in
+        return self.finish(self._post(values))  # returns when every rank's row is in
 
     def gather_async(self, values: list[float]) -> tuple[Any, torch.Tensor, int]:
         """Post a row for the next agreement on the fence group without waiting; :meth:`finish` waits for it.
@@ -179,9 +179,9 @@ class StepFence:
         Whatever agreement the other ranks reach next on the group (before a collective, at the end of a step, or the
         step's agreement) completes it.
         """
-        return self._post(values, async_op=True)
+        return self._post(values)
 
-    def _post(self, values: list[float], *, async_op: bool) -> tuple[Any, torch.Tensor, int]:
+    def _post(self, values: list[float]) -> tuple[Any, torch.Tensor, int]:
         """Issue the all-reduce of one padded row on the fence group (a timeout surfaces as ``FenceTimeout``)."""
         assert self.group is not None
         self.row_size = max(self.row_size, len(values))
@@ -196,10 +196,7 @@ class StepFence:
             work = reduce(vector, group=self.group, async_op=True)
         except RuntimeError as exc:
             raise FenceTimeout(str(exc)) from exc
-        posted = (work, vector, len(values))
-        if not async_op:
-            self._wait(work)
-        return posted
+        return work, vector, len(values)
 
     @staticmethod
     def _wait(work: Any) -> None:

@@ -199,8 +199,9 @@ class GuardRuntime:
                 votes.append((cb, vote))
         if not votes:
             return
-        if self._step_channel is not None:  # the channel's owner votes first: its place leads the row it agrees on
-            votes.sort(key=lambda vote: vote[0] is not self._step_channel.owner)  # type: ignore[union-attr]
+        channel = self._step_channel
+        if channel is not None:  # the channel's owner votes first: its place leads the row it agrees on
+            votes.sort(key=lambda vote: vote[0] is not channel.owner)
         spans: list[tuple[Any, int, int]] = []
         size = 0
         for cb, vote in votes:
